@@ -1,0 +1,117 @@
+"""`xqchat bench`: perplexity through the real cache path, and prefill/decode speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from xqchat.backends.base import GenerationConfig, Model
+from xqchat.models.errors import XQError
+from xqchat.models.tokenizer import Tokenizer
+
+BUILTIN_PROMPT = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle. "
+    "Describe the keeper, the storm that night, and what the message says."
+)
+
+
+def peak_rss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    """MT-Bench-style JSONL ({"turns": [...]}, first turn used) or the built-in prompt."""
+    if path is None:
+        return [BUILTIN_PROMPT]
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            turns = json.loads(line)["turns"]
+            prompts.append(str(turns[0]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise XQError(f"{path}:{number}: expected a JSON object with a non-empty \"turns\" list") from None
+    if not prompts:
+        raise XQError(f"{path} holds no prompts")
+    return prompts
+
+
+def context_filler(tokenizer: Tokenizer, n_tokens: int) -> str:
+    """About `n_tokens` tokens of neutral text, to measure decode speed deep into a chat."""
+    sentence = "The archive keeps letters, maps and ledgers from many towns along the river. "
+    ids = tokenizer.encode(sentence * (n_tokens // 8 + 1))[:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def render_prompts(tokenizer: Tokenizer, prompts: list[str], context: int) -> list[list[int]]:
+    filler = context_filler(tokenizer, context) + "\n\n" if context else ""
+    return [tokenizer.render([{"role": "user", "content": filler + p}]) for p in prompts]
+
+
+def speed(model: Model, rendered: list[list[int]], new_tokens: int,
+          progress: Callable[[str], None]) -> dict:
+    """Greedy, exactly `new_tokens` per prompt (stop tokens ignored), totals over all prompts."""
+    cfg = GenerationConfig(max_tokens=new_tokens)
+    prefill_tokens = prefill_s = decode_tokens = decode_s = 0.0
+    cache_bytes = 0
+    for i, ids in enumerate(rendered, 1):
+        progress(f"prompt {i}/{len(rendered)}: {len(ids)} prompt tokens")
+        if len(ids) + new_tokens > model.spec.max_context:
+            raise XQError(f"prompt {i} plus {new_tokens} new tokens exceeds the context ({model.spec.max_context})")
+        session = model.new_session()
+        session.prefill(ids)
+        for event in session.generate(cfg):
+            pass
+        prefill_tokens += event.prompt_tokens
+        prefill_s += event.prompt_tokens / event.prefill_tok_s
+        if event.new_tokens > 1:
+            decode_tokens += event.new_tokens - 1
+            decode_s += (event.new_tokens - 1) / event.decode_tok_s
+        cache_bytes = max(cache_bytes, event.cache_bytes)
+    return {
+        "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0,
+        "prefill_tok_s": prefill_tokens / prefill_s,
+        "accepted_per_step": None,
+        "cache_bytes": cache_bytes,
+        "prompts": len(rendered),
+        "prompt_tokens": int(prefill_tokens),
+        "new_tokens": new_tokens,
+    }
+
+
+def perplexity(model: Model, tokenizer: Tokenizer, text: str, window: int, windows: int, chunk: int,
+               progress: Callable[[str], None]) -> dict:
+    """Each window starts from an empty cache; its tokens go through in chunks that attend to the
+    cache of everything before them, exactly as a chat's turns would."""
+    ids = tokenizer.encode(text)
+    n_windows = min(windows, len(ids) // window) if windows else len(ids) // window
+    if n_windows < 1:
+        raise XQError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
+    nll = 0.0
+    scored = 0
+    memory = None
+    for w in range(n_windows):
+        progress(f"window {w + 1}/{n_windows}")
+        segment = ids[w * window : (w + 1) * window]
+        session = model.new_session()
+        session.prefill(segment[:1])
+        for i in range(1, window, chunk):
+            logprobs = session.logprobs(segment[i : i + chunk])
+            nll -= sum(logprobs)
+            scored += len(logprobs)
+        memory = session.memory()
+    return {
+        "ppl": math.exp(nll / scored),
+        "tokens": scored,
+        "windows": n_windows,
+        "window": window,
+        "chunk": chunk,
+        "cache_bytes_per_token": memory.cache_bytes / memory.tokens,
+        "fp16_kv_bytes_per_token": memory.fp16_kv_bytes / memory.tokens,
+    }

@@ -1,0 +1,228 @@
+"""The `xqchat` command line. Errors the user can act on are printed as one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from xqchat.backends.base import CACHE_KINDS, WEIGHT_DTYPES, CacheSpec, EngineOptions, GenerationConfig
+from xqchat.models.errors import XQError
+
+from . import bench as benchmarks
+
+EXAMPLES_RUN = """
+\b
+Examples:
+  xqchat run "Name three rivers in Europe."
+  echo "Summarise: ..." | xqchat run - --max-tokens 200
+  xqchat run --temperature 0.7 --top-p 0.9 --seed 1 "Write a haiku"
+  xqchat run --json "Hi"          # stats object instead of streamed text
+"""
+
+
+def model_options(f):
+    for option in reversed([
+        click.option("--model", "-m", default="default", show_default=True,
+                     help="Model name (default, smollm2-135m), a model directory or a .gguf file."),
+        click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto",
+                     show_default=True, help="Engine: auto picks PyTorch (CUDA when present)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True),
+        click.option("--weights", type=click.Choice(WEIGHT_DTYPES), default="auto", show_default=True,
+                     help="Working dtype of the weights; auto = bf16 where the hardware has it."),
+        click.option("--cache", type=click.Choice(CACHE_KINDS), default="kv", show_default=True,
+                     help="Attention cache: kv = exact K/V."),
+    ]):
+        f = option(f)
+    return f
+
+
+def engine_options(backend, device, weights, cache) -> EngineOptions:
+    return EngineOptions(backend=backend, device=device, weights=weights, cache=CacheSpec(kind=cache))
+
+
+def status(message: str) -> None:
+    """Progress for a person watching; silent when stderr is not a terminal."""
+    if sys.stderr.isatty():
+        click.echo(f"\r\033[K{message}", err=True, nl=False)
+
+
+def load_engine(model: str, opts: EngineOptions):
+    from xqchat.backends.base import load_model
+    from xqchat.models import resolve
+    from xqchat.models.tokenizer import load_tokenizer
+
+    files = resolve(model)
+    status(f"loading {files.name} …")
+    tokenizer = load_tokenizer(files)
+    engine = load_model(files, opts)
+    status("")
+    for note in engine.spec.notes:
+        click.echo(f"note: {note}", err=True)
+    return files, tokenizer, engine
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Offline chat with open models, with long chats kept small in memory.
+
+    \b
+    xqchat run PROMPT        one reply to stdout
+    xqchat bench ppl|speed   measure quality and speed on this machine
+    """
+    if ctx.invoked_subcommand is None:
+        raise XQError('the chat TUI is not built yet; use `xqchat run "your message"` (see xqchat --help)')
+
+
+@cli.command(epilog=EXAMPLES_RUN)
+@click.argument("prompt")
+@model_options
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Most tokens in the reply.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy (deterministic).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling mass (with --temperature > 0).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON stats object instead of the text.")
+def run(prompt, model, backend, device, weights, cache, max_tokens, temperature, top_p, seed, system,
+        as_json):
+    """Answer PROMPT (or stdin with -) once and exit."""
+    from xqchat.backends.chat import ChatSession
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise XQError("the prompt is empty")
+    _, tokenizer, engine = load_engine(model, engine_options(backend, device, weights, cache))
+    chat = ChatSession(engine, tokenizer, system=system)
+    cfg = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    for event in chat.send(prompt, cfg):
+        if not as_json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    if as_json:
+        click.echo(json.dumps({
+            "text": chat.messages[-1]["content"],
+            "prompt_tokens": event.prompt_tokens,
+            "new_tokens": event.new_tokens,
+            "decode_tok_s": event.decode_tok_s,
+            "prefill_tok_s": event.prefill_tok_s,
+            "cache_bytes": event.cache_bytes,
+            "fp16_kv_bytes": event.fp16_kv_bytes,
+            "accepted_per_step": event.accepted_per_step,
+            "finish_reason": event.finish_reason,
+        }, indent=2))
+    else:
+        click.echo()
+
+
+@cli.group()
+def bench():
+    """Measure quality (perplexity) and speed on this machine."""
+
+
+def report(result: dict, engine, as_json: bool) -> None:
+    result.update(backend=engine.backend, device=engine.device, weights=engine.dtype,
+                  weight_bytes=engine.weight_bytes(), peak_rss_bytes=benchmarks.peak_rss_bytes())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            text = f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else value
+            click.echo(f"{key:>24}  {text}")
+
+
+@bench.command(epilog="""
+\b
+Example:
+  xqchat bench ppl --text ../shared/data/wikitext2_test.txt --window 1024 --windows 8 --chunk 128
+""")
+@model_options
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Plain-text corpus, e.g. WikiText-2 test.")
+@click.option("--window", type=click.IntRange(min=2), default=1024, show_default=True,
+              help="Tokens per window; each window starts from an empty cache.")
+@click.option("--windows", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Number of windows (0 = the whole text).")
+@click.option("--chunk", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens fed per step; each chunk attends to the cache of all before it.")
+@click.option("--json", "as_json", is_flag=True)
+def ppl(model, backend, device, weights, cache, text, window, windows, chunk, as_json):
+    """Perplexity of a text through the real cache path."""
+    _, tokenizer, engine = load_engine(model, engine_options(backend, device, weights, cache))
+    result = benchmarks.perplexity(engine, tokenizer, text.read_text(), window, windows, chunk, status)
+    status("")
+    report(result, engine, as_json)
+
+
+@bench.command(epilog="""
+\b
+Examples:
+  xqchat bench speed --new-tokens 128 --compare hf
+  xqchat bench speed --prompts ../shared/data/mt_bench_questions.jsonl --json
+""")
+@model_options
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='JSONL with {"turns": [...]} per line (MT-Bench); the first turn of each is used.')
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--context", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Prepend about this many tokens of filler, to time decode deep in a chat.")
+@click.option("--compare", type=click.Choice(["none", "hf"]), default="none", show_default=True,
+              help="Also time HF transformers' generate on the same weights and dtype.")
+@click.option("--json", "as_json", is_flag=True)
+def speed(model, backend, device, weights, cache, prompts, limit, new_tokens, context, compare, as_json):
+    """Prefill and decode speed, greedy, a fixed number of new tokens per prompt."""
+    texts = benchmarks.read_prompts(prompts)[:limit]
+    files, tokenizer, engine = load_engine(model, engine_options(backend, device, weights, cache))
+    rendered = benchmarks.render_prompts(tokenizer, texts, context)
+    result = benchmarks.speed(engine, rendered, new_tokens, status)
+    if compare == "hf":
+        from xqchat.backends.cuda.reference import hf_model, hf_speed
+
+        status("timing transformers' generate …")
+        prefill, decode = hf_speed(hf_model(files, engine.dtype), rendered, new_tokens)
+        result["baseline"] = {"name": "transformers", "weights": engine.dtype,
+                              "decode_tok_s": decode, "prefill_tok_s": prefill}
+        result["decode_speedup"] = result["decode_tok_s"] / decode
+        result["prefill_speedup"] = result["prefill_tok_s"] / prefill
+    status("")
+    report(result, engine, as_json)
+
+
+def describe(error: BaseException) -> tuple[str, int]:
+    """One line and an exit code for any error that reaches the top."""
+    if isinstance(error, XQError):
+        return str(error), 1
+    if isinstance(error, click.UsageError):
+        return error.format_message(), 2
+    if isinstance(error, click.ClickException):
+        return error.format_message(), error.exit_code
+    if isinstance(error, (KeyboardInterrupt, click.Abort)):
+        return "interrupted", 130
+    return f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cli.main(args=argv, prog_name="xqchat", standalone_mode=False)
+        return 0
+    except (Exception, KeyboardInterrupt) as e:
+        if "--debug" in argv:
+            raise
+        message, code = describe(e)
+    status("")
+    click.echo(f"xqchat: error: {' '.join(message.split())}", err=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The engine contract shared by both backends. No torch or mlx import here."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from xqchat.models.registry import ModelFiles
+from xqchat.models.spec import ModelSpec
+
+CacheKind = Literal["kv"]
+CACHE_KINDS: tuple[str, ...] = ("kv",)
+WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the user picks for the attention cache."""
+
+    kind: CacheKind = "kv"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    backend: str = "auto"  # auto | torch | mlx
+    device: str = "auto"  # auto | cpu | cuda
+    weights: str = "auto"  # auto | fp32 | bf16 | fp16
+    cache: CacheSpec = field(default_factory=CacheSpec)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_tokens: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class CacheMemory:
+    tokens: int
+    cache_bytes: int  # everything the cache stores for these tokens
+    fp16_kv_bytes: int  # what an fp16 K/V cache would hold for the same tokens
+    reserved_bytes: int  # allocated, including room not yet filled
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the running stats every front end reads."""
+
+    token: int
+    text: str  # filled by the chat layer, which owns the detokenizer
+    prompt_tokens: int  # tokens prefilled for this reply (prefix reuse makes this small)
+    cached_tokens: int  # tokens the cache already held and reused
+    new_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    cache_bytes: int
+    fp16_kv_bytes: int
+    accepted_per_step: float | None = None  # drafter only
+    finish_reason: str | None = None  # None while generating; stop | length | context | cancelled
+
+
+class Session(Protocol):
+    tokens: list[int]  # exactly what the cache holds
+
+    def prefill(self, tokens: list[int]) -> None: ...
+    def generate(
+        self, cfg: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]: ...
+    def logprobs(self, tokens: list[int]) -> list[float]: ...
+    def trim(self, n_keep: int) -> None: ...
+    def memory(self) -> CacheMemory: ...
+
+
+class Model(Protocol):
+    spec: ModelSpec
+    backend: str
+    device: str
+    dtype: str
+
+    def new_session(self) -> Session: ...
+    def weight_bytes(self) -> int: ...
+
+
+def load_model(files: ModelFiles, opts: EngineOptions) -> Model:
+    """Load `files` with the backend `opts` names (auto: PyTorch, on CUDA when present)."""
+    from xqchat.models.errors import XQError
+
+    if opts.backend == "mlx":
+        raise XQError("the MLX backend is not available yet; use --backend torch")
+    if opts.backend not in ("auto", "torch"):
+        raise XQError(f"unknown backend '{opts.backend}' (use auto, torch or mlx)")
+    from xqchat.backends.cuda.model import load
+
+    return load(files, opts)

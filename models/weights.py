@@ -1,0 +1,136 @@
+"""Weight readers. Both yield (HF tensor name, numpy float array) lazily, so a backend converts one
+tensor at a time to its working dtype; names follow transformers' Llama layout."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import XQError
+from .registry import ModelFiles
+from .spec import ModelSpec
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class SafetensorsCheckpoint:
+    """A model directory: config.json and one or more memory-mapped *.safetensors files."""
+
+    def __init__(self, folder: Path):
+        try:
+            self.config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise XQError(f"cannot read {folder / 'config.json'}: {e}") from None
+        self.spec = ModelSpec.from_hf_config(self.config)
+        self._files = [self._index(p) for p in sorted(folder.glob("*.safetensors"))]
+
+    @staticmethod
+    def _index(path: Path):
+        size = path.stat().st_size
+        bad = XQError(f"{path.name} is truncated or not a safetensors file; download it again")
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise bad
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise bad from None
+        header.pop("__metadata__", None)
+        data_bytes = size - 8 - n
+        for name, info in header.items():
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise XQError(f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}")
+            if info["data_offsets"][1] > data_bytes:
+                raise bad
+        return path, 8 + n, header
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        for path, offset, header in self._files:
+            if not header:
+                continue
+            data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset)
+            for name, info in header.items():
+                start, end = info["data_offsets"]
+                array = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+                yield name, _bf16_to_f32(array) if info["dtype"] == "BF16" else array
+
+
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    # llama.cpp's converter interleaves the two RoPE halves of each Q/K head (its rotation pairs
+    # adjacent dims); put them back in transformers' rotate-half order.
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFCheckpoint:
+    """One .gguf file; quantised tensors are dequantised by the gguf package."""
+
+    def __init__(self, path: Path):
+        import gguf
+
+        self._gguf = gguf
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as e:  # the reader raises many kinds on short or garbled files
+            raise XQError(f"{path.name} is truncated or not a valid GGUF file ({e})") from None
+        fields = self.reader.fields
+        meta = {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.ggml.")}
+        if "tokenizer.ggml.tokens" in fields:
+            meta["tokenizer.ggml.tokens"] = range(len(fields["tokenizer.ggml.tokens"].data))
+        self.meta = meta
+        by_name = {t.name: t for t in self.reader.tensors}
+        rope_freqs = by_name.get("rope_freqs.weight")
+        self.spec = ModelSpec.from_gguf(
+            meta, set(by_name), None if rope_freqs is None else np.asarray(rope_freqs.data)
+        )
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        spec = self.spec
+        for t in self.reader.tensors:
+            if t.name == "rope_freqs.weight":
+                continue
+            parts = t.name.split(".")
+            if parts[0] == "blk":
+                hf = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+                kind = parts[2]
+            else:
+                hf, kind = f"{_GGUF_NAMES[parts[0]]}.{parts[1]}", parts[0]
+            w = self._gguf.quants.dequantize(t.data, t.tensor_type)
+            if spec.arch == "llama" and kind in ("attn_q", "attn_k"):
+                w = _unpermute(w, spec.n_heads if kind == "attn_q" else spec.n_kv_heads)
+            yield hf, w
+
+
+def open_checkpoint(files: ModelFiles) -> SafetensorsCheckpoint | GGUFCheckpoint:
+    if files.format == "gguf":
+        return GGUFCheckpoint(files.path)
+    return SafetensorsCheckpoint(files.path)
