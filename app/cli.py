@@ -60,7 +60,7 @@ def load_engine(model: str, opts: EngineOptions):
     tokenizer = load_tokenizer(files)
     engine = load_model(files, opts)
     status("")
-    for note in engine.spec.notes:
+    for note in (*engine.spec.notes, *engine.notes):
         click.echo(f"note: {note}", err=True)
     return files, tokenizer, engine
 
@@ -135,7 +135,9 @@ def report(result: dict, engine, as_json: bool) -> None:
         click.echo(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
-            text = f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else value
+            text = f"{value:.4g}" if isinstance(value, float) else value
+            if isinstance(value, list):
+                text = "\n".join(json.dumps(item) for item in value)
             click.echo(f"{key:>24}  {text}")
 
 
@@ -187,12 +189,13 @@ def speed(model, backend, device, weights, cache, prompts, limit, new_tokens, co
     if compare == "hf":
         from xqchat.backends.cuda.reference import hf_model, hf_speed
 
-        status("timing transformers' generate …")
-        prefill, decode = hf_speed(hf_model(files, engine.dtype), rendered, new_tokens)
-        result["baseline"] = {"name": "transformers", "weights": engine.dtype,
-                              "decode_tok_s": decode, "prefill_tok_s": prefill}
-        result["decode_speedup"] = result["decode_tok_s"] / decode
-        result["prefill_speedup"] = result["prefill_tok_s"] / prefill
+        result["baselines"] = []
+        for dtype in dict.fromkeys(["bf16", engine.dtype]):  # the usual HF setup, and ours
+            status(f"timing transformers' generate ({dtype}) …")
+            prefill, decode = hf_speed(hf_model(files, dtype), rendered, new_tokens)
+            result["baselines"].append({"name": "transformers", "weights": dtype, "decode_tok_s": decode,
+                                        "prefill_tok_s": prefill, "decode_speedup": result["decode_tok_s"] / decode,
+                                        "prefill_speedup": result["prefill_tok_s"] / prefill})
     status("")
     report(result, engine, as_json)
 

@@ -81,6 +81,7 @@ class Model(Protocol):
     backend: str
     device: str
     dtype: str
+    notes: tuple[str, ...]  # fallbacks in use that the user should be told about
 
     def new_session(self) -> Session: ...
     def weight_bytes(self) -> int: ...
