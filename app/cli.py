@@ -57,8 +57,8 @@ def load_engine(model: str, opts: EngineOptions):
 
     files = resolve(model)
     status(f"loading {files.name} …")
+    engine = load_model(files, opts)  # first: it validates the weight files
     tokenizer = load_tokenizer(files)
-    engine = load_model(files, opts)
     status("")
     for note in (*engine.spec.notes, *engine.notes):
         click.echo(f"note: {note}", err=True)

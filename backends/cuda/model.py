@@ -125,7 +125,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache, mask, upcast: Upcast):
         b, t, _ = x.shape
-        qkv = self.wqkv(x)
+        qkv = self.wqkv(x).to(x.dtype)
         qk, v = qkv.split([self.splits[0] + self.splits[1], self.splits[2]], dim=-1)
         qk = qk.view(b, t, self.n_heads + self.n_kv_heads, self.head_dim)
         if self.qk_norm:

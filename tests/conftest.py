@@ -1,0 +1,115 @@
+"""Shared fixtures: seeded tiny random models of every architecture (HF is their oracle), the real
+default model, and a guard that keeps the suite off the network."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+
+# Before anything computes a path or asks a hub: a private cache and no network.
+os.environ["XDG_CACHE_HOME"] = os.environ.get("XQCHAT_TEST_CACHE") or tempfile.mkdtemp(prefix="xqchat-cache-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import torch  # noqa: E402
+
+_connect = socket.socket.connect
+
+
+def _loopback_only(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and host not in ("localhost", "::1") and not host.startswith("127."):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError(f"the test suite must not reach the network (tried {host})")
+    return _connect(self, address)
+
+
+socket.socket.connect = _loopback_only
+
+TINY = dict(
+    vocab_size=49152,  # the default model's tokenizer, so tiny models also run through the CLI
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def tiny_configs():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    return {
+        "llama": LlamaConfig(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        "llama3": LlamaConfig(**TINY, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "mha": LlamaConfig(**{**TINY, "num_key_value_heads": 4}, tie_word_embeddings=True),
+        "mistral": MistralConfig(**TINY, sliding_window=None),
+        "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True),
+        "qwen3": Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def default_files():
+    from xqchat.models import resolve
+
+    return resolve("default")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_files):
+    from xqchat.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_files)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, default_tokenizer):
+    """name -> directory with config.json, model.safetensors and the default tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for i, (name, config) in enumerate(tiny_configs().items()):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():  # HF's init leaves biases at 0 and norms at 1: make every weight count
+            for pname, p in model.named_parameters():
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.08 * torch.randn_like(p))
+        model.save_pretrained(root / name)
+        default_tokenizer.hf.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_fp32(default_files):
+    from xqchat.backends.base import EngineOptions, load_model
+
+    return load_model(default_files, EngineOptions(weights="fp32"))
+
+
+@pytest.fixture(scope="session")
+def hf_default(default_files):
+    """transformers' own GGUF loader: an oracle independent of our GGUF reader."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        default_files.path.parent, gguf_file=default_files.path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def mt_bench_prompts():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench_questions.jsonl"
+    return [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
