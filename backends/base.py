@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 
@@ -89,8 +90,6 @@ class Model(Protocol):
 
 def load_model(files: ModelFiles, opts: EngineOptions) -> Model:
     """Load `files` with the backend `opts` names (auto: PyTorch, on CUDA when present)."""
-    from xqchat.models.errors import XQError
-
     if opts.backend == "mlx":
         raise XQError("the MLX backend is not available yet; use --backend torch")
     if opts.backend not in ("auto", "torch"):

@@ -68,3 +68,14 @@ def test_packed_bf16_matches_plain_bf16(tiny_models, monkeypatch):
     ids = list(range(300, 340))
     a, b = incremental_logits(packed, ids, [30, 1, 9]), incremental_logits(plain, ids, [30, 1, 9])
     assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mha"])
+def test_bench_baseline_is_the_same_model(tiny_models, arch):
+    from xqchat.backends.cuda.reference import hf_model
+
+    ids = torch.tensor([list(range(500, 530))])
+    with torch.inference_mode():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)(ids).logits
+        got = hf_model(resolve(str(tiny_models[arch])), "fp32")(ids).logits
+    assert (got - expected).abs().max().item() <= TOL
