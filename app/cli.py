@@ -136,8 +136,8 @@ def report(result: dict, engine, as_json: bool) -> None:
     else:
         for key, value in result.items():
             text = f"{value:.4g}" if isinstance(value, float) else value
-            if isinstance(value, list):
-                text = "\n".join(json.dumps(item) for item in value)
+            if isinstance(value, (list, dict)):
+                text = json.dumps(value)
             click.echo(f"{key:>24}  {text}")
 
 
@@ -179,13 +179,18 @@ Examples:
               help="Prepend about this many tokens of filler, to time decode deep in a chat.")
 @click.option("--compare", type=click.Choice(["none", "hf"]), default="none", show_default=True,
               help="Also time HF transformers' generate on the same weights and dtype.")
+@click.option("--profile", is_flag=True, help="Also profile decode steps: time in matmuls vs the rest.")
 @click.option("--json", "as_json", is_flag=True)
-def speed(model, backend, device, weights, cache, prompts, limit, new_tokens, context, compare, as_json):
+def speed(model, backend, device, weights, cache, prompts, limit, new_tokens, context, compare, profile,
+          as_json):
     """Prefill and decode speed, greedy, a fixed number of new tokens per prompt."""
     texts = benchmarks.read_prompts(prompts)[:limit]
     files, tokenizer, engine = load_engine(model, engine_options(backend, device, weights, cache))
     rendered = benchmarks.render_prompts(tokenizer, texts, context)
     result = benchmarks.speed(engine, rendered, new_tokens, status)
+    if profile:
+        status("profiling decode steps …")
+        result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))
     if compare == "hf":
         from xqchat.backends.cuda.reference import hf_model, hf_speed
 

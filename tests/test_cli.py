@@ -113,13 +113,16 @@ def test_run_streams_text_from_stdin(capsys, monkeypatch, tiny_models):
 def test_bench_speed_json(capsys, tiny_models):
     code, out, err = cli(capsys, "bench", "speed", "-m", str(tiny_models["mistral"]), "--json",
                          "--prompts", str(DATA / "mt_bench_questions.jsonl"), "--limit", "2",
-                         "--new-tokens", "6", "--context", "40")
+                         "--new-tokens", "6", "--context", "40", "--profile")
     assert code == 0, err
     stats = json.loads(out)
     assert set(stats) >= {"decode_tok_s", "prefill_tok_s", "accepted_per_step", "cache_bytes",
                           "peak_rss_bytes", "backend", "device"}
     assert stats["prompts"] == 2 and stats["backend"] == "torch" and stats["device"] == "cpu"
     assert stats["decode_tok_s"] > 0 and stats["prefill_tok_s"] > 0 and stats["peak_rss_bytes"] > 0
+    profile = stats["profile"]
+    assert 0 < profile["matmul_ms"] < profile["step_ms"] and 0 < profile["outside_matmul_share"] < 1
+    assert "mkldnn::_linear_pointwise" in {op["op"] for op in profile["top_ops"]}
 
 
 def test_bench_speed_rejects_bad_prompts_file(capsys, tmp_path):

@@ -269,6 +269,11 @@ class TorchModel:
 
         return TorchSession(self)
 
+    def profile_decode(self, prompt: list[int], steps: int = 32) -> dict:
+        from .profile import profile_decode
+
+        return profile_decode(self, prompt, steps)
+
     def weight_bytes(self) -> int:
         tensors = [*self.module.parameters(), *self.module.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not self.module.rope.inv_freq)
