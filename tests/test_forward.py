@@ -79,3 +79,16 @@ def test_bench_baseline_is_the_same_model(tiny_models, arch):
         expected = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)(ids).logits
         got = hf_model(resolve(str(tiny_models[arch])), "fp32")(ids).logits
     assert (got - expected).abs().max().item() <= TOL
+
+
+def test_tied_table_in_fp16_on_cpu_agrees_for_one_and_many_rows(tiny_models):
+    model = load_model(resolve(str(tiny_models["qwen2"])), EngineOptions(weights="bf16", device="cpu"))
+    assert model.module.embed.weight.dtype == torch.float16  # tied: one fp16 table, no copy
+    session = model.new_session()
+    assert session.caches[0].dtype == torch.bfloat16
+    hidden = torch.randn(5, 64)
+    with torch.inference_mode():
+        many = model.module.logits(hidden)  # bf16 product
+        ones = torch.cat([model.module.logits(hidden[i : i + 1]) for i in range(5)])  # fp16 products
+    assert many.dtype == torch.bfloat16 and ones.dtype == torch.float16
+    assert torch.allclose(many.float(), ones.float(), atol=3e-2, rtol=0)

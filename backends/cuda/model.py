@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,17 +193,17 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.spec.tied_embeddings:
-            return F.linear(hidden.to(self.embed.weight.dtype), self.embed.weight)
-        return self.lm_head(hidden)
+        if not self.spec.tied_embeddings:
+            return self.lm_head(hidden)
+        table = self.embed.weight
+        if table.dtype == torch.float16 and table.device.type == "cpu" and hidden.shape[-2] > 1:
+            table = table.to(torch.bfloat16)  # see load(): fp16 is fast here for one row only
+        return F.linear(hidden.to(table.dtype), table)
 
     def new_caches(self) -> list[KVCache]:
-        p = self.embed.weight  # K/V are stored in the weights' dtype
-        spec = self.spec
-        return [
-            KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, p.dtype, p.device)
-            for _ in range(spec.n_layers)
-        ]
+        spec, device = self.spec, self.embed.weight.device
+        return [KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, self.kv_dtype, device)
+                for _ in range(spec.n_layers)]
 
 
 def sanitize(weights: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -286,9 +287,21 @@ def load(files: ModelFiles, opts: EngineOptions) -> TorchModel:
     spec = checkpoint.spec
     torch_dtype = DTYPES[dtype]
     act_dtype = torch_dtype if device == "cuda" else torch.float32
+    # A tied table on CPU is held in fp16 when its values fit: the one-row head product (every
+    # decode step) runs ~2.4x faster in fp16 than in bf16 (1.7 vs 4.1 ms here), and is closer to
+    # fp32. Same bytes; multi-row products convert to bf16 per call (see Transformer.logits).
+    half_table = device == "cpu" and dtype == "bf16" and spec.tied_embeddings
+
+    def working_dtype(name, array):
+        if name.endswith("norm.weight"):
+            return act_dtype
+        if half_table and name == "model.embed_tokens.weight" and np.abs(array).max() < 6e4:
+            return torch.float16
+        return torch_dtype
+
     with warnings.catch_warnings():  # memory-mapped arrays are read-only; weights are never written
         warnings.simplefilter("ignore", UserWarning)
-        weights = {name: torch.from_numpy(array).to(device=device, dtype=act_dtype if name.endswith("norm.weight") else torch_dtype)
+        weights = {name: torch.from_numpy(array).to(device=device, dtype=working_dtype(name, array))
                    for name, array in checkpoint.tensors()}
     try:
         state = sanitize(weights, spec)
@@ -301,6 +314,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> TorchModel:
     except RuntimeError as e:
         raise XQError(f"the checkpoint does not match its config: {str(e).splitlines()[1].strip()}") from None
     module.rope = Rope(spec).to(device)  # its table was built on the meta device
+    module.kv_dtype = torch_dtype
     module.eval().requires_grad_(False)
     notes = []
     if device == "cpu" and dtype == "bf16":
