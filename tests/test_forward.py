@@ -17,7 +17,7 @@ def incremental_logits(model, ids, splits):
     out, start = [], 0
     with torch.inference_mode():
         for size in splits:
-            hidden = model.module(torch.tensor([ids[start : start + size]]), session.caches)
+            hidden = model.module(torch.tensor([ids[start : start + size]], device=model.device), session.caches)
             out.append(model.module.logits(hidden)[0])
             start += size
     return torch.cat(out)
@@ -92,3 +92,34 @@ def test_tied_table_in_fp16_on_cpu_agrees_for_one_and_many_rows(tiny_models):
         ones = torch.cat([model.module.logits(hidden[i : i + 1]) for i in range(5)])  # fp16 products
     assert many.dtype == torch.bfloat16 and ones.dtype == torch.float16
     assert torch.allclose(many.float(), ones.float(), atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("weights, tol", [("fp16", 2e-2), ("bf16", 6e-2)])
+def test_half_precision_weights_stay_close_to_fp32(tiny_models, weights, tol):
+    path = resolve(str(tiny_models["llama3"]))
+    ids = list(range(700, 760))
+    exact = incremental_logits(load_model(path, EngineOptions(weights="fp32")), ids, [50, 1, 9])
+    half = incremental_logits(load_model(path, EngineOptions(weights=weights)), ids, [50, 1, 9])
+    assert (half.float() - exact).abs().max().item() <= tol * exact.abs().max().item()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_requested_without_a_gpu_is_refused(tiny_models):
+    from xqchat.models import XQError
+
+    with pytest.raises(XQError, match="no CUDA GPU is visible"):
+        load_model(resolve(str(tiny_models["llama"])), EngineOptions(device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_logits_match_transformers(tiny_models, arch):
+    path = tiny_models[arch]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(resolve(str(path)), EngineOptions(weights="fp32", device="cuda"))
+    ids = list(range(900, 960))
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0]
+    got = incremental_logits(ours, ids, [40, 1, 1, 18]).cpu()
+    assert (got - expected).abs().max().item() <= 1e-3  # TF32 and fused kernels on the GPU
