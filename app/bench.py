@@ -36,7 +36,9 @@ def read_prompts(path: Path | None) -> list[str]:
             turns = json.loads(line)["turns"]
             prompts.append(str(turns[0]))
         except (ValueError, KeyError, IndexError, TypeError):
-            raise XQError(f"{path}:{number}: expected a JSON object with a non-empty \"turns\" list") from None
+            raise XQError(
+                f'{path}:{number}: expected a JSON object with a non-empty "turns" list'
+            ) from None
     if not prompts:
         raise XQError(f"{path} holds no prompts")
     return prompts
@@ -54,8 +56,9 @@ def render_prompts(tokenizer: Tokenizer, prompts: list[str], context: int) -> li
     return [tokenizer.render([{"role": "user", "content": filler + p}]) for p in prompts]
 
 
-def speed(model: Model, rendered: list[list[int]], new_tokens: int,
-          progress: Callable[[str], None]) -> dict:
+def speed(
+    model: Model, rendered: list[list[int]], new_tokens: int, progress: Callable[[str], None]
+) -> dict:
     """Greedy, exactly `new_tokens` per prompt (stop tokens ignored), totals over all prompts."""
     cfg = GenerationConfig(max_tokens=new_tokens)
     prefill_tokens = prefill_s = decode_tokens = decode_s = 0.0
@@ -63,11 +66,12 @@ def speed(model: Model, rendered: list[list[int]], new_tokens: int,
     for i, ids in enumerate(rendered, 1):
         progress(f"prompt {i}/{len(rendered)}: {len(ids)} prompt tokens")
         if len(ids) + new_tokens > model.spec.max_context:
-            raise XQError(f"prompt {i} plus {new_tokens} new tokens exceeds the context ({model.spec.max_context})")
+            raise XQError(
+                f"prompt {i} plus {new_tokens} new tokens exceeds the context ({model.spec.max_context})"
+            )
         session = model.new_session()
         session.prefill(ids)
-        for event in session.generate(cfg):
-            pass
+        *_, event = session.generate(cfg)
         prefill_tokens += event.prompt_tokens
         prefill_s += event.prompt_tokens / event.prefill_tok_s
         if event.new_tokens > 1:
@@ -85,8 +89,15 @@ def speed(model: Model, rendered: list[list[int]], new_tokens: int,
     }
 
 
-def perplexity(model: Model, tokenizer: Tokenizer, text: str, window: int, windows: int, chunk: int,
-               progress: Callable[[str], None]) -> dict:
+def perplexity(
+    model: Model,
+    tokenizer: Tokenizer,
+    text: str,
+    window: int,
+    windows: int,
+    chunk: int,
+    progress: Callable[[str], None],
+) -> dict:
     """Each window starts from an empty cache; its tokens go through in chunks that attend to the
     cache of everything before them, exactly as a chat's turns would."""
     ids = tokenizer.encode(text)

@@ -7,8 +7,13 @@ import sys
 from pathlib import Path
 
 import click
-
-from xqchat.backends.base import CACHE_KINDS, WEIGHT_DTYPES, CacheSpec, EngineOptions, GenerationConfig
+from xqchat.backends.base import (
+    CACHE_KINDS,
+    WEIGHT_DTYPES,
+    CacheSpec,
+    EngineOptions,
+    GenerationConfig,
+)
 from xqchat.models.errors import XQError
 
 from . import bench as benchmarks
@@ -24,24 +29,52 @@ Examples:
 
 
 def model_options(f):
-    for option in reversed([
-        click.option("--model", "-m", default="default", show_default=True,
-                     help="Model name (default, smollm2-135m), a model directory or a .gguf file."),
-        click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto",
-                     show_default=True, help="Engine: auto picks PyTorch (CUDA when present)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     show_default=True),
-        click.option("--weights", type=click.Choice(WEIGHT_DTYPES), default="auto", show_default=True,
-                     help="Working dtype of the weights; auto = bf16 where the hardware has it."),
-        click.option("--cache", type=click.Choice(CACHE_KINDS), default="kv", show_default=True,
-                     help="Attention cache: kv = exact K/V."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--model",
+                "-m",
+                default="default",
+                show_default=True,
+                help="Model name (default, smollm2-135m), a model directory or a .gguf file.",
+            ),
+            click.option(
+                "--backend",
+                type=click.Choice(["auto", "torch", "mlx"]),
+                default="auto",
+                show_default=True,
+                help="Engine: auto picks PyTorch (CUDA when present).",
+            ),
+            click.option(
+                "--device",
+                type=click.Choice(["auto", "cpu", "cuda"]),
+                default="auto",
+                show_default=True,
+            ),
+            click.option(
+                "--weights",
+                type=click.Choice(WEIGHT_DTYPES),
+                default="auto",
+                show_default=True,
+                help="Working dtype of the weights; auto = bf16 where the hardware has it.",
+            ),
+            click.option(
+                "--cache",
+                type=click.Choice(CACHE_KINDS),
+                default="kv",
+                show_default=True,
+                help="Attention cache: kv = exact K/V.",
+            ),
+        ]
+    ):
         f = option(f)
     return f
 
 
 def engine_options(backend, device, weights, cache) -> EngineOptions:
-    return EngineOptions(backend=backend, device=device, weights=weights, cache=CacheSpec(kind=cache))
+    return EngineOptions(
+        backend=backend, device=device, weights=weights, cache=CacheSpec(kind=cache)
+    )
 
 
 def status(message: str) -> None:
@@ -76,23 +109,54 @@ def cli(ctx, debug):
     xqchat bench ppl|speed   measure quality and speed on this machine
     """
     if ctx.invoked_subcommand is None:
-        raise XQError('the chat TUI is not built yet; use `xqchat run "your message"` (see xqchat --help)')
+        raise XQError(
+            'the chat TUI is not built yet; use `xqchat run "your message"` (see xqchat --help)'
+        )
 
 
 @cli.command(epilog=EXAMPLES_RUN)
 @click.argument("prompt")
 @model_options
-@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Most tokens in the reply.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="0 = greedy (deterministic).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-              help="Nucleus sampling mass (with --temperature > 0).")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Most tokens in the reply.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="0 = greedy (deterministic).",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Nucleus sampling mass (with --temperature > 0).",
+)
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON stats object instead of the text.")
-def run(prompt, model, backend, device, weights, cache, max_tokens, temperature, top_p, seed, system,
-        as_json):
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON stats object instead of the text."
+)
+def run(
+    prompt,
+    model,
+    backend,
+    device,
+    weights,
+    cache,
+    max_tokens,
+    temperature,
+    top_p,
+    seed,
+    system,
+    as_json,
+):
     """Answer PROMPT (or stdin with -) once and exit."""
     from xqchat.backends.chat import ChatSession
 
@@ -108,17 +172,22 @@ def run(prompt, model, backend, device, weights, cache, max_tokens, temperature,
             sys.stdout.write(event.text)
             sys.stdout.flush()
     if as_json:
-        click.echo(json.dumps({
-            "text": chat.messages[-1]["content"],
-            "prompt_tokens": event.prompt_tokens,
-            "new_tokens": event.new_tokens,
-            "decode_tok_s": event.decode_tok_s,
-            "prefill_tok_s": event.prefill_tok_s,
-            "cache_bytes": event.cache_bytes,
-            "fp16_kv_bytes": event.fp16_kv_bytes,
-            "accepted_per_step": event.accepted_per_step,
-            "finish_reason": event.finish_reason,
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "text": chat.messages[-1]["content"],
+                    "prompt_tokens": event.prompt_tokens,
+                    "new_tokens": event.new_tokens,
+                    "decode_tok_s": event.decode_tok_s,
+                    "prefill_tok_s": event.prefill_tok_s,
+                    "cache_bytes": event.cache_bytes,
+                    "fp16_kv_bytes": event.fp16_kv_bytes,
+                    "accepted_per_step": event.accepted_per_step,
+                    "finish_reason": event.finish_reason,
+                },
+                indent=2,
+            )
+        )
     else:
         click.echo()
 
@@ -129,8 +198,13 @@ def bench():
 
 
 def report(result: dict, engine, as_json: bool) -> None:
-    result.update(backend=engine.backend, device=engine.device, weights=engine.dtype,
-                  weight_bytes=engine.weight_bytes(), peak_rss_bytes=benchmarks.peak_rss_bytes())
+    result.update(
+        backend=engine.backend,
+        device=engine.device,
+        weights=engine.dtype,
+        weight_bytes=engine.weight_bytes(),
+        peak_rss_bytes=benchmarks.peak_rss_bytes(),
+    )
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -141,48 +215,102 @@ def report(result: dict, engine, as_json: bool) -> None:
             click.echo(f"{key:>24}  {text}")
 
 
-@bench.command(epilog="""
+@bench.command(
+    epilog="""
 \b
 Example:
   xqchat bench ppl --text ../shared/data/wikitext2_test.txt --window 1024 --windows 8 --chunk 128
-""")
+"""
+)
 @model_options
-@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Plain-text corpus, e.g. WikiText-2 test.")
-@click.option("--window", type=click.IntRange(min=2), default=1024, show_default=True,
-              help="Tokens per window; each window starts from an empty cache.")
-@click.option("--windows", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Number of windows (0 = the whole text).")
-@click.option("--chunk", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Tokens fed per step; each chunk attends to the cache of all before it.")
+@click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Plain-text corpus, e.g. WikiText-2 test.",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=2),
+    default=1024,
+    show_default=True,
+    help="Tokens per window; each window starts from an empty cache.",
+)
+@click.option(
+    "--windows",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Number of windows (0 = the whole text).",
+)
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Tokens fed per step; each chunk attends to the cache of all before it.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def ppl(model, backend, device, weights, cache, text, window, windows, chunk, as_json):
     """Perplexity of a text through the real cache path."""
     _, tokenizer, engine = load_engine(model, engine_options(backend, device, weights, cache))
-    result = benchmarks.perplexity(engine, tokenizer, text.read_text(), window, windows, chunk, status)
+    result = benchmarks.perplexity(
+        engine, tokenizer, text.read_text(), window, windows, chunk, status
+    )
     status("")
     report(result, engine, as_json)
 
 
-@bench.command(epilog="""
+@bench.command(
+    epilog="""
 \b
 Examples:
   xqchat bench speed --new-tokens 128 --compare hf
   xqchat bench speed --prompts ../shared/data/mt_bench_questions.jsonl --json
-""")
+"""
+)
 @model_options
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help='JSONL with {"turns": [...]} per line (MT-Bench); the first turn of each is used.')
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
+@click.option(
+    "--prompts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSONL with {"turns": [...]} per line (MT-Bench); the first turn of each is used.',
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts."
+)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--context", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Prepend about this many tokens of filler, to time decode deep in a chat.")
-@click.option("--compare", type=click.Choice(["none", "hf"]), default="none", show_default=True,
-              help="Also time HF transformers' generate on the same weights and dtype.")
-@click.option("--profile", is_flag=True, help="Also profile decode steps: time in matmuls vs the rest.")
+@click.option(
+    "--context",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Prepend about this many tokens of filler, to time decode deep in a chat.",
+)
+@click.option(
+    "--compare",
+    type=click.Choice(["none", "hf"]),
+    default="none",
+    show_default=True,
+    help="Also time HF transformers' generate on the same weights and dtype.",
+)
+@click.option(
+    "--profile", is_flag=True, help="Also profile decode steps: time in matmuls vs the rest."
+)
 @click.option("--json", "as_json", is_flag=True)
-def speed(model, backend, device, weights, cache, prompts, limit, new_tokens, context, compare, profile,
-          as_json):
+def speed(
+    model,
+    backend,
+    device,
+    weights,
+    cache,
+    prompts,
+    limit,
+    new_tokens,
+    context,
+    compare,
+    profile,
+    as_json,
+):
     """Prefill and decode speed, greedy, a fixed number of new tokens per prompt."""
     texts = benchmarks.read_prompts(prompts)[:limit]
     files, tokenizer, engine = load_engine(model, engine_options(backend, device, weights, cache))
@@ -198,9 +326,16 @@ def speed(model, backend, device, weights, cache, prompts, limit, new_tokens, co
         for dtype in dict.fromkeys(["bf16", engine.dtype]):  # the usual HF setup, and ours
             status(f"timing transformers' generate ({dtype}) …")
             prefill, decode = hf_speed(hf_model(files, dtype), rendered, new_tokens)
-            result["baselines"].append({"name": "transformers", "weights": dtype, "decode_tok_s": decode,
-                                        "prefill_tok_s": prefill, "decode_speedup": result["decode_tok_s"] / decode,
-                                        "prefill_speedup": result["prefill_tok_s"] / prefill})
+            result["baselines"].append(
+                {
+                    "name": "transformers",
+                    "weights": dtype,
+                    "decode_tok_s": decode,
+                    "prefill_tok_s": prefill,
+                    "decode_speedup": result["decode_tok_s"] / decode,
+                    "prefill_speedup": result["prefill_tok_s"] / prefill,
+                }
+            )
     status("")
     report(result, engine, as_json)
 
@@ -215,7 +350,10 @@ def describe(error: BaseException) -> tuple[str, int]:
         return error.format_message(), error.exit_code
     if isinstance(error, (KeyboardInterrupt, click.Abort)):
         return "interrupted", 130
-    return f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", 1
+    return (
+        f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+        1,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

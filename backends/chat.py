@@ -14,7 +14,7 @@ from .base import GenerationConfig, Model, Session, TokenEvent
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -54,7 +54,9 @@ def resolve(name: str | None) -> ModelFiles:
         if path.suffix == ".gguf" or "/" in name or name.startswith("."):
             raise XQError(f"no such file or directory: {name}")
         known = ", ".join(["default", *BUILTIN])
-        raise XQError(f"unknown model '{name}': use one of {known}, a model directory or a .gguf file")
+        raise XQError(
+            f"unknown model '{name}': use one of {known}, a model directory or a .gguf file"
+        )
     if path.is_file():
         if path.suffix != ".gguf":
             raise XQError(f"{name} is not a model: pass a .gguf file or a model directory")

@@ -55,7 +55,9 @@ class RopeSpec:
             )
             blended = (1 - smooth) * inv / self.factor + smooth * inv
             return np.where(
-                wavelen > low_wavelen, inv / self.factor, np.where(wavelen < high_wavelen, inv, blended)
+                wavelen > low_wavelen,
+                inv / self.factor,
+                np.where(wavelen < high_wavelen, inv, blended),
             )
         return inv
 
@@ -143,7 +145,9 @@ class ModelSpec:
                 freq_divisors=None if rope_freqs is None else tuple(float(x) for x in rope_freqs),
             )
             if scaling not in ("none", "linear"):
-                raise XQError(f"unsupported RoPE scaling '{scaling}' (supported: {', '.join(ROPE_TYPES)})")
+                raise XQError(
+                    f"unsupported RoPE scaling '{scaling}' (supported: {', '.join(ROPE_TYPES)})"
+                )
             return cls(
                 arch=arch,
                 n_layers=int(meta[a + "block_count"]),

@@ -30,7 +30,9 @@ class Tokenizer:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The whole conversation as the model sees it (the template writes BOS and role markers)."""
         if not self.has_chat_template:
-            raise XQError("this model has no chat template, so it cannot chat (bench ppl still works)")
+            raise XQError(
+                "this model has no chat template, so it cannot chat (bench ppl still works)"
+            )
         text = self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -100,4 +102,3 @@ def load_tokenizer(files: ModelFiles) -> Tokenizer:
         raise
     except Exception as e:
         raise XQError(f"cannot load the tokenizer of {files.name}: {e}") from None
-

@@ -63,7 +63,9 @@ class SafetensorsCheckpoint:
             data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset)
             for name, info in header.items():
                 start, end = info["data_offsets"]
-                array = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+                array = (
+                    data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+                )
                 yield name, _bf16_to_f32(array) if info["dtype"] == "BF16" else array
 
 
@@ -88,7 +90,11 @@ _GGUF_NAMES = {
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     # llama.cpp's converter interleaves the two RoPE halves of each Q/K head (its rotation pairs
     # adjacent dims); put them back in transformers' rotate-half order.
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 class GGUFCheckpoint:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a development environment in .venv (once; again when pyproject.toml changes), then
 #   dev.sh chat [PROMPT]   answer a prompt with the default model (the TUI arrives later)
-#   dev.sh test [ARGS]     run the test suite (ARGS go to pytest)
+#   dev.sh test [ARGS]     lint (ruff) and run the test suite (ARGS go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +23,8 @@ command=${1:-chat}
 shift || true
 case "$command" in
   chat) exec .venv/bin/xqchat run "${@:-Hello! Who are you, in two sentences?}" ;;
-  test) exec .venv/bin/python -m pytest "$@" ;;
+  test)
+    .venv/bin/ruff check --quiet . && .venv/bin/ruff format --check --quiet . || exit 1
+    exec .venv/bin/python -m pytest "$@" ;;
   *) echo "usage: packaging/dev.sh chat [PROMPT] | test [PYTEST ARGS]" >&2; exit 2 ;;
 esac

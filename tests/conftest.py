@@ -10,7 +10,9 @@ import tempfile
 import pytest
 
 # Before anything computes a path or asks a hub: a private cache and no network.
-os.environ["XDG_CACHE_HOME"] = os.environ.get("XQCHAT_TEST_CACHE") or tempfile.mkdtemp(prefix="xqchat-cache-")
+os.environ["XDG_CACHE_HOME"] = os.environ.get("XQCHAT_TEST_CACHE") or tempfile.mkdtemp(
+    prefix="xqchat-cache-"
+)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
@@ -45,10 +47,20 @@ def tiny_configs():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     return {
-        "llama": LlamaConfig(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-        "llama3": LlamaConfig(**TINY, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "llama": LlamaConfig(
+            **TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        ),
+        "llama3": LlamaConfig(
+            **TINY,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
         "mha": LlamaConfig(**{**TINY, "num_key_value_heads": 4}, tie_word_embeddings=True),
         "mistral": MistralConfig(**TINY, sliding_window=None),
         "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True),
@@ -80,9 +92,13 @@ def tiny_models(tmp_path_factory, default_tokenizer):
     for i, (name, config) in enumerate(tiny_configs().items()):
         torch.manual_seed(i)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        with torch.no_grad():  # HF's init leaves biases at 0 and norms at 1: make every weight count
+        with (
+            torch.no_grad()
+        ):  # HF's init leaves biases at 0 and norms at 1: make every weight count
             for pname, p in model.named_parameters():
-                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.08 * torch.randn_like(p))
+                p.copy_(
+                    1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.08 * torch.randn_like(p)
+                )
         model.save_pretrained(root / name)
         default_tokenizer.hf.save_pretrained(root / name)
         out[name] = root / name
@@ -102,7 +118,8 @@ def hf_default(default_files):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        default_files.path.parent, gguf_file=default_files.path.name, dtype=torch.float32)
+        default_files.path.parent, gguf_file=default_files.path.name, dtype=torch.float32
+    )
     return model.eval()
 
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from xqchat.app.cli import main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -40,7 +39,9 @@ def broken_models(tmp_path, tiny_models, default_files):
     arch = tmp_path / "gpt2"
     arch.mkdir()
     (arch / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    (arch / "model.safetensors").write_bytes((tiny_models["llama"] / "model.safetensors").read_bytes())
+    (arch / "model.safetensors").write_bytes(
+        (tiny_models["llama"] / "model.safetensors").read_bytes()
+    )
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
@@ -48,14 +49,17 @@ def broken_models(tmp_path, tiny_models, default_files):
     return dict(truncated=cut, gguf=gguf, arch=arch, pickled=pickled)
 
 
-@pytest.mark.parametrize("model, fragment", [
-    ("no-such-model", "unknown model 'no-such-model'"),
-    ("/nowhere/model.gguf", "no such file or directory: /nowhere/model.gguf"),
-    ("@truncated", "is truncated or not a safetensors file"),
-    ("@gguf", "corrupt.gguf is truncated or not a valid GGUF file"),
-    ("@arch", "unsupported architecture 'gpt2'"),
-    ("@pickled", "holds only pickle weights (pytorch_model.bin)"),
-])
+@pytest.mark.parametrize(
+    "model, fragment",
+    [
+        ("no-such-model", "unknown model 'no-such-model'"),
+        ("/nowhere/model.gguf", "no such file or directory: /nowhere/model.gguf"),
+        ("@truncated", "is truncated or not a safetensors file"),
+        ("@gguf", "corrupt.gguf is truncated or not a valid GGUF file"),
+        ("@arch", "unsupported architecture 'gpt2'"),
+        ("@pickled", "holds only pickle weights (pytorch_model.bin)"),
+    ],
+)
 def test_bad_models(capsys, broken_models, model, fragment):
     if model.startswith("@"):
         model = str(broken_models[model[1:]])
@@ -93,11 +97,21 @@ def test_bare_command_points_to_run(capsys):
 
 
 def test_run_json_fields(capsys, tiny_models):
-    code, out, err = cli(capsys, "run", "-m", str(tiny_models["llama"]), "--json", "--max-tokens", "5", "Hi")
+    code, out, err = cli(
+        capsys, "run", "-m", str(tiny_models["llama"]), "--json", "--max-tokens", "5", "Hi"
+    )
     assert code == 0, err
     stats = json.loads(out)
-    assert set(stats) >= {"text", "prompt_tokens", "new_tokens", "decode_tok_s", "prefill_tok_s",
-                          "cache_bytes", "fp16_kv_bytes", "accepted_per_step"}
+    assert set(stats) >= {
+        "text",
+        "prompt_tokens",
+        "new_tokens",
+        "decode_tok_s",
+        "prefill_tok_s",
+        "cache_bytes",
+        "fp16_kv_bytes",
+        "accepted_per_step",
+    }
     assert stats["new_tokens"] <= 5 and stats["accepted_per_step"] is None
     held = stats["prompt_tokens"] + stats["new_tokens"] - 1
     assert stats["fp16_kv_bytes"] == held * 2 * 2 * 32 * 2  # layers * (K,V) * kv_dim * 2 bytes
@@ -105,19 +119,49 @@ def test_run_json_fields(capsys, tiny_models):
 
 
 def test_run_streams_text_from_stdin(capsys, monkeypatch, tiny_models):
-    code, out, _ = cli(capsys, "run", "-m", str(tiny_models["qwen3"]), "--max-tokens", "4", "-",
-                       stdin="Hello there", monkeypatch=monkeypatch)
+    code, out, _ = cli(
+        capsys,
+        "run",
+        "-m",
+        str(tiny_models["qwen3"]),
+        "--max-tokens",
+        "4",
+        "-",
+        stdin="Hello there",
+        monkeypatch=monkeypatch,
+    )
     assert code == 0 and out.endswith("\n") and len(out) > 1
 
 
 def test_bench_speed_json(capsys, tiny_models):
-    code, out, err = cli(capsys, "bench", "speed", "-m", str(tiny_models["mistral"]), "--json",
-                         "--prompts", str(DATA / "mt_bench_questions.jsonl"), "--limit", "2",
-                         "--new-tokens", "6", "--context", "40", "--profile")
+    code, out, err = cli(
+        capsys,
+        "bench",
+        "speed",
+        "-m",
+        str(tiny_models["mistral"]),
+        "--json",
+        "--prompts",
+        str(DATA / "mt_bench_questions.jsonl"),
+        "--limit",
+        "2",
+        "--new-tokens",
+        "6",
+        "--context",
+        "40",
+        "--profile",
+    )
     assert code == 0, err
     stats = json.loads(out)
-    assert set(stats) >= {"decode_tok_s", "prefill_tok_s", "accepted_per_step", "cache_bytes",
-                          "peak_rss_bytes", "backend", "device"}
+    assert set(stats) >= {
+        "decode_tok_s",
+        "prefill_tok_s",
+        "accepted_per_step",
+        "cache_bytes",
+        "peak_rss_bytes",
+        "backend",
+        "device",
+    }
     assert stats["prompts"] == 2 and stats["backend"] == "torch" and stats["device"] == "cpu"
     assert stats["decode_tok_s"] > 0 and stats["prefill_tok_s"] > 0 and stats["peak_rss_bytes"] > 0
     profile = stats["profile"]
@@ -134,9 +178,24 @@ def test_bench_speed_rejects_bad_prompts_file(capsys, tmp_path):
 
 
 def test_bench_ppl_json(capsys, tiny_models):
-    code, out, err = cli(capsys, "bench", "ppl", "-m", str(tiny_models["llama"]), "--json", "--weights", "fp32",
-                         "--text", str(DATA / "wikitext2_test.txt"), "--window", "64", "--windows", "2",
-                         "--chunk", "16")
+    code, out, err = cli(
+        capsys,
+        "bench",
+        "ppl",
+        "-m",
+        str(tiny_models["llama"]),
+        "--json",
+        "--weights",
+        "fp32",
+        "--text",
+        str(DATA / "wikitext2_test.txt"),
+        "--window",
+        "64",
+        "--windows",
+        "2",
+        "--chunk",
+        "16",
+    )
     assert code == 0, err
     stats = json.loads(out)
     assert stats["tokens"] == 2 * 63 and stats["windows"] == 2
@@ -150,6 +209,9 @@ def test_console_script_and_debug_traceback():
     exe = Path(sys.executable).with_name("xqchat")
     done = subprocess.run([str(exe), "run", "-m", "nope", "hi"], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        "xqchat: error: unknown model 'nope': use one of default, smollm2-135m, a model directory or a .gguf file"]
-    done = subprocess.run([str(exe), "--debug", "run", "-m", "nope", "hi"], capture_output=True, text=True)
+        "xqchat: error: unknown model 'nope': use one of default, smollm2-135m, a model directory or a .gguf file"
+    ]
+    done = subprocess.run(
+        [str(exe), "--debug", "run", "-m", "nope", "hi"], capture_output=True, text=True
+    )
     assert done.returncode == 1 and "Traceback" in done.stderr and "XQError" in done.stderr

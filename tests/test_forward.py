@@ -3,7 +3,6 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
 from xqchat.backends.base import EngineOptions, load_model
 from xqchat.models import resolve
 
@@ -17,7 +16,9 @@ def incremental_logits(model, ids, splits):
     out, start = [], 0
     with torch.inference_mode():
         for size in splits:
-            hidden = model.module(torch.tensor([ids[start : start + size]], device=model.device), session.caches)
+            hidden = model.module(
+                torch.tensor([ids[start : start + size]], device=model.device), session.caches
+            )
             out.append(model.module.logits(hidden)[0])
             start += size
     return torch.cat(out)
@@ -38,7 +39,10 @@ def test_tiny_logits_match_transformers(tiny_models, arch):
 
 
 def test_spec_features_are_exercised(tiny_models):
-    specs = {a: load_model(resolve(str(tiny_models[a])), EngineOptions(weights="fp32")).spec for a in ARCHS}
+    specs = {
+        a: load_model(resolve(str(tiny_models[a])), EngineOptions(weights="fp32")).spec
+        for a in ARCHS
+    }
     assert specs["qwen2"].qkv_bias and not specs["llama"].qkv_bias
     assert specs["qwen3"].qk_norm and specs["qwen3"].head_dim == 32
     assert specs["llama3"].rope.type == "llama3"
@@ -76,20 +80,26 @@ def test_bench_baseline_is_the_same_model(tiny_models, arch):
 
     ids = torch.tensor([list(range(500, 530))])
     with torch.inference_mode():
-        expected = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)(ids).logits
+        expected = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)(
+            ids
+        ).logits
         got = hf_model(resolve(str(tiny_models[arch])), "fp32")(ids).logits
     assert (got - expected).abs().max().item() <= TOL
 
 
 def test_tied_table_in_fp16_on_cpu_agrees_for_one_and_many_rows(tiny_models):
-    model = load_model(resolve(str(tiny_models["qwen2"])), EngineOptions(weights="bf16", device="cpu"))
+    model = load_model(
+        resolve(str(tiny_models["qwen2"])), EngineOptions(weights="bf16", device="cpu")
+    )
     assert model.module.embed.weight.dtype == torch.float16  # tied: one fp16 table, no copy
     session = model.new_session()
     assert session.caches[0].dtype == torch.bfloat16
     hidden = torch.randn(5, 64)
     with torch.inference_mode():
         many = model.module.logits(hidden)  # bf16 product
-        ones = torch.cat([model.module.logits(hidden[i : i + 1]) for i in range(5)])  # fp16 products
+        ones = torch.cat(
+            [model.module.logits(hidden[i : i + 1]) for i in range(5)]
+        )  # fp16 products
     assert many.dtype == torch.bfloat16 and ones.dtype == torch.float16
     assert torch.allclose(many.float(), ones.float(), atol=3e-2, rtol=0)
 
@@ -103,7 +113,9 @@ def test_half_precision_weights_stay_close_to_fp32(tiny_models, weights, tol):
     assert (half.float() - exact).abs().max().item() <= tol * exact.abs().max().item()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
 def test_cuda_requested_without_a_gpu_is_refused(tiny_models):
     from xqchat.models import XQError
 

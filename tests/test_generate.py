@@ -1,7 +1,6 @@
 """Generation, prefix reuse, trim and byte accounting on the real default model."""
 
 import torch
-
 from xqchat.backends.base import GenerationConfig
 from xqchat.backends.chat import ChatSession, common_prefix
 
@@ -11,14 +10,20 @@ def greedy(session, prompt, n):
     return [e.token for e in session.generate(GenerationConfig(max_tokens=n))]
 
 
-def test_greedy_tokens_identical_to_transformers(default_fp32, hf_default, default_tokenizer,
-                                                 mt_bench_prompts):
+def test_greedy_tokens_identical_to_transformers(
+    default_fp32, hf_default, default_tokenizer, mt_bench_prompts
+):
     for text in mt_bench_prompts[:5]:
         prompt = default_tokenizer.render([{"role": "user", "content": text}])
         with torch.inference_mode():
-            out = hf_default.generate(torch.tensor([prompt]), max_new_tokens=48, min_new_tokens=48,
-                                      do_sample=False, pad_token_id=0)
-        expected = out[0, len(prompt):].tolist()
+            out = hf_default.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=48,
+                min_new_tokens=48,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        expected = out[0, len(prompt) :].tolist()
         assert greedy(default_fp32.new_session(), prompt, 48) == expected
 
 
@@ -65,10 +70,12 @@ def test_cache_bytes_are_exact(default_fp32, default_tokenizer):
 
 def test_sampling_is_seeded_and_top_p_narrows_to_greedy(default_fp32, default_tokenizer):
     prompt = default_tokenizer.render([{"role": "user", "content": "Write a word."}])
+
     def run(**kw):
         s = default_fp32.new_session()
         s.prefill(prompt)
         return [e.token for e in s.generate(GenerationConfig(max_tokens=12, **kw))]
+
     assert run(temperature=1.0, seed=3) == run(temperature=1.0, seed=3)
     assert run(temperature=1.0, seed=3) != run(temperature=1.0, seed=4)
     assert run(temperature=1.0, top_p=1e-6, seed=5) == run()  # only the top token survives

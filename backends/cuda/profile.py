@@ -29,6 +29,12 @@ def profile_decode(model, prompt: list[int], steps: int = 32) -> dict:
         "step_ms": step_ms,  # under the profiler, which adds a little per op
         "matmul_ms": matmul_ms,
         "outside_matmul_share": 1 - matmul_ms / step_ms,
-        "top_ops": [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
-                    for e in top],
+        "top_ops": [
+            {
+                "op": e.key,
+                "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                "calls_per_step": e.count / steps,
+            }
+            for e in top
+        ],
     }

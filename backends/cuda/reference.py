@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
