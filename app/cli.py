@@ -43,7 +43,7 @@ def model_options(f):
                 type=click.Choice(["auto", "torch", "mlx"]),
                 default="auto",
                 show_default=True,
-                help="Engine: auto picks PyTorch (CUDA when present).",
+                help="Engine: auto = MLX on Apple Silicon, else PyTorch (CUDA when present).",
             ),
             click.option(
                 "--device",

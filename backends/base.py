@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import platform
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -89,12 +92,27 @@ class Model(Protocol):
     def profile_decode(self, prompt: list[int], steps: int = 32) -> dict: ...
 
 
+def pick_backend(name: str) -> str:
+    """auto: MLX on Apple Silicon, otherwise PyTorch (on CUDA when a GPU is visible)."""
+    if name not in ("auto", "torch", "mlx"):
+        raise XQError(f"unknown backend '{name}' (use auto, torch or mlx)")
+    if name == "auto":
+        apple = sys.platform == "darwin" and platform.machine() == "arm64"
+        name = "mlx" if apple and importlib.util.find_spec("mlx") else "torch"
+    needs = {"mlx": ("mlx", "pip install 'xqchat[mlx]'"), "torch": ("torch", "pip install torch")}
+    module, install = needs[name]
+    if importlib.util.find_spec(module) is None:
+        raise XQError(f"the {name} backend needs {module}, which is not installed: {install}")
+    return name
+
+
 def load_model(files: ModelFiles, opts: EngineOptions) -> Model:
-    """Load `files` with the backend `opts` names (auto: PyTorch, on CUDA when present)."""
-    if opts.backend == "mlx":
-        raise XQError("the MLX backend is not available yet; use --backend torch")
-    if opts.backend not in ("auto", "torch"):
-        raise XQError(f"unknown backend '{opts.backend}' (use auto, torch or mlx)")
+    """Load `files` with the backend `opts` names."""
+    if pick_backend(opts.backend) == "mlx":
+        from xqchat.backends.mlx.model import load
+        from xqchat.backends.mlx.session import ENGINE
+
+        return ENGINE.call(load, files, opts)
     from xqchat.backends.cuda.model import load
 
     return load(files, opts)

@@ -140,3 +140,48 @@ def open_checkpoint(files: ModelFiles) -> SafetensorsCheckpoint | GGUFCheckpoint
     if files.format == "gguf":
         return GGUFCheckpoint(files.path)
     return SafetensorsCheckpoint(files.path)
+
+
+def engine_layout(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
+    """The engine's tensor names (the same in both backends) -> the checkpoint tensors
+    (transformers' names) concatenated along dim 0 to make each: Q/K/V become one `wqkv` and
+    gate/up one `w13`, so each is a single matmul."""
+    layout = {"embed.weight": ("model.embed_tokens.weight",), "norm.weight": ("model.norm.weight",)}
+    if not spec.tied_embeddings:
+        layout["lm_head.weight"] = ("lm_head.weight",)
+    for i in range(spec.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        attn = hf + "self_attn."
+        layout[ours + "attention.wqkv.weight"] = tuple(attn + f"{n}_proj.weight" for n in "qkv")
+        if spec.qkv_bias:
+            layout[ours + "attention.wqkv.bias"] = tuple(attn + f"{n}_proj.bias" for n in "qkv")
+        layout[ours + "attention.wo.weight"] = (attn + "o_proj.weight",)
+        if spec.qk_norm:
+            layout[ours + "attention.q_norm.weight"] = (attn + "q_norm.weight",)
+            layout[ours + "attention.k_norm.weight"] = (attn + "k_norm.weight",)
+        layout[ours + "feed_forward.w13.weight"] = (
+            hf + "mlp.gate_proj.weight",
+            hf + "mlp.up_proj.weight",
+        )
+        layout[ours + "feed_forward.w2.weight"] = (hf + "mlp.down_proj.weight",)
+        layout[ours + "attention_norm.weight"] = (hf + "input_layernorm.weight",)
+        layout[ours + "ffn_norm.weight"] = (hf + "post_attention_layernorm.weight",)
+    return layout
+
+
+def to_engine_layout(weights: dict, spec: ModelSpec, concatenate) -> dict:
+    """Apply `engine_layout` to framework tensors; `concatenate(list) -> tensor` joins along dim 0.
+    Consumes `weights`; refuses missing or unexpected tensors with a clear message."""
+    out = {}
+    for name, sources in engine_layout(spec).items():
+        missing = [s for s in sources if s not in weights]
+        if missing:
+            raise XQError(f"the checkpoint lacks the tensor {missing[0]}")
+        parts = [weights.pop(s) for s in sources]
+        out[name] = parts[0] if len(parts) == 1 else concatenate(parts)
+    if spec.tied_embeddings:
+        weights.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
+    leftover = [k for k in weights if "rotary_emb" not in k]
+    if leftover:
+        raise XQError(f"unexpected tensor in the checkpoint: {leftover[0]}")
+    return out

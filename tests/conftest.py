@@ -3,6 +3,7 @@ default model, and a guard that keeps the suite off the network."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import tempfile
@@ -105,11 +106,20 @@ def tiny_models(tmp_path_factory, default_tokenizer):
     return out
 
 
+BACKENDS = ["torch"] + (["mlx"] if importlib.util.find_spec("mlx") else [])
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request):
+    """Every backend this machine has: the conformance tests hold each to the same expectations."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def default_fp32(default_files):
+def default_fp32(backend, default_files):
     from xqchat.backends.base import EngineOptions, load_model
 
-    return load_model(default_files, EngineOptions(weights="fp32"))
+    return load_model(default_files, EngineOptions(backend=backend, weights="fp32"))
 
 
 @pytest.fixture(scope="session")

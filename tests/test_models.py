@@ -181,3 +181,10 @@ def test_unknown_architecture_lists_supported_ones():
         XQError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"
     ):
         ModelSpec.from_hf_config({"model_type": "gpt2"})
+
+
+def test_detokenizer_streams_exactly_the_decoded_text(default_tokenizer):
+    text = "Grüße 👋🏽 from 東京!\nLine two:\n\n  indented — done."
+    detok = default_tokenizer.detokenizer()
+    pieces = [detok.add(t) for t in default_tokenizer.encode(text)]
+    assert "".join(pieces) == detok.text == text

@@ -21,7 +21,7 @@ from torch import nn
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
-from xqchat.models.weights import open_checkpoint
+from xqchat.models.weights import open_checkpoint, to_engine_layout
 
 from ..base import EngineOptions
 from .cache import KVCache
@@ -218,41 +218,6 @@ class Transformer(nn.Module):
         ]
 
 
-def sanitize(weights: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """transformers' checkpoint names -> this module's names, fusing q/k/v and gate/up."""
-    out = {
-        "embed.weight": weights.pop("model.embed_tokens.weight"),
-        "norm.weight": weights.pop("model.norm.weight"),
-    }
-    if not spec.tied_embeddings:
-        out["lm_head.weight"] = weights.pop("lm_head.weight")
-    weights.pop("lm_head.weight", None)
-    for i in range(spec.n_layers):
-        p, o = f"model.layers.{i}.", f"layers.{i}."
-        a = p + "self_attn."
-        out[o + "attention.wqkv.weight"] = torch.cat(
-            [weights.pop(a + n + "_proj.weight") for n in "qkv"], dim=0
-        )
-        if spec.qkv_bias:
-            out[o + "attention.wqkv.bias"] = torch.cat(
-                [weights.pop(a + n + "_proj.bias") for n in "qkv"]
-            )
-        out[o + "attention.wo.weight"] = weights.pop(a + "o_proj.weight")
-        if spec.qk_norm:
-            out[o + "attention.q_norm.weight"] = weights.pop(a + "q_norm.weight")
-            out[o + "attention.k_norm.weight"] = weights.pop(a + "k_norm.weight")
-        out[o + "feed_forward.w13.weight"] = torch.cat(
-            [weights.pop(p + "mlp.gate_proj.weight"), weights.pop(p + "mlp.up_proj.weight")], dim=0
-        )
-        out[o + "feed_forward.w2.weight"] = weights.pop(p + "mlp.down_proj.weight")
-        out[o + "attention_norm.weight"] = weights.pop(p + "input_layernorm.weight")
-        out[o + "ffn_norm.weight"] = weights.pop(p + "post_attention_layernorm.weight")
-    leftover = [k for k in weights if "rotary_emb" not in k]
-    if leftover:
-        raise XQError(f"unexpected tensors in the checkpoint, e.g. {leftover[0]}")
-    return out
-
-
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -325,10 +290,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> TorchModel:
             name: torch.from_numpy(array).to(device=device, dtype=working_dtype(name, array))
             for name, array in checkpoint.tensors()
         }
-    try:
-        state = sanitize(weights, spec)
-    except KeyError as e:
-        raise XQError(f"the checkpoint lacks the tensor {e.args[0]}") from None
+    state = to_engine_layout(weights, spec, torch.cat)
     with torch.device("meta"):
         module = Transformer(spec)
     try:

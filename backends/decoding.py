@@ -1,0 +1,95 @@
+"""What a conversation's state does regardless of framework: chunked prefill with timing, the
+generation loop with its stats and finish reasons, trim and memory. Each backend's Session
+subclasses it and supplies the tensor work: `_forward`, `_sample`, `_rng`, `logprobs`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+from .base import CacheMemory, GenerationConfig, TokenEvent
+
+PREFILL_CHUNK = 512  # bounds attention's transient memory on long prompts
+
+
+class DecodingSession:
+    def __init__(self, model):
+        self.model = model
+        self.spec = model.spec
+        self.caches = self._new_caches()
+        self.tokens: list[int] = []
+        self._next_logits = None  # (V,) after the last token held
+        self._prefilled = (0, 0, 0.0)  # (tokens fed, tokens reused, seconds) of the last prefill
+
+    # -- supplied by each backend --------------------------------------------------------------
+    def _new_caches(self) -> list: ...
+    def _forward(self, tokens: list[int], all_logits: bool = False):
+        """Feed tokens through the model (extending the caches and self.tokens), set
+        self._next_logits, and return the logits: of every token if all_logits, else the last."""
+
+    def _sample(self, cfg: GenerationConfig, rng) -> int: ...
+    def _rng(self, seed: int | None): ...
+
+    # -- shared --------------------------------------------------------------------------------
+    def prefill(self, tokens: list[int]) -> None:
+        reused = len(self.tokens)
+        start = time.perf_counter()
+        for i in range(0, len(tokens), PREFILL_CHUNK):
+            self._forward(tokens[i : i + PREFILL_CHUNK])
+        self._prefilled = (len(tokens), reused, time.perf_counter() - start)
+
+    def trim(self, n_keep: int) -> None:
+        for cache in self.caches:
+            cache.trim(n_keep)
+        del self.tokens[n_keep:]
+        self._next_logits = None
+
+    def memory(self) -> CacheMemory:
+        n = len(self.tokens)
+        return CacheMemory(
+            tokens=n,
+            cache_bytes=sum(c.nbytes for c in self.caches),
+            fp16_kv_bytes=self.spec.fp16_kv_bytes(n),
+            reserved_bytes=sum(c.reserved_bytes for c in self.caches),
+        )
+
+    def generate(
+        self, cfg: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        assert self._next_logits is not None, "prefill before generate"
+        rng = self._rng(cfg.seed)
+        fed, reused, prefill_s = self._prefilled
+        prefill_tok_s = fed / prefill_s if prefill_s > 0 else 0.0
+        first = time.perf_counter()
+        n = 0
+        while True:
+            token = self._sample(cfg, rng)
+            n += 1
+            if token in cfg.stop_tokens:
+                finish = "stop"
+            elif cancel is not None and cancel.is_set():
+                finish = "cancelled"
+            elif n >= cfg.max_tokens:
+                finish = "length"
+            elif len(self.tokens) + 1 >= self.spec.max_context:
+                finish = "context"
+            else:
+                finish = None
+            elapsed = time.perf_counter() - first
+            mem = self.memory()
+            yield TokenEvent(
+                token=token,
+                text="",
+                prompt_tokens=fed,
+                cached_tokens=reused,
+                new_tokens=n,
+                prefill_tok_s=prefill_tok_s,
+                decode_tok_s=(n - 1) / elapsed if n > 1 else 0.0,
+                cache_bytes=mem.cache_bytes,
+                fp16_kv_bytes=mem.fp16_kv_bytes,
+                finish_reason=finish,
+            )
+            if finish:
+                return
+            self._forward([token])
