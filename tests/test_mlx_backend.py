@@ -1,0 +1,96 @@
+"""What only the MLX backend does: its engine thread and its Metal kernels."""
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import BACKENDS
+
+pytestmark = pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx is not installed")
+
+
+def test_ci_tests_every_backend():
+    import os
+
+    if os.environ.get("CI"):
+        assert BACKENDS == ["torch", "mlx"], "CI must run the conformance suite on both backends"
+
+
+def test_all_mlx_work_runs_on_one_engine_thread(tiny_models, monkeypatch):
+    from xqchat.backends.base import EngineOptions, GenerationConfig, load_model
+    from xqchat.backends.mlx.session import ENGINE, MLXSession
+    from xqchat.models import resolve
+
+    ran_on = set()
+    forward = MLXSession._forward
+
+    def recording(self, tokens, all_logits=False):
+        ran_on.add(threading.current_thread())
+        return forward(self, tokens, all_logits)
+
+    monkeypatch.setattr(MLXSession, "_forward", recording)
+    model = load_model(resolve(str(tiny_models["llama"])), EngineOptions(backend="mlx"))
+    results = []
+
+    def request():  # each request on a brand-new thread, as a UI would make them
+        session = model.new_session()
+        session.prefill([5, 6, 7])
+        results.append([e.token for e in session.generate(GenerationConfig(max_tokens=4))])
+
+    for _ in range(3):
+        worker = threading.Thread(target=request)
+        worker.start()
+        worker.join()
+    assert len(results) == 3 and results[0] == results[1] == results[2] and len(results[0]) == 4
+    assert ran_on == {ENGINE._thread}
+
+
+SHAPES = [(1, 1, 64), (1, 7, 3072), (2, 3, 10)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_swiglu_kernel_call_contract(tmp_path, shape, dtype):
+    """Traced without running (no Metal here): the kernel's declared outputs match the reference."""
+    import mlx.core as mx
+    from xqchat.backends.mlx.kernels import swiglu_metal, swiglu_reference
+
+    x = mx.zeros(shape, dtype=getattr(mx, dtype))
+    traced = {}
+
+    def call(gate_up):
+        out = swiglu_metal(gate_up)
+        traced["shape"], traced["dtype"] = out.shape, out.dtype
+        return out
+
+    mx.export_function(str(tmp_path / "swiglu.mlxfn"), call, x)
+    expected = swiglu_reference(x)
+    assert (traced["shape"], traced["dtype"]) == (expected.shape, expected.dtype)
+    assert (tmp_path / "swiglu.mlxfn").stat().st_size > 0
+
+
+def test_swiglu_reference_is_silu_gate_times_up():
+    import mlx.core as mx
+    from xqchat.backends.mlx.kernels import swiglu_reference
+
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    gate, up = x[:, :4], x[:, 4:]
+    expected = gate / (1 + np.exp(-gate)) * up
+    np.testing.assert_allclose(
+        np.array(swiglu_reference(mx.array(x))), expected, rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.metal
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("bfloat16", 1e-2), ("float16", 2e-3)])
+def test_swiglu_kernel_matches_reference_on_metal(shape, dtype, tol):
+    import mlx.core as mx
+    from xqchat.backends.mlx.kernels import swiglu_metal, swiglu_reference
+
+    x = mx.random.normal(shape, key=mx.random.key(0)).astype(getattr(mx, dtype))
+    got, expected = swiglu_metal(x), swiglu_reference(x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_allclose(
+        np.array(got.astype(mx.float32)), np.array(expected.astype(mx.float32)), atol=tol, rtol=tol
+    )
