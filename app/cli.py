@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from xqchat.backends.base import (
     CACHE_KINDS,
     WEIGHT_DTYPES,
@@ -288,10 +289,11 @@ Examples:
 )
 @click.option(
     "--compare",
-    type=click.Choice(["none", "hf"]),
+    type=click.Choice(["none", "hf", "mlx-lm"]),
     default="none",
     show_default=True,
-    help="Also time HF transformers' generate on the same weights and dtype.",
+    help="Also time a baseline on the same weights: transformers' generate (hf) or mlx-lm's, "
+    "in bf16 and in our dtype.",
 )
 @click.option(
     "--profile", is_flag=True, help="Also profile decode steps: time in matmuls vs the rest."
@@ -319,16 +321,14 @@ def speed(
     if profile:
         status("profiling decode steps …")
         result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))
-    if compare == "hf":
-        from xqchat.backends.cuda.reference import hf_model, hf_speed
-
+    if compare != "none":
         result["baselines"] = []
-        for dtype in dict.fromkeys(["bf16", engine.dtype]):  # the usual HF setup, and ours
-            status(f"timing transformers' generate ({dtype}) …")
-            prefill, decode = hf_speed(hf_model(files, dtype), rendered, new_tokens)
+        for dtype in dict.fromkeys(["bf16", engine.dtype]):  # the usual setup, and ours
+            status(f"timing {compare} ({dtype}) …")
+            prefill, decode = baseline_speed(compare, files, tokenizer, dtype, rendered, new_tokens)
             result["baselines"].append(
                 {
-                    "name": "transformers",
+                    "name": compare,
                     "weights": dtype,
                     "decode_tok_s": decode,
                     "prefill_tok_s": prefill,
@@ -338,6 +338,16 @@ def speed(
             )
     status("")
     report(result, engine, as_json)
+
+
+def baseline_speed(name: str, files, tokenizer, dtype: str, rendered, new_tokens: int):
+    if name == "hf":
+        from xqchat.backends.cuda.reference import hf_model, hf_speed
+
+        return hf_speed(hf_model(files, dtype), rendered, new_tokens)
+    from xqchat.backends.mlx.reference import mlx_lm_speed
+
+    return mlx_lm_speed(files, tokenizer, dtype, rendered, new_tokens)
 
 
 def describe(error: BaseException) -> tuple[str, int]:

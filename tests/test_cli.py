@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from xqchat.app.cli import main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
 from xqchat.backends.base import EngineOptions, GenerationConfig, load_model
 from xqchat.backends.chat import ChatSession, common_prefix
 from xqchat.models import resolve

@@ -53,6 +53,7 @@ SHAPES = [(1, 1, 64), (1, 7, 3072), (2, 3, 10)]
 def test_swiglu_kernel_call_contract(tmp_path, shape, dtype):
     """Traced without running (no Metal here): the kernel's declared outputs match the reference."""
     import mlx.core as mx
+
     from xqchat.backends.mlx.kernels import swiglu_metal, swiglu_reference
 
     x = mx.zeros(shape, dtype=getattr(mx, dtype))
@@ -71,6 +72,7 @@ def test_swiglu_kernel_call_contract(tmp_path, shape, dtype):
 
 def test_swiglu_reference_is_silu_gate_times_up():
     import mlx.core as mx
+
     from xqchat.backends.mlx.kernels import swiglu_reference
 
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
@@ -86,6 +88,7 @@ def test_swiglu_reference_is_silu_gate_times_up():
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("bfloat16", 1e-2), ("float16", 2e-3)])
 def test_swiglu_kernel_matches_reference_on_metal(shape, dtype, tol):
     import mlx.core as mx
+
     from xqchat.backends.mlx.kernels import swiglu_metal, swiglu_reference
 
     x = mx.random.normal(shape, key=mx.random.key(0)).astype(getattr(mx, dtype))
@@ -94,3 +97,21 @@ def test_swiglu_kernel_matches_reference_on_metal(shape, dtype, tol):
     np.testing.assert_allclose(
         np.array(got.astype(mx.float32)), np.array(expected.astype(mx.float32)), atol=tol, rtol=tol
     )
+
+
+def test_mlx_lm_baseline_is_the_same_model(tiny_models, default_tokenizer, tmp_path):
+    """`bench speed --compare mlx-lm` times mlx-lm on a folder we write: it must hold our weights."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from xqchat.backends.base import EngineOptions, load_model
+    from xqchat.models import resolve
+    from xqchat.models.hf import save_hf_folder
+
+    files = resolve(str(tiny_models["qwen2"]))
+    folder = save_hf_folder(files, default_tokenizer, tmp_path / "hf")
+    baseline, _ = mlx_lm.load(str(folder))
+    ids = list(range(40, 70))
+    expected = np.array(baseline(mx.array([ids]))[0].astype(mx.float32))
+    ours = load_model(files, EngineOptions(backend="mlx", weights="fp32")).new_session().logits(ids)
+    assert np.abs(ours - expected).max() <= 1e-4

@@ -6,6 +6,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+
 from xqchat.models import ModelSpec, XQError, resolve
 from xqchat.models.weights import SafetensorsCheckpoint, open_checkpoint
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_conformance import ARCHS, TOL, hf_logits, pieces
 from transformers import AutoModelForCausalLM
+
 from xqchat.backends.base import EngineOptions, load_model
 from xqchat.models import XQError, resolve
 

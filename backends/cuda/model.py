@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec

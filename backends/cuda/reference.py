@@ -5,34 +5,12 @@ from __future__ import annotations
 import time
 
 import torch
-from xqchat.models.errors import XQError
+
+from xqchat.models.hf import hf_config
 from xqchat.models.registry import ModelFiles
-from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import open_checkpoint
 
 from .model import DTYPES
-
-
-def hf_config(spec: ModelSpec):
-    from transformers import AutoConfig
-
-    if spec.rope.type != "default" or spec.rope.freq_divisors is not None:
-        raise XQError("the transformers baseline supports only plain RoPE")
-    return AutoConfig.for_model(
-        spec.arch,
-        hidden_size=spec.dim,
-        intermediate_size=spec.hidden_dim,
-        num_hidden_layers=spec.n_layers,
-        num_attention_heads=spec.n_heads,
-        num_key_value_heads=spec.n_kv_heads,
-        head_dim=spec.head_dim,
-        rms_norm_eps=spec.norm_eps,
-        vocab_size=spec.vocab_size,
-        max_position_embeddings=spec.max_context,
-        tie_word_embeddings=spec.tied_embeddings,
-        attention_bias=spec.qkv_bias,
-        rope_parameters={"rope_type": "default", "rope_theta": spec.rope.theta},
-    )
 
 
 def hf_model(files: ModelFiles, dtype: str):

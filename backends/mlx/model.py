@@ -14,6 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
