@@ -18,17 +18,17 @@ def test_ci_tests_every_backend():
 
 def test_all_mlx_work_runs_on_one_engine_thread(tiny_models, monkeypatch):
     from xqchat.backends.base import EngineOptions, GenerationConfig, load_model
-    from xqchat.backends.mlx.session import ENGINE, MLXSession
+    from xqchat.backends.mlx.session import ENGINE, EngineSession
     from xqchat.models import resolve
 
     ran_on = set()
-    forward = MLXSession._forward
+    forward = EngineSession._forward
 
     def recording(self, tokens, all_logits=False):
         ran_on.add(threading.current_thread())
         return forward(self, tokens, all_logits)
 
-    monkeypatch.setattr(MLXSession, "_forward", recording)
+    monkeypatch.setattr(EngineSession, "_forward", recording)
     model = load_model(resolve(str(tiny_models["llama"])), EngineOptions(backend="mlx"))
     results = []
 

@@ -240,7 +240,7 @@ def pick_dtype(weights: str, device: str) -> str:
     return weights
 
 
-class TorchModel:
+class Engine:
     """A loaded model: the Transformer plus what the engine contract asks of it."""
 
     backend = "torch"
@@ -250,9 +250,9 @@ class TorchModel:
         self.notes = notes
 
     def new_session(self):
-        from .session import TorchSession
+        from .session import EngineSession
 
-        return TorchSession(self)
+        return EngineSession(self)
 
     def profile_decode(self, prompt: list[int], steps: int = 32) -> dict:
         from .profile import profile_decode
@@ -266,7 +266,7 @@ class TorchModel:
         )
 
 
-def load(files: ModelFiles, opts: EngineOptions) -> TorchModel:
+def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.weights, device)
     checkpoint = open_checkpoint(files)
@@ -313,4 +313,4 @@ def load(files: ModelFiles, opts: EngineOptions) -> TorchModel:
             notes.append(
                 "oneDNN packed bf16 matmuls are unavailable here; plain bf16 matmuls are slower"
             )
-    return TorchModel(module, device, dtype, tuple(notes))
+    return Engine(module, device, dtype, tuple(notes))

@@ -23,7 +23,7 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class TorchSession(DecodingSession):
+class EngineSession(DecodingSession):
     def _new_caches(self):
         return self.model.module.new_caches()
 

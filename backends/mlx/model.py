@@ -188,7 +188,7 @@ def pick_dtype(weights: str, device: str) -> str:
     return weights
 
 
-class MLXModel:
+class Engine:
     """A loaded model: the Transformer plus what the engine contract asks of it."""
 
     backend = "mlx"
@@ -198,9 +198,9 @@ class MLXModel:
         self.notes = notes
 
     def new_session(self):
-        from .session import MLXSession
+        from .session import EngineSession
 
-        return MLXSession(self)
+        return EngineSession(self)
 
     def profile_decode(self, prompt: list[int], steps: int = 32) -> dict:
         from .profile import profile_decode
@@ -211,7 +211,7 @@ class MLXModel:
         return sum(w.nbytes for _, w in nn.utils.tree_flatten(self.module.parameters()))
 
 
-def load(files: ModelFiles, opts: EngineOptions) -> MLXModel:
+def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.weights, device)
     checkpoint = open_checkpoint(files)
@@ -231,4 +231,4 @@ def load(files: ModelFiles, opts: EngineOptions) -> MLXModel:
         raise XQError(f"the checkpoint does not match its config: {e}") from None
     module.kv_dtype = mx_dtype
     mx.eval(module.parameters())
-    return MLXModel(module, device, dtype)
+    return Engine(module, device, dtype)

@@ -30,7 +30,7 @@ def sample(logits: mx.array, cfg: GenerationConfig, key) -> tuple[int, mx.array]
     return int(mx.random.categorical(logp, key=subkey)), key
 
 
-class MLXSession(DecodingSession):
+class EngineSession(DecodingSession):
     def __init__(self, model):
         ENGINE.call(super().__init__, model)
 
