@@ -1,0 +1,64 @@
+"""Asymmetric group quantization with bit-packed codes, in PyTorch. Every `group` consecutive
+values along the last axis share an fp16 scale and zero point: x ~ code * scale + zero."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Quantized:
+    codes: torch.Tensor  # uint8 (..., n * bits / 8), packed
+    scale: torch.Tensor  # fp16 (..., n / group)
+    zero: torch.Tensor  # fp16 (..., n / group)
+    bits: int
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes + self.zero.nbytes
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (..., n) each < 2**bits -> packed uint8 (..., n * bits / 8), low bits first."""
+    if bits == 8:
+        return codes
+    per = 8 if bits == 3 else 8 // bits  # 3 bits: 8 codes fill exactly 3 bytes
+    c = codes.reshape(*codes.shape[:-1], -1, per).to(torch.int32)
+    word = (c << torch.arange(0, per * bits, bits, device=codes.device, dtype=torch.int32)).sum(-1)
+    if bits != 3:
+        return word.to(torch.uint8)
+    shifts = torch.tensor([0, 8, 16], device=codes.device, dtype=torch.int32)
+    return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8).flatten(-2)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack`: uint8 codes (..., n)."""
+    if bits == 8:
+        return packed
+    if bits == 3:
+        b = packed.reshape(*packed.shape[:-1], -1, 3).to(torch.int32)
+        word, per = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16), 8
+    else:
+        word, per = packed.to(torch.int32), 8 // bits
+    shifts = torch.arange(0, per * bits, bits, device=packed.device, dtype=torch.int32)
+    return ((word[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8).flatten(-2)
+
+
+def quantize(x: torch.Tensor, bits: int, group: int) -> Quantized:
+    """x (..., n) with n a multiple of `group` -> packed codes and fp16 scales/zeros."""
+    g = x.float().reshape(*x.shape[:-1], -1, group)
+    low, high = g.amin(-1), g.amax(-1)
+    levels = (1 << bits) - 1
+    # codes are computed against the fp16-rounded parameters, so dequantising is consistent
+    scale = ((high - low) / levels).clamp_min(1e-8).half()
+    zero = low.half()
+    codes = ((g - zero.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, levels)
+    return Quantized(pack(codes.to(torch.uint8).flatten(-2), bits), scale, zero, bits, group)
+
+
+def dequantize(q: Quantized, dtype=torch.float32) -> torch.Tensor:
+    codes = unpack(q.codes, q.bits).reshape(*q.scale.shape, q.group).to(dtype)
+    return (codes * q.scale.to(dtype)[..., None] + q.zero.to(dtype)[..., None]).flatten(-2)
