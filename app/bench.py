@@ -124,5 +124,13 @@ def perplexity(
         "window": window,
         "chunk": chunk,
         "cache_bytes_per_token": memory.cache_bytes / memory.tokens,
+        # the compressed store alone, at the window's end (the exact window of newest tokens is a
+        # fixed cost, reported on its own)
+        "bytes_per_token": (memory.cache_bytes - memory.residual_bytes)
+        / (memory.tokens - memory.residual_tokens),
+        "residual_bytes": memory.residual_bytes,
         "fp16_kv_bytes_per_token": memory.fp16_kv_bytes / memory.tokens,
+        "compression": memory.fp16_kv_bytes
+        / memory.tokens
+        / ((memory.cache_bytes - memory.residual_bytes) / (memory.tokens - memory.residual_tokens)),
     }

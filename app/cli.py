@@ -29,53 +29,71 @@ Examples:
 """
 
 
+ENGINE_OPTIONS = [
+    click.option(
+        "--model",
+        "-m",
+        default="default",
+        show_default=True,
+        help="Model name (default, smollm2-135m), a model directory or a .gguf file.",
+    ),
+    click.option(
+        "--backend",
+        type=click.Choice(["auto", "torch", "mlx"]),
+        default="auto",
+        show_default=True,
+        help="Engine: auto = MLX on Apple Silicon, else PyTorch (CUDA when present).",
+    ),
+    click.option(
+        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+    ),
+    click.option(
+        "--weights",
+        type=click.Choice(WEIGHT_DTYPES),
+        default="auto",
+        show_default=True,
+        help="Working dtype of the weights; auto = the fastest on this hardware.",
+    ),
+    click.option(
+        "--cache",
+        type=click.Choice(CACHE_KINDS),
+        default="kv",
+        show_default=True,
+        help="Attention cache: kv = exact K/V; kv-quant = K quantized per channel, V per token.",
+    ),
+    click.option(
+        "--bits",
+        type=click.Choice(["2", "3", "4", "8"]),
+        default="4",
+        show_default=True,
+        help="Bits per cached value (quantized caches).",
+    ),
+    click.option(
+        "--group",
+        type=click.Choice(["32", "64", "128"]),
+        default="128",
+        show_default=True,
+        help="Values sharing one fp16 scale and zero point (quantized caches).",
+    ),
+    click.option(
+        "--residual",
+        type=click.IntRange(min=0),
+        default=128,
+        show_default=True,
+        help="Newest tokens kept exact (quantized caches).",
+    ),
+]
+
+
 def model_options(f):
-    for option in reversed(
-        [
-            click.option(
-                "--model",
-                "-m",
-                default="default",
-                show_default=True,
-                help="Model name (default, smollm2-135m), a model directory or a .gguf file.",
-            ),
-            click.option(
-                "--backend",
-                type=click.Choice(["auto", "torch", "mlx"]),
-                default="auto",
-                show_default=True,
-                help="Engine: auto = MLX on Apple Silicon, else PyTorch (CUDA when present).",
-            ),
-            click.option(
-                "--device",
-                type=click.Choice(["auto", "cpu", "cuda"]),
-                default="auto",
-                show_default=True,
-            ),
-            click.option(
-                "--weights",
-                type=click.Choice(WEIGHT_DTYPES),
-                default="auto",
-                show_default=True,
-                help="Working dtype of the weights; auto = bf16 where the hardware has it.",
-            ),
-            click.option(
-                "--cache",
-                type=click.Choice(CACHE_KINDS),
-                default="kv",
-                show_default=True,
-                help="Attention cache: kv = exact K/V.",
-            ),
-        ]
-    ):
+    for option in reversed(ENGINE_OPTIONS):
         f = option(f)
     return f
 
 
-def engine_options(backend, device, weights, cache) -> EngineOptions:
-    return EngineOptions(
-        backend=backend, device=device, weights=weights, cache=CacheSpec(kind=cache)
-    )
+def engine_options(backend, device, weights, cache, bits, group, residual) -> EngineOptions:
+    cache = CacheSpec(kind=cache, bits=int(bits), group=int(group), residual=residual)
+    return EngineOptions(backend=backend, device=device, weights=weights, cache=cache)
 
 
 def status(message: str) -> None:
@@ -84,14 +102,14 @@ def status(message: str) -> None:
         click.echo(f"\r\033[K{message}", err=True, nl=False)
 
 
-def load_engine(model: str, opts: EngineOptions):
+def load_engine(model: str, **options):
     from xqchat.backends.base import load_model
     from xqchat.models import resolve
     from xqchat.models.tokenizer import load_tokenizer
 
     files = resolve(model)
     status(f"loading {files.name} …")
-    engine = load_model(files, opts)  # first: it validates the weight files
+    engine = load_model(files, engine_options(**options))  # first: it validates the weight files
     tokenizer = load_tokenizer(files)
     status("")
     for note in (*engine.spec.notes, *engine.notes):
@@ -144,20 +162,7 @@ def cli(ctx, debug):
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON stats object instead of the text."
 )
-def run(
-    prompt,
-    model,
-    backend,
-    device,
-    weights,
-    cache,
-    max_tokens,
-    temperature,
-    top_p,
-    seed,
-    system,
-    as_json,
-):
+def run(prompt, max_tokens, temperature, top_p, seed, system, as_json, **engine):
     """Answer PROMPT (or stdin with -) once and exit."""
     from xqchat.backends.chat import ChatSession
 
@@ -165,8 +170,8 @@ def run(
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise XQError("the prompt is empty")
-    _, tokenizer, engine = load_engine(model, engine_options(backend, device, weights, cache))
-    chat = ChatSession(engine, tokenizer, system=system)
+    _, tokenizer, model = load_engine(**engine)
+    chat = ChatSession(model, tokenizer, system=system)
     cfg = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     for event in chat.send(prompt, cfg):
         if not as_json:
@@ -252,9 +257,9 @@ Example:
     help="Tokens fed per step; each chunk attends to the cache of all before it.",
 )
 @click.option("--json", "as_json", is_flag=True)
-def ppl(model, backend, device, weights, cache, text, window, windows, chunk, as_json):
+def ppl(text, window, windows, chunk, as_json, **options):
     """Perplexity of a text through the real cache path."""
-    _, tokenizer, engine = load_engine(model, engine_options(backend, device, weights, cache))
+    _, tokenizer, engine = load_engine(**options)
     result = benchmarks.perplexity(
         engine, tokenizer, text.read_text(), window, windows, chunk, status
     )
@@ -299,23 +304,10 @@ Examples:
     "--profile", is_flag=True, help="Also profile decode steps: time in matmuls vs the rest."
 )
 @click.option("--json", "as_json", is_flag=True)
-def speed(
-    model,
-    backend,
-    device,
-    weights,
-    cache,
-    prompts,
-    limit,
-    new_tokens,
-    context,
-    compare,
-    profile,
-    as_json,
-):
+def speed(prompts, limit, new_tokens, context, compare, profile, as_json, **options):
     """Prefill and decode speed, greedy, a fixed number of new tokens per prompt."""
     texts = benchmarks.read_prompts(prompts)[:limit]
-    files, tokenizer, engine = load_engine(model, engine_options(backend, device, weights, cache))
+    files, tokenizer, engine = load_engine(**options)
     rendered = benchmarks.render_prompts(tokenizer, texts, context)
     result = benchmarks.speed(engine, rendered, new_tokens, status)
     if profile:

@@ -14,8 +14,8 @@ from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 
-CacheKind = Literal["kv"]
-CACHE_KINDS: tuple[str, ...] = ("kv",)
+CacheKind = Literal["kv", "kv-quant"]
+CACHE_KINDS: tuple[str, ...] = ("kv", "kv-quant")
 WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -24,6 +24,19 @@ class CacheSpec:
     """What the user picks for the attention cache."""
 
     kind: CacheKind = "kv"
+    bits: int = 4  # 2, 3, 4 or 8 (quantized kinds)
+    group: int = 128  # values sharing one fp16 scale and zero point: 32, 64 or 128
+    residual: int = 128  # newest tokens kept exact
+
+    def __post_init__(self):
+        if self.kind not in CACHE_KINDS:
+            raise XQError(f"unknown cache kind '{self.kind}' (use {', '.join(CACHE_KINDS)})")
+        if self.bits not in (2, 3, 4, 8):
+            raise XQError(f"--bits {self.bits}: use 2, 3, 4 or 8")
+        if self.group not in (32, 64, 128):
+            raise XQError(f"--group {self.group}: use 32, 64 or 128")
+        if self.residual < 0:
+            raise XQError(f"--residual {self.residual}: must be 0 or more")
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,8 @@ class GenerationConfig:
 class CacheMemory:
     tokens: int
     cache_bytes: int  # everything the cache stores for these tokens
+    residual_bytes: int  # of which the exact window of newest tokens
+    residual_tokens: int  # how many tokens that window holds
     fp16_kv_bytes: int  # what an fp16 K/V cache would hold for the same tokens
     reserved_bytes: int  # allocated, including room not yet filled
 
@@ -85,9 +100,10 @@ class Model(Protocol):
     backend: str
     device: str
     dtype: str
+    cache: CacheSpec  # the default for new sessions
     notes: tuple[str, ...]  # fallbacks in use that the user should be told about
 
-    def new_session(self) -> Session: ...
+    def new_session(self, cache: CacheSpec | None = None) -> Session: ...
     def weight_bytes(self) -> int: ...
     def profile_decode(self, prompt: list[int], steps: int = 32) -> dict: ...
 

@@ -8,15 +8,16 @@ import threading
 import time
 from collections.abc import Iterator
 
-from .base import CacheMemory, GenerationConfig, TokenEvent
+from .base import CacheMemory, CacheSpec, GenerationConfig, TokenEvent
 
 PREFILL_CHUNK = 512  # bounds attention's transient memory on long prompts
 
 
 class DecodingSession:
-    def __init__(self, model):
+    def __init__(self, model, cache: CacheSpec | None = None):
         self.model = model
         self.spec = model.spec
+        self.cache = cache or model.cache
         self.caches = self._new_caches()
         self.tokens: list[int] = []
         self._next_logits = None  # (V,) after the last token held
@@ -50,6 +51,8 @@ class DecodingSession:
         return CacheMemory(
             tokens=n,
             cache_bytes=sum(c.nbytes for c in self.caches),
+            residual_bytes=sum(c.residual_nbytes for c in self.caches),
+            residual_tokens=self.caches[0].residual_tokens,
             fp16_kv_bytes=self.spec.fp16_kv_bytes(n),
             reserved_bytes=sum(c.reserved_bytes for c in self.caches),
         )

@@ -59,8 +59,7 @@ def test_quantize_bytes_and_error_bound(backend, bits, group):
     err = np.abs(to_numpy(quant.dequantize(q)) - x).reshape(4, 3, -1, group)
     span = x.reshape(4, 3, -1, group)
     step = (span.max(-1) - span.min(-1)) / ((1 << bits) - 1)
-    # half a step, plus fp16 rounding of the group's parameters (MLX's zero point may sit off-grid)
-    bound = (0.5 if backend == "torch" else 1.0) * step + 2e-3 * np.abs(span).max(-1)
+    bound = 0.5 * step + 2e-3 * np.abs(span).max(-1)  # half a step, plus fp16 parameters
     assert (err.max(-1) <= bound + 1e-6).all()
 
 
@@ -69,3 +68,24 @@ def test_bytes_formula_refuses_what_it_cannot_count():
         quantized_nbytes(100, 4, 128)
     with pytest.raises(ValueError):
         quantized_nbytes(256, 5, 128)
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx is not installed")
+@pytest.mark.parametrize("bits", BITS)
+def test_both_backends_store_the_same_bytes(bits):
+    """Same codes, same packing: the PyTorch bytes are the MLX uint32 words' bytes."""
+    import mlx.core as mx
+
+    from xqchat.backends.cuda import quant as tq
+    from xqchat.backends.mlx import quant as mq
+
+    x = np.random.default_rng(bits).standard_normal((6, 256)).astype(np.float32)
+    a, b = tq.quantize(torch.from_numpy(x), bits, 128), mq.quantize(mx.array(x), bits, 128)
+    assert np.array_equal(a.codes.numpy(), np.array(b.codes).view(np.uint8))
+    assert np.array_equal(a.scale.numpy(), np.array(b.scale)) and np.array_equal(
+        a.zero.numpy(), np.array(b.zero)
+    )
+    assert np.array_equal(np.array(mq.unpack(b.codes, bits)), tq.unpack(a.codes, bits).numpy())
+    np.testing.assert_allclose(
+        np.array(mq.dequantize(b)), tq.dequantize(a).numpy(), rtol=1e-6, atol=1e-6
+    )

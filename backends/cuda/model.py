@@ -24,8 +24,8 @@ from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import open_checkpoint, to_engine_layout
 
-from ..base import EngineOptions
-from .cache import KVCache
+from ..base import CacheSpec, EngineOptions
+from .cache import Upcast, new_cache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,30 +60,6 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-class Upcast:
-    """Reused buffers holding one layer's cached K/V in the activation dtype. Fresh temporaries
-    of that size page-fault on every step; these are allocated once and grow rarely."""
-
-    def __init__(self):
-        self.buffer = None
-
-    def __call__(self, k, v, dtype):
-        if k.dtype == dtype:
-            return k, v
-        n = k.numel()
-        if self.buffer is None or self.buffer.shape[1] < n or self.buffer.dtype != dtype:
-            self.buffer = torch.empty(
-                2,
-                max(n, 2 * (0 if self.buffer is None else self.buffer.shape[1])),
-                dtype=dtype,
-                device=k.device,
-            )
-        return (
-            self.buffer[0, :n].view(k.shape).copy_(k),
-            self.buffer[1, :n].view(v.shape).copy_(v),
-        )
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -113,10 +89,6 @@ class Rope(nn.Module):
             self.sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(dtype)
         return self.cos, self.sin
 
-    @staticmethod
-    def apply(x, cos, sin):  # x: (B, T, H, D); cos, sin: (T, 1, D)
-        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
-
 
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
@@ -131,22 +103,17 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps)
         self.qk_norm = spec.qk_norm
 
-    def forward(self, x, cos, sin, cache: KVCache, mask, upcast: Upcast):
+    def forward(self, x, cos, sin, cache, mask):
+        """cos, sin: RoPE tables for every position up to the last new token; the cache rotates."""
         b, t, _ = x.shape
-        qkv = self.wqkv(x).to(x.dtype)
-        qk, v = qkv.split([self.splits[0] + self.splits[1], self.splits[2]], dim=-1)
-        qk = qk.view(b, t, self.n_heads + self.n_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x).to(x.dtype).split(self.splits, dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
-            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
-        q, k = Rope.apply(qk, cos, sin).split([self.n_heads, self.n_kv_heads], dim=2)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        k, v = upcast(*cache.update_and_fetch(k, v), q.dtype)
-        causal = mask is None and t > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
-        )
+        out = cache.attend(q, k, v, cos, sin, mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -170,8 +137,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.feed_forward = FeedForward(spec)
 
-    def forward(self, x, cos, sin, cache, mask, upcast):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, mask, upcast)
+    def forward(self, x, cos, sin, cache, mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -187,20 +154,19 @@ class Transformer(nn.Module):
             self.lm_head = Linear(spec.dim, spec.vocab_size, bias=False)
         self.upcast = Upcast()
 
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
         """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim)."""
         start = caches[0].offset
         end = start + tokens.shape[1]
         x = self.embed(tokens).to(self.norm.weight.dtype)
         cos, sin = self.rope.table(end, x.dtype)
-        cos, sin = cos[start:end, None], sin[start:end, None]
         mask = None
         if (
             start > 0 and tokens.shape[1] > 1
         ):  # new tokens see the whole cache and each other causally
             mask = torch.ones(end - start, end, dtype=torch.bool, device=x.device).tril(start)
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, cache, mask, self.upcast)
+            x = layer(x, cos, sin, cache, mask)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -211,10 +177,18 @@ class Transformer(nn.Module):
             table = table.to(torch.bfloat16)  # see load(): fp16 is fast here for one row only
         return F.linear(hidden.to(table.dtype), table)
 
-    def new_caches(self) -> list[KVCache]:
+    def new_caches(self, cache: CacheSpec) -> list:
         spec, device = self.spec, self.embed.weight.device
         return [
-            KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, self.kv_dtype, device)
+            new_cache(
+                cache,
+                spec.n_kv_heads,
+                spec.head_dim,
+                spec.max_context,
+                self.kv_dtype,
+                device,
+                self.upcast,
+            )
             for _ in range(spec.n_layers)
         ]
 
@@ -245,14 +219,22 @@ class Engine:
 
     backend = "torch"
 
-    def __init__(self, module: Transformer, device: str, dtype: str, notes: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        module: Transformer,
+        device: str,
+        dtype: str,
+        cache: CacheSpec,
+        notes: tuple[str, ...] = (),
+    ):
         self.module, self.spec, self.device, self.dtype = module, module.spec, device, dtype
-        self.notes = notes
+        self.cache, self.notes = cache, notes
 
-    def new_session(self):
+    def new_session(self, cache: CacheSpec | None = None):
+        """A new conversation; `cache` overrides the engine's cache kind for this one."""
         from .session import EngineSession
 
-        return EngineSession(self)
+        return EngineSession(self, cache)
 
     def profile_decode(self, prompt: list[int], steps: int = 32) -> dict:
         from .profile import profile_decode
@@ -313,4 +295,4 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
             notes.append(
                 "oneDNN packed bf16 matmuls are unavailable here; plain bf16 matmuls are slower"
             )
-    return Engine(module, device, dtype, tuple(notes))
+    return Engine(module, device, dtype, opts.cache, tuple(notes))

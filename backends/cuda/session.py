@@ -25,7 +25,7 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator) -> int:
 
 class EngineSession(DecodingSession):
     def _new_caches(self):
-        return self.model.module.new_caches()
+        return self.model.module.new_caches(self.cache)
 
     @torch.inference_mode()
     def _forward(self, tokens: list[int], all_logits: bool = False) -> torch.Tensor:

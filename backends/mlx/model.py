@@ -20,8 +20,8 @@ from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import open_checkpoint, to_engine_layout
 
-from ..base import EngineOptions
-from .cache import KVCache
+from ..base import CacheSpec, EngineOptions
+from .cache import new_cache
 from .kernels import swiglu
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
@@ -95,20 +95,17 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps)
         self.qk_norm = spec.qk_norm
         self.rope = Rope(spec)
-        self.scale = spec.head_dim**-0.5
 
-    def __call__(self, x, cache: KVCache, mask):
+    def __call__(self, x, cache, mask):
         b, t, _ = x.shape
         q, k, v = mx.split(self.wqkv(x), self.splits, axis=-1)
         q = q.reshape(b, t, self.n_heads, self.head_dim)
         k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = self.rope(q.transpose(0, 2, 1, 3), cache.offset)  # (B, H, T, D)
-        k = self.rope(k.transpose(0, 2, 1, 3), cache.offset)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)  # (B, H, T, D)
         v = v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = cache.attend(q, k, v, self.rope, mask)
         return self.wo(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
 
 
@@ -145,7 +142,7 @@ class Transformer(nn.Module):
         if not spec.tied_embeddings:
             self.lm_head = Linear(spec.dim, spec.vocab_size)
 
-    def __call__(self, tokens: mx.array, caches: list[KVCache]) -> mx.array:
+    def __call__(self, tokens: mx.array, caches: list) -> mx.array:
         """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim)."""
         x = self.embed(tokens)
         # new tokens see the whole cache and each other causally (MLX aligns "causal" bottom-right)
@@ -159,10 +156,10 @@ class Transformer(nn.Module):
             return self.embed.as_linear(hidden)
         return self.lm_head(hidden)
 
-    def new_caches(self) -> list[KVCache]:
+    def new_caches(self, cache: CacheSpec) -> list:
         spec = self.spec
         return [
-            KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, self.kv_dtype)
+            new_cache(cache, spec.n_kv_heads, spec.head_dim, spec.max_context, self.kv_dtype)
             for _ in range(spec.n_layers)
         ]
 
@@ -193,14 +190,22 @@ class Engine:
 
     backend = "mlx"
 
-    def __init__(self, module: Transformer, device: str, dtype: str, notes: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        module: Transformer,
+        device: str,
+        dtype: str,
+        cache: CacheSpec,
+        notes: tuple[str, ...] = (),
+    ):
         self.module, self.spec, self.device, self.dtype = module, module.spec, device, dtype
-        self.notes = notes
+        self.cache, self.notes = cache, notes
 
-    def new_session(self):
+    def new_session(self, cache: CacheSpec | None = None):
+        """A new conversation; `cache` overrides the engine's cache kind for this one."""
         from .session import EngineSession
 
-        return EngineSession(self)
+        return EngineSession(self, cache)
 
     def profile_decode(self, prompt: list[int], steps: int = 32) -> dict:
         from .profile import profile_decode
@@ -231,4 +236,4 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         raise XQError(f"the checkpoint does not match its config: {e}") from None
     module.kv_dtype = mx_dtype
     mx.eval(module.parameters())
-    return Engine(module, device, dtype)
+    return Engine(module, device, dtype, opts.cache)

@@ -1,6 +1,8 @@
-"""Asymmetric group quantization with bit-packed codes, in MLX: mx.quantize's affine format (codes
-packed into uint32 words; scale and bias per group in fp16), which mx.quantized_matmul consumes
-directly. Every `group` consecutive values along the last axis share a scale and zero point."""
+"""Asymmetric group quantization with bit-packed codes, in MLX (mirror of backends/cuda/quant.py).
+Every `group` consecutive values along the last axis share an fp16 scale and zero point:
+x ~ code * scale + zero. The codes are the PyTorch backend's (min/max per group, round half to
+even), packed as a little-endian bit stream into uint32 words: exactly MLX's affine layout, so
+mx.dequantize and mx.quantized_matmul read them, and the same bytes as the PyTorch packing."""
 
 from __future__ import annotations
 
@@ -22,11 +24,33 @@ class Quantized:
         return self.codes.nbytes + self.scale.nbytes + self.zero.nbytes
 
 
+def pack(codes: mx.array, bits: int) -> mx.array:
+    """uint32 codes (..., n) each < 2**bits -> uint32 words (..., n * bits / 32)."""
+    stream = (codes[..., None] >> mx.arange(bits, dtype=mx.uint32)) & 1  # (..., n, bits)
+    stream = stream.reshape(*codes.shape[:-1], -1, 32)
+    return (stream << mx.arange(32, dtype=mx.uint32)).sum(-1).astype(mx.uint32)
+
+
+def unpack(words: mx.array, bits: int) -> mx.array:
+    """The inverse of `pack`: uint32 codes (..., n)."""
+    stream = (words[..., None] >> mx.arange(32, dtype=mx.uint32)) & 1  # (..., words, 32)
+    stream = stream.reshape(*words.shape[:-1], -1, bits)
+    return (stream << mx.arange(bits, dtype=mx.uint32)).sum(-1).astype(mx.uint32)
+
+
 def quantize(x: mx.array, bits: int, group: int) -> Quantized:
     """x (..., n) with n a multiple of `group` -> packed codes and fp16 scales/zeros."""
-    codes, scale, zero = mx.quantize(x.astype(mx.float16), group_size=group, bits=bits)
-    return Quantized(codes, scale, zero, bits, group)
+    g = x.astype(mx.float32).reshape(*x.shape[:-1], -1, group)
+    low, high = g.min(-1), g.max(-1)
+    levels = (1 << bits) - 1
+    # codes are computed against the fp16-rounded parameters, so dequantising is consistent
+    scale = mx.maximum((high - low) / levels, 1e-8).astype(mx.float16)
+    zero = low.astype(mx.float16)
+    codes = mx.round((g - zero.astype(mx.float32)[..., None]) / scale.astype(mx.float32)[..., None])
+    codes = mx.clip(codes, 0, levels).astype(mx.uint32).reshape(x.shape)
+    return Quantized(pack(codes, bits), scale, zero, bits, group)
 
 
 def dequantize(q: Quantized, dtype=mx.float32) -> mx.array:
-    return mx.dequantize(q.codes, q.scale, q.zero, group_size=q.group, bits=q.bits).astype(dtype)
+    scale, zero = q.scale.astype(mx.float32), q.zero.astype(mx.float32)  # full-precision output
+    return mx.dequantize(q.codes, scale, zero, group_size=q.group, bits=q.bits).astype(dtype)

@@ -31,11 +31,11 @@ def sample(logits: mx.array, cfg: GenerationConfig, key) -> tuple[int, mx.array]
 
 
 class EngineSession(DecodingSession):
-    def __init__(self, model):
-        ENGINE.call(super().__init__, model)
+    def __init__(self, model, cache=None):
+        ENGINE.call(super().__init__, model, cache)
 
     def _new_caches(self):
-        return self.model.module.new_caches()
+        return self.model.module.new_caches(self.cache)
 
     def _forward(self, tokens: list[int], all_logits: bool = False) -> mx.array:
         module = self.model.module
