@@ -59,7 +59,8 @@ ENGINE_OPTIONS = [
         type=click.Choice(CACHE_KINDS),
         default="kv",
         show_default=True,
-        help="Attention cache: kv = exact K/V; kv-quant = K quantized per channel, V per token.",
+        help="Attention cache: kv = exact K/V; kv-quant = K quantized per channel, V per token; "
+        "xquant = the layer input X quantized per token, K/V rebuilt from it.",
     ),
     click.option(
         "--bits",
@@ -74,6 +75,11 @@ ENGINE_OPTIONS = [
         default="128",
         show_default=True,
         help="Values sharing one fp16 scale and zero point (quantized caches).",
+    ),
+    click.option(
+        "--mha",
+        is_flag=True,
+        help="Run a GQA model in its exact MHA form (K/V heads repeated): what xquant needs today.",
     ),
     click.option(
         "--residual",
@@ -91,9 +97,9 @@ def model_options(f):
     return f
 
 
-def engine_options(backend, device, weights, cache, bits, group, residual) -> EngineOptions:
+def engine_options(backend, device, weights, cache, bits, group, residual, mha) -> EngineOptions:
     cache = CacheSpec(kind=cache, bits=int(bits), group=int(group), residual=residual)
-    return EngineOptions(backend=backend, device=device, weights=weights, cache=cache)
+    return EngineOptions(backend=backend, device=device, weights=weights, cache=cache, mha=mha)
 
 
 def status(message: str) -> None:

@@ -14,8 +14,8 @@ from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 
-CacheKind = Literal["kv", "kv-quant"]
-CACHE_KINDS: tuple[str, ...] = ("kv", "kv-quant")
+CacheKind = Literal["kv", "kv-quant", "xquant"]
+CACHE_KINDS: tuple[str, ...] = ("kv", "kv-quant", "xquant")
 WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -45,6 +45,7 @@ class EngineOptions:
     device: str = "auto"  # auto | cpu | cuda
     weights: str = "auto"  # auto | fp32 | bf16 | fp16
     cache: CacheSpec = field(default_factory=CacheSpec)
+    mha: bool = False  # run a GQA model in its exact MHA form (K/V heads repeated)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,15 @@ class Model(Protocol):
     def new_session(self, cache: CacheSpec | None = None) -> Session: ...
     def weight_bytes(self) -> int: ...
     def profile_decode(self, prompt: list[int], steps: int = 32) -> dict: ...
+
+
+def check_cache(cache: CacheSpec, spec: ModelSpec) -> None:
+    """Refuse a cache kind the model cannot use yet, rather than run a weaker stand-in."""
+    if cache.kind == "xquant" and spec.n_kv_heads != spec.n_heads:
+        raise XQError(
+            "xquant on a GQA model needs the SVD latents, which are not built yet; "
+            "add --mha to run the model in its exact MHA form"
+        )
 
 
 def pick_backend(name: str) -> str:

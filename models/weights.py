@@ -144,17 +144,19 @@ def open_checkpoint(files: ModelFiles) -> SafetensorsCheckpoint | GGUFCheckpoint
 
 def engine_layout(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
     """The engine's tensor names (the same in both backends) -> the checkpoint tensors
-    (transformers' names) concatenated along dim 0 to make each: Q/K/V become one `wqkv` and
-    gate/up one `w13`, so each is a single matmul."""
+    (transformers' names) concatenated along dim 0 to make each: K/V become one `wkv` (a cache
+    that holds X rebuilds both with one matmul) and gate/up one `w13`."""
     layout = {"embed.weight": ("model.embed_tokens.weight",), "norm.weight": ("model.norm.weight",)}
     if not spec.tied_embeddings:
         layout["lm_head.weight"] = ("lm_head.weight",)
     for i in range(spec.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         attn = hf + "self_attn."
-        layout[ours + "attention.wqkv.weight"] = tuple(attn + f"{n}_proj.weight" for n in "qkv")
+        layout[ours + "attention.wq.weight"] = (attn + "q_proj.weight",)
+        layout[ours + "attention.wkv.weight"] = (attn + "k_proj.weight", attn + "v_proj.weight")
         if spec.qkv_bias:
-            layout[ours + "attention.wqkv.bias"] = tuple(attn + f"{n}_proj.bias" for n in "qkv")
+            layout[ours + "attention.wq.bias"] = (attn + "q_proj.bias",)
+            layout[ours + "attention.wkv.bias"] = (attn + "k_proj.bias", attn + "v_proj.bias")
         layout[ours + "attention.wo.weight"] = (attn + "o_proj.weight",)
         if spec.qk_norm:
             layout[ours + "attention.q_norm.weight"] = (attn + "q_norm.weight",)
@@ -185,3 +187,12 @@ def to_engine_layout(weights: dict, spec: ModelSpec, concatenate) -> dict:
     if leftover:
         raise XQError(f"unexpected tensor in the checkpoint: {leftover[0]}")
     return out
+
+
+def as_mha(spec: ModelSpec, name: str, array: np.ndarray) -> np.ndarray:
+    """A GQA model's tensor in its exact MHA form: each K/V head repeated for the query heads
+    that share it (attention is unchanged; the cache grows to one K/V head per query head)."""
+    if not name.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
+        return array
+    heads = array.reshape(spec.n_kv_heads, spec.head_dim, *array.shape[1:])
+    return np.repeat(heads, spec.n_heads // spec.n_kv_heads, axis=0).reshape(-1, *array.shape[1:])

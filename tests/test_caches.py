@@ -129,3 +129,82 @@ def test_trim_into_quantized_blocks_keeps_what_attention_saw(default_fp32):
     assert memory.cache_bytes == expected
     assert np.array_equal(stored_rows(layer.keys, default_fp32.backend), keys)
     assert np.array_equal(stored_rows(layer.values, default_fp32.backend), values)
+
+
+@pytest.fixture(scope="module")
+def tiny_mha(tiny_models, backend):
+    """The tiny GQA llama (4 query heads, 2 K/V heads) in its exact MHA form."""
+    from xqchat.backends.base import EngineOptions, load_model
+    from xqchat.models import resolve
+
+    return load_model(
+        resolve(str(tiny_models["llama"])), EngineOptions(backend=backend, weights="fp32", mha=True)
+    )
+
+
+def test_mha_form_is_exact(tiny_fp32, tiny_mha):
+    assert tiny_mha.spec.n_kv_heads == tiny_mha.spec.n_heads == 2 * tiny_fp32.spec.n_kv_heads
+    ids = list(range(500, 560))
+    gqa, mha = tiny_fp32.new_session().logits(ids), tiny_mha.new_session().logits(ids)
+    assert np.abs(gqa - mha).max() <= 1e-4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_xquant_bytes_match_the_formula(tiny_mha, bits):
+    cache = CacheSpec(kind="xquant", bits=bits, group=32, residual=16)
+    session = tiny_mha.new_session(cache)
+    session.prefill(list(range(1000, 1100)))
+    blocks, exact = (100 - 16) // 32, 100 - (100 - 16) // 32 * 32
+    dim = tiny_mha.spec.dim
+    x_bytes = (
+        blocks * quantized_nbytes(dim * 32, bits, 32) + exact * dim * 4
+    )  # per token groups of 32
+    memory = session.memory()
+    assert memory.cache_bytes == tiny_mha.spec.n_layers * x_bytes
+    assert memory.residual_tokens == exact
+
+
+def test_eight_bit_xquant_stays_close_to_exact_kv(tiny_mha):
+    ids = list(range(2000, 2100))
+    exact = tiny_mha.new_session().logits(ids)
+    xquant = tiny_mha.new_session(CacheSpec(kind="xquant", bits=8, group=32, residual=16)).logits(
+        ids
+    )
+    assert np.abs(xquant - exact).max() <= 1e-2 * np.abs(exact).max()
+
+
+def test_xquant_trim_inside_the_exact_window_reproduces_the_run(tiny_mha):
+    session = tiny_mha.new_session(CacheSpec(kind="xquant", bits=3, group=32, residual=16))
+    ids = list(range(4000, 4100))
+    session.prefill(ids[:90])
+    first = session.logits(ids[90:])
+    session.trim(90)
+    assert np.array_equal(session.logits(ids[90:]), first)
+
+
+def test_backends_agree_on_xquant(tiny_models):
+    from conftest import BACKENDS
+
+    from xqchat.backends.base import EngineOptions, load_model
+    from xqchat.models import resolve
+
+    if len(BACKENDS) < 2:
+        pytest.skip("needs both backends")
+    cache = CacheSpec(kind="xquant", bits=4, group=32, residual=16)
+    opts = [EngineOptions(backend=b, weights="fp32", mha=True, cache=cache) for b in BACKENDS]
+    ids = list(range(600, 700))
+    torch_logits, mlx_logits = (
+        load_model(resolve(str(tiny_models["qwen3"])), o).new_session().logits(ids) for o in opts
+    )
+    assert np.abs(torch_logits - mlx_logits).max() <= 1e-3 * np.abs(torch_logits).max()
+
+
+def test_xquant_on_gqa_without_the_mha_form_is_refused(tiny_models, backend):
+    from xqchat.backends.base import EngineOptions, load_model
+    from xqchat.models import XQError, resolve
+
+    with pytest.raises(XQError, match="needs the SVD latents.*--mha"):
+        load_model(
+            resolve(str(tiny_models["llama"])),
+            EngineOptions(backend=backend, cache=CacheSpec(kind="xquant")),
+        )

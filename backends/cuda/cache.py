@@ -1,11 +1,14 @@
 """Per-layer attention caches for the PyTorch backend. Each cache owns its layer's attention:
-`attend(q, k, v, cos, sin, mask)` stores the new tokens as its kind requires and returns the
-attention output, so the model never needs to know how the past is held."""
+`attend(layer, x, q, k, v, cos, sin, mask)` gets the layer, its (normed) input x, the new tokens'
+q and pre-RoPE k, v; it stores what its kind keeps and returns the attention output, so the model
+never needs to know how the past is held."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
 from .quant import Quantized, dequantize, quantize
@@ -76,7 +79,7 @@ class KVCache:
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def attend(self, q, k, v, cos, sin, mask):
+    def attend(self, layer, x, q, k, v, cos, sin, mask):
         start, end = self.offset, self.offset + k.shape[2]
         q, k = rotate(q, cos[start:end], sin[start:end]), rotate(k, cos[start:end], sin[start:end])
         keys, values = self.upcast(*self.update_and_fetch(k, v), q.dtype)
@@ -198,7 +201,7 @@ class QuantKVCache:
     def offset(self) -> int:
         return len(self.keys)
 
-    def attend(self, q, k, v, cos, sin, mask):
+    def attend(self, layer, x, q, k, v, cos, sin, mask):
         start, end = self.offset, self.offset + k.shape[2]
         self.keys.append(_rows(k))
         self.values.append(_rows(v))
@@ -232,7 +235,54 @@ def _rows(x):  # (1, H, T, D) -> (T, H * D)
     return x[0].transpose(0, 1).reshape(x.shape[2], -1)
 
 
-def new_cache(spec: CacheSpec, n_kv_heads: int, head_dim: int, max_len: int, dtype, device, upcast):
-    if spec.kind == "kv":
-        return KVCache(n_kv_heads, head_dim, max_len, dtype, device, upcast)
-    return QuantKVCache(n_kv_heads, head_dim, spec, dtype, device)
+class XQuantCache:
+    """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, quantized
+    per token, instead of K and V, and rebuild both at each step with one matmul (k-norm and bias
+    as in the forward, RoPE at each token's original position). For an MHA layer X is as wide as
+    K alone, so this holds half the values of K/V at equal bits. The newest tokens are exact X,
+    so their K/V are exact."""
+
+    kind = "xquant"
+
+    def __init__(self, spec: ModelSpec, cache: CacheSpec, dtype, device):
+        self.x = TokenStore(spec.dim, cache, per_channel=False, dtype=dtype, device=device)
+
+    @property
+    def offset(self) -> int:
+        return len(self.x)
+
+    def attend(self, layer, x, q, k, v, cos, sin, mask):
+        start, end = self.offset, self.offset + x.shape[1]
+        self.x.append(x[0])
+        keys, values = layer.keys_values(self.x.read(q.dtype)[None])
+        return attention(
+            rotate(q, cos[start:end], sin[start:end]),
+            rotate(keys, cos[:end], sin[:end]),
+            values,
+            mask,
+        )
+
+    def trim(self, n_keep: int) -> None:
+        self.x.trim(n_keep)
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes
+
+    @property
+    def residual_nbytes(self) -> int:
+        return self.x.residual_nbytes
+
+    @property
+    def residual_tokens(self) -> int:
+        return self.x.exact.shape[0]
+
+    reserved_bytes = nbytes
+
+
+def new_cache(cache: CacheSpec, spec: ModelSpec, dtype, device, upcast):
+    if cache.kind == "kv":
+        return KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype, device, upcast)
+    if cache.kind == "kv-quant":
+        return QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype, device)
+    return XQuantCache(spec, cache, dtype, device)

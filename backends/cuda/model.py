@@ -11,6 +11,7 @@ which read the weights and so bound decode speed, run in the weights' dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -22,9 +23,9 @@ from torch import nn
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
-from xqchat.models.weights import open_checkpoint, to_engine_layout
+from xqchat.models.weights import as_mha, open_checkpoint, to_engine_layout
 
-from ..base import CacheSpec, EngineOptions
+from ..base import CacheSpec, EngineOptions, check_cache
 from .cache import Upcast, new_cache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,8 +96,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         q_dim = spec.n_heads * spec.head_dim
-        self.splits = [q_dim, spec.kv_dim, spec.kv_dim]
-        self.wqkv = Linear(spec.dim, q_dim + 2 * spec.kv_dim, bias=spec.qkv_bias)
+        self.kv_dim = spec.kv_dim
+        self.wq = Linear(spec.dim, q_dim, bias=spec.qkv_bias)
+        self.wkv = Linear(spec.dim, 2 * spec.kv_dim, bias=spec.qkv_bias)  # one matmul rebuilds both
         self.wo = Linear(q_dim, spec.dim, bias=False)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.norm_eps)
@@ -106,15 +108,21 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache, mask):
         """cos, sin: RoPE tables for every position up to the last new token; the cache rotates."""
         b, t, _ = x.shape
-        q, k, v = self.wqkv(x).to(x.dtype).split(self.splits, dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim)
+        q = self.wq(x).to(x.dtype).view(b, t, self.n_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+        k, v = self.keys_values(x)
+        out = cache.attend(self, x, q.transpose(1, 2), k, v, cos, sin, mask)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+    def keys_values(self, x):
+        """x (B, T, dim) -> K before RoPE (k-norm and bias applied) and V, each (B, H_kv, T, D)."""
+        b, t, _ = x.shape
+        k, v = self.wkv(x).to(x.dtype).split(self.kv_dim, dim=-1)
         k = k.view(b, t, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        out = cache.attend(q, k, v, cos, sin, mask)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+            k = self.k_norm(k)
+        return k.transpose(1, 2), v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -178,18 +186,10 @@ class Transformer(nn.Module):
         return F.linear(hidden.to(table.dtype), table)
 
     def new_caches(self, cache: CacheSpec) -> list:
-        spec, device = self.spec, self.embed.weight.device
+        device = self.embed.weight.device
         return [
-            new_cache(
-                cache,
-                spec.n_kv_heads,
-                spec.head_dim,
-                spec.max_context,
-                self.kv_dtype,
-                device,
-                self.upcast,
-            )
-            for _ in range(spec.n_layers)
+            new_cache(cache, self.spec, self.kv_dtype, device, self.upcast)
+            for _ in range(self.spec.n_layers)
         ]
 
 
@@ -253,6 +253,12 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     dtype = pick_dtype(opts.weights, device)
     checkpoint = open_checkpoint(files)
     spec = checkpoint.spec
+    tensors = checkpoint.tensors()
+    if opts.mha:
+        gqa = spec
+        tensors = ((name, as_mha(gqa, name, array)) for name, array in tensors)
+        spec = dataclasses.replace(spec, n_kv_heads=spec.n_heads)
+    check_cache(opts.cache, spec)
     torch_dtype = DTYPES[dtype]
     act_dtype = torch_dtype if device == "cuda" else torch.float32
     # A tied table on CPU is held in fp16 when its values fit: the one-row head product (every
@@ -271,7 +277,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         warnings.simplefilter("ignore", UserWarning)
         weights = {
             name: torch.from_numpy(array).to(device=device, dtype=working_dtype(name, array))
-            for name, array in checkpoint.tensors()
+            for name, array in tensors
         }
     state = to_engine_layout(weights, spec, torch.cat)
     with torch.device("meta"):

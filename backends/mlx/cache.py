@@ -1,10 +1,13 @@
 """Per-layer attention caches for the MLX backend (mirror of backends/cuda/cache.py). Each cache
-owns its layer's attention: `attend(q, k, v, rope, mask)` stores the new tokens as its kind
-requires and returns the attention output."""
+owns its layer's attention: `attend(layer, x, q, k, v, rope, mask)` gets the layer, its (normed)
+input x, the new tokens' q and pre-RoPE k, v; it stores what its kind keeps and returns the
+attention output."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+
+from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
 from .quant import Quantized, dequantize, quantize
@@ -47,7 +50,7 @@ class KVCache:
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def attend(self, q, k, v, rope, mask):
+    def attend(self, layer, x, q, k, v, rope, mask):
         q, k = rope(q, self.offset), rope(k, self.offset)
         return attention(q, *self.update_and_fetch(k, v), mask)
 
@@ -178,7 +181,7 @@ class QuantKVCache:
     def offset(self) -> int:
         return len(self.keys)
 
-    def attend(self, q, k, v, rope, mask):
+    def attend(self, layer, x, q, k, v, rope, mask):
         start = self.offset
         self.keys.append(_rows(k))
         self.values.append(_rows(v))
@@ -215,7 +218,53 @@ def _rows(x):  # (1, H, T, D) -> (T, H * D)
     return x[0].transpose(1, 0, 2).reshape(x.shape[2], -1)
 
 
-def new_cache(spec: CacheSpec, n_kv_heads: int, head_dim: int, max_len: int, dtype):
-    if spec.kind == "kv":
-        return KVCache(n_kv_heads, head_dim, max_len, dtype)
-    return QuantKVCache(n_kv_heads, head_dim, spec, dtype)
+class XQuantCache:
+    """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, quantized
+    per token, instead of K and V, and rebuild both at each step with one matmul (k-norm and bias
+    as in the forward, RoPE at each token's original position). For an MHA layer X is as wide as
+    K alone, so this holds half the values of K/V at equal bits. The newest tokens are exact X,
+    so their K/V are exact."""
+
+    kind = "xquant"
+
+    def __init__(self, spec: ModelSpec, cache: CacheSpec, dtype):
+        self.x = TokenStore(spec.dim, cache, per_channel=False, dtype=dtype)
+
+    @property
+    def offset(self) -> int:
+        return len(self.x)
+
+    def attend(self, layer, x, q, k, v, rope, mask):
+        start = self.offset
+        self.x.append(x[0])
+        keys, values = layer.keys_values(self.x.read(q.dtype)[None])
+        return attention(rope(q, start), rope(keys, 0), values, mask)
+
+    def trim(self, n_keep: int) -> None:
+        self.x.trim(n_keep)
+
+    @property
+    def state(self) -> list[mx.array]:
+        return self.x.state
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes
+
+    @property
+    def residual_nbytes(self) -> int:
+        return self.x.residual_nbytes
+
+    @property
+    def residual_tokens(self) -> int:
+        return self.x.exact.shape[0]
+
+    reserved_bytes = nbytes
+
+
+def new_cache(cache: CacheSpec, spec: ModelSpec, dtype):
+    if cache.kind == "kv":
+        return KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype)
+    if cache.kind == "kv-quant":
+        return QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype)
+    return XQuantCache(spec, cache, dtype)

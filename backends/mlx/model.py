@@ -11,6 +11,8 @@ is held the same way, so a tied LM head multiplies by it directly and a lookup g
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -18,9 +20,9 @@ import numpy as np
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
-from xqchat.models.weights import open_checkpoint, to_engine_layout
+from xqchat.models.weights import as_mha, open_checkpoint, to_engine_layout
 
-from ..base import CacheSpec, EngineOptions
+from ..base import CacheSpec, EngineOptions, check_cache
 from .cache import new_cache
 from .kernels import swiglu
 
@@ -87,8 +89,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         q_dim = spec.n_heads * spec.head_dim
-        self.splits = [q_dim, q_dim + spec.kv_dim]
-        self.wqkv = Linear(spec.dim, q_dim + 2 * spec.kv_dim, bias=spec.qkv_bias)
+        self.kv_dim = spec.kv_dim
+        self.wq = Linear(spec.dim, q_dim, bias=spec.qkv_bias)
+        self.wkv = Linear(spec.dim, 2 * spec.kv_dim, bias=spec.qkv_bias)  # one matmul rebuilds both
         self.wo = Linear(q_dim, spec.dim)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.norm_eps)
@@ -98,15 +101,23 @@ class Attention(nn.Module):
 
     def __call__(self, x, cache, mask):
         b, t, _ = x.shape
-        q, k, v = mx.split(self.wqkv(x), self.splits, axis=-1)
-        q = q.reshape(b, t, self.n_heads, self.head_dim)
+        q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+        k, v = self.keys_values(x)
+        out = cache.attend(self, x, q.transpose(0, 2, 1, 3), k, v, self.rope, mask)
+        return self.wo(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
+
+    def keys_values(self, x):
+        """x (B, T, dim) -> K before RoPE (k-norm and bias applied) and V, each (B, H_kv, T, D)."""
+        b, t, _ = x.shape
+        k, v = mx.split(self.wkv(x), [self.kv_dim], axis=-1)
         k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)  # (B, H, T, D)
-        v = v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        out = cache.attend(q, k, v, self.rope, mask)
-        return self.wo(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
+            k = self.k_norm(k)
+        return k.transpose(0, 2, 1, 3), v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(
+            0, 2, 1, 3
+        )
 
 
 class FeedForward(nn.Module):
@@ -157,11 +168,7 @@ class Transformer(nn.Module):
         return self.lm_head(hidden)
 
     def new_caches(self, cache: CacheSpec) -> list:
-        spec = self.spec
-        return [
-            new_cache(cache, spec.n_kv_heads, spec.head_dim, spec.max_context, self.kv_dtype)
-            for _ in range(spec.n_layers)
-        ]
+        return [new_cache(cache, self.spec, self.kv_dtype) for _ in range(self.spec.n_layers)]
 
 
 def pick_device(device: str) -> str:
@@ -221,9 +228,15 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     dtype = pick_dtype(opts.weights, device)
     checkpoint = open_checkpoint(files)
     spec = checkpoint.spec
+    tensors = checkpoint.tensors()
+    if opts.mha:
+        gqa = spec
+        tensors = ((name, as_mha(gqa, name, array)) for name, array in tensors)
+        spec = dataclasses.replace(spec, n_kv_heads=spec.n_heads)
+    check_cache(opts.cache, spec)
     mx_dtype = DTYPES[dtype]
     weights = {}
-    for name, array in checkpoint.tensors():
+    for name, array in tensors:
         array = np.ascontiguousarray(array.T) if array.ndim == 2 else array  # (in, out)
         weights[name] = mx.array(array).astype(mx_dtype)
         mx.eval(weights[name])
