@@ -109,6 +109,24 @@ class Model(Protocol):
     def profile_decode(self, prompt: list[int], steps: int = 32) -> dict: ...
 
 
+class EngineBase:
+    """What both backends' `Engine` share: a loaded module and the options it was loaded with.
+    Each backend supplies `backend`, `session_class`, `weight_bytes` and `profile_decode`."""
+
+    backend: str
+    session_class: type
+
+    def __init__(
+        self, module, device: str, dtype: str, cache: CacheSpec, notes: tuple[str, ...] = ()
+    ):
+        self.module, self.spec, self.device, self.dtype = module, module.spec, device, dtype
+        self.cache, self.notes = cache, notes
+
+    def new_session(self, cache: CacheSpec | None = None):
+        """A new conversation; `cache` overrides the engine's cache kind for this one."""
+        return self.session_class(self, cache)
+
+
 def check_cache(cache: CacheSpec, spec: ModelSpec) -> None:
     """Refuse a cache kind the model cannot use yet, rather than run a weaker stand-in."""
     if cache.kind == "xquant" and spec.n_kv_heads != spec.n_heads:

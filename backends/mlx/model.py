@@ -22,9 +22,10 @@ from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import as_mha, open_checkpoint, to_engine_layout
 
-from ..base import CacheSpec, EngineOptions, check_cache
+from ..base import CacheSpec, EngineBase, EngineOptions, check_cache
 from .cache import new_cache
 from .kernels import swiglu
+from .session import EngineSession
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 
@@ -192,27 +193,11 @@ def pick_dtype(weights: str, device: str) -> str:
     return weights
 
 
-class Engine:
+class Engine(EngineBase):
     """A loaded model: the Transformer plus what the engine contract asks of it."""
 
     backend = "mlx"
-
-    def __init__(
-        self,
-        module: Transformer,
-        device: str,
-        dtype: str,
-        cache: CacheSpec,
-        notes: tuple[str, ...] = (),
-    ):
-        self.module, self.spec, self.device, self.dtype = module, module.spec, device, dtype
-        self.cache, self.notes = cache, notes
-
-    def new_session(self, cache: CacheSpec | None = None):
-        """A new conversation; `cache` overrides the engine's cache kind for this one."""
-        from .session import EngineSession
-
-        return EngineSession(self, cache)
+    session_class = EngineSession
 
     def profile_decode(self, prompt: list[int], steps: int = 32) -> dict:
         from .profile import profile_decode
