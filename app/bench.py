@@ -117,6 +117,9 @@ def perplexity(
             nll -= sum(logprobs)
             scored += len(logprobs)
         memory = session.memory()
+    stored = memory.tokens - memory.residual_tokens  # tokens in the compressed store
+    bytes_per_token = (memory.cache_bytes - memory.residual_bytes) / stored if stored else None
+    fp16_per_token = memory.fp16_kv_bytes / memory.tokens
     return {
         "ppl": math.exp(nll / scored),
         "tokens": scored,
@@ -124,13 +127,10 @@ def perplexity(
         "window": window,
         "chunk": chunk,
         "cache_bytes_per_token": memory.cache_bytes / memory.tokens,
-        # the compressed store alone, at the window's end (the exact window of newest tokens is a
-        # fixed cost, reported on its own)
-        "bytes_per_token": (memory.cache_bytes - memory.residual_bytes)
-        / (memory.tokens - memory.residual_tokens),
+        # the compressed store alone, at the window's end (null when the window never outgrew the
+        # exact window of newest tokens, a fixed cost reported on its own)
+        "bytes_per_token": bytes_per_token,
         "residual_bytes": memory.residual_bytes,
-        "fp16_kv_bytes_per_token": memory.fp16_kv_bytes / memory.tokens,
-        "compression": memory.fp16_kv_bytes
-        / memory.tokens
-        / ((memory.cache_bytes - memory.residual_bytes) / (memory.tokens - memory.residual_tokens)),
+        "fp16_kv_bytes_per_token": fp16_per_token,
+        "compression": fp16_per_token / bytes_per_token if bytes_per_token else None,
     }

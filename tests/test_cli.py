@@ -242,3 +242,43 @@ def test_mlx_has_no_cuda_device(capsys):
     code, _, err = cli(capsys, "run", "--backend", "mlx", "--device", "cuda", "hi")
     assert code == 1
     one_line_error(err, "the MLX backend has no CUDA device; use --backend torch")
+
+
+def test_bench_ppl_reports_compressed_bytes(capsys, tiny_models, backend):
+    args = [
+        "bench",
+        "ppl",
+        "--backend",
+        backend,
+        "-m",
+        str(tiny_models["llama"]),
+        "--json",
+        "--weights",
+        "fp32",
+        "--text",
+        str(DATA / "wikitext2_test.txt"),
+        "--windows",
+        "1",
+        "--chunk",
+        "16",
+        "--cache",
+        "kv-quant",
+        "--bits",
+        "4",
+        "--group",
+        "32",
+        "--residual",
+        "16",
+    ]
+    code, out, err = cli(capsys, *args, "--window", "100")
+    stats = json.loads(out)
+    assert code == 0, err
+    # 2 blocks of 32 tokens: per channel K (32 x 32 codes at 4 bits + 32 x 4) and per token V
+    assert (
+        stats["bytes_per_token"]
+        == 2 * (2 * 32 * 32 // 2 + 2 * 32 * 4 + 2 * 32 * 32 // 2 + 2 * 32 * 4) / 64
+    )
+    assert stats["residual_bytes"] == 2 * 2 * 36 * 32 * 4
+    code, out, err = cli(capsys, *args, "--window", "40")  # never outgrows the exact window
+    stats = json.loads(out)
+    assert code == 0 and stats["bytes_per_token"] is None and stats["compression"] is None
