@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import platform
 import sys
@@ -134,6 +135,20 @@ def check_cache(cache: CacheSpec, spec: ModelSpec) -> None:
             "xquant on a GQA model needs the SVD latents, which are not built yet; "
             "add --mha to run the model in its exact MHA form"
         )
+
+
+def engine_checkpoint(files: ModelFiles, opts: EngineOptions):
+    """(spec, tensors) as an engine will hold them: in the exact MHA form when asked, after
+    checking that the cache kind suits the model. Tensors are (HF name, numpy array), lazily."""
+    from xqchat.models.weights import as_mha, open_checkpoint
+
+    checkpoint = open_checkpoint(files)
+    spec, tensors = checkpoint.spec, checkpoint.tensors()
+    if opts.mha:
+        tensors = ((name, as_mha(checkpoint.spec, name, array)) for name, array in tensors)
+        spec = dataclasses.replace(spec, n_kv_heads=spec.n_heads)
+    check_cache(opts.cache, spec)
+    return spec, tensors
 
 
 def pick_backend(name: str) -> str:

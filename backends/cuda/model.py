@@ -11,7 +11,6 @@ which read the weights and so bound decode speed, run in the weights' dtype.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 
@@ -23,9 +22,9 @@ from torch import nn
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
-from xqchat.models.weights import as_mha, open_checkpoint, to_engine_layout
+from xqchat.models.weights import to_engine_layout
 
-from ..base import CacheSpec, EngineBase, EngineOptions, check_cache
+from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
 from .cache import Upcast, new_cache
 from .session import EngineSession
 
@@ -236,14 +235,7 @@ class Engine(EngineBase):
 def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.weights, device)
-    checkpoint = open_checkpoint(files)
-    spec = checkpoint.spec
-    tensors = checkpoint.tensors()
-    if opts.mha:
-        gqa = spec
-        tensors = ((name, as_mha(gqa, name, array)) for name, array in tensors)
-        spec = dataclasses.replace(spec, n_kv_heads=spec.n_heads)
-    check_cache(opts.cache, spec)
+    spec, tensors = engine_checkpoint(files, opts)
     torch_dtype = DTYPES[dtype]
     act_dtype = torch_dtype if device == "cuda" else torch.float32
     # A tied table on CPU is held in fp16 when its values fit: the one-row head product (every

@@ -11,8 +11,6 @@ is held the same way, so a tied LM head multiplies by it directly and a lookup g
 
 from __future__ import annotations
 
-import dataclasses
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -20,9 +18,9 @@ import numpy as np
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
-from xqchat.models.weights import as_mha, open_checkpoint, to_engine_layout
+from xqchat.models.weights import to_engine_layout
 
-from ..base import CacheSpec, EngineBase, EngineOptions, check_cache
+from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
 from .cache import new_cache
 from .kernels import swiglu
 from .session import EngineSession
@@ -211,14 +209,7 @@ class Engine(EngineBase):
 def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.weights, device)
-    checkpoint = open_checkpoint(files)
-    spec = checkpoint.spec
-    tensors = checkpoint.tensors()
-    if opts.mha:
-        gqa = spec
-        tensors = ((name, as_mha(gqa, name, array)) for name, array in tensors)
-        spec = dataclasses.replace(spec, n_kv_heads=spec.n_heads)
-    check_cache(opts.cache, spec)
+    spec, tensors = engine_checkpoint(files, opts)
     mx_dtype = DTYPES[dtype]
     weights = {}
     for name, array in tensors:
