@@ -11,3 +11,15 @@ def quantized_nbytes(n_values: int, bits: int, group: int) -> int:
     if n_values % group or group % 32:
         raise ValueError("values must fill whole groups, and groups must hold a multiple of 32")
     return n_values * bits // 8 + (n_values // group) * 2 * 2
+
+
+def hadamard(n: int):
+    """The orthonormal n x n Hadamard matrix (Sylvester; n a power of two), float32 numpy.
+    Rotating each quantization group by it spreads an outlier channel's energy across the group,
+    so one large value no longer sets the scale for all the others; it is undone exactly."""
+    import numpy as np
+
+    h = np.ones((1, 1), dtype=np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n, dtype=np.float32)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
+from ..quant import hadamard
 from .quant import Quantized, dequantize, quantize
 
 
@@ -111,9 +112,10 @@ class TokenStore:
     """A growing sequence of token rows of one width. The newest rows stay exact (between
     `residual` and `residual + group - 1` of them); older rows are flushed to the quantized store
     in whole blocks of `group` tokens, each block quantized per token (groups along the row) or
-    per channel (each channel's `group` values share a scale: outlier channels stay contained)."""
+    per channel (each channel's `group` values share a scale: outlier channels stay contained).
+    With `rotate`, per-token blocks are quantized in a Hadamard basis (see backends/quant.py)."""
 
-    def __init__(self, width: int, spec: CacheSpec, per_channel: bool, dtype, device):
+    def __init__(self, width: int, spec: CacheSpec, per_channel: bool, dtype, device, rotate=False):
         self.width, self.bits, self.group, self.residual = (
             width,
             spec.bits,
@@ -122,6 +124,7 @@ class TokenStore:
         )
         self.per_channel = per_channel
         self.row_group = self.group if per_channel else feature_group(width, spec.group)
+        self.rotation = torch.from_numpy(hadamard(self.row_group)).to(device) if rotate else None
         self.exact = torch.empty(0, width, dtype=dtype, device=device)
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, rows, packed bytes)
 
@@ -136,6 +139,8 @@ class TokenStore:
         self.exact = torch.cat([self.exact, rows.to(self.exact.dtype)])
         while self.exact.shape[0] >= self.residual + self.group:
             block, self.exact = self.exact[: self.group], self.exact[self.group :]
+            if self.rotation is not None:
+                block = self._turn(block.float(), self.rotation)
             block = quantize(block.T if self.per_channel else block, self.bits, self.row_group)
             self.blocks = _append_block(self.blocks, block)
 
@@ -143,9 +148,16 @@ class TokenStore:
         """All rows, (len, width), the flushed ones dequantized."""
         if self.blocks is None:
             return self.exact.to(dtype)
-        old = dequantize(self.blocks, dtype)  # (n, rows, cols)
+        old = dequantize(
+            self.blocks, torch.float32 if self.rotation is not None else dtype
+        )  # (n, rows, cols)
         old = (old.transpose(1, 2) if self.per_channel else old).reshape(-1, self.width)
+        if self.rotation is not None:
+            old = self._turn(old, self.rotation.T).to(dtype)
         return torch.cat([old, self.exact.to(dtype)])
+
+    def _turn(self, rows, rotation):  # each row-group of `rows` times `rotation`
+        return (rows.reshape(rows.shape[0], -1, self.row_group) @ rotation).reshape(rows.shape)
 
     def trim(self, n_keep: int) -> None:
         flushed = self.n_blocks * self.group
@@ -237,7 +249,8 @@ def _rows(x):  # (1, H, T, D) -> (T, H * D)
 
 class XQuantCache:
     """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, quantized
-    per token, instead of K and V, and rebuild both at each step with one matmul (k-norm and bias
+    per token in a Hadamard basis (X's outlier channels would otherwise set every group's scale),
+    instead of K and V, and rebuild both at each step with one matmul (k-norm and bias
     as in the forward, RoPE at each token's original position). For an MHA layer X is as wide as
     K alone, so this holds half the values of K/V at equal bits. The newest tokens are exact X,
     so their K/V are exact."""
@@ -245,7 +258,9 @@ class XQuantCache:
     kind = "xquant"
 
     def __init__(self, spec: ModelSpec, cache: CacheSpec, dtype, device):
-        self.x = TokenStore(spec.dim, cache, per_channel=False, dtype=dtype, device=device)
+        self.x = TokenStore(
+            spec.dim, cache, per_channel=False, dtype=dtype, device=device, rotate=True
+        )
 
     @property
     def offset(self) -> int:

@@ -10,6 +10,7 @@ import mlx.core as mx
 from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
+from ..quant import hadamard
 from .quant import Quantized, dequantize, quantize
 
 
@@ -84,9 +85,10 @@ class TokenStore:
     """A growing sequence of token rows of one width. The newest rows stay exact (between
     `residual` and `residual + group - 1` of them); older rows are flushed to the quantized store
     in whole blocks of `group` tokens, each block quantized per token (groups along the row) or
-    per channel (each channel's `group` values share a scale: outlier channels stay contained)."""
+    per channel (each channel's `group` values share a scale: outlier channels stay contained).
+    With `rotate`, per-token blocks are quantized in a Hadamard basis (see backends/quant.py)."""
 
-    def __init__(self, width: int, spec: CacheSpec, per_channel: bool, dtype):
+    def __init__(self, width: int, spec: CacheSpec, per_channel: bool, dtype, rotate=False):
         self.width, self.bits, self.group, self.residual = (
             width,
             spec.bits,
@@ -95,6 +97,7 @@ class TokenStore:
         )
         self.per_channel = per_channel
         self.row_group = self.group if per_channel else feature_group(width, spec.group)
+        self.rotation = mx.array(hadamard(self.row_group)) if rotate else None
         self.exact = mx.zeros((0, width), dtype=dtype)
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, rows, packed words)
 
@@ -109,6 +112,8 @@ class TokenStore:
         self.exact = mx.concatenate([self.exact, rows.astype(self.exact.dtype)])
         while self.exact.shape[0] >= self.residual + self.group:
             block, self.exact = self.exact[: self.group], self.exact[self.group :]
+            if self.rotation is not None:
+                block = self._turn(block.astype(mx.float32), self.rotation)
             block = quantize(block.T if self.per_channel else block, self.bits, self.row_group)
             self.blocks = _append_block(self.blocks, block)
 
@@ -116,9 +121,16 @@ class TokenStore:
         """All rows, (len, width), the flushed ones dequantized."""
         if self.blocks is None:
             return self.exact.astype(dtype)
-        old = dequantize(self.blocks, dtype)  # (n, rows, cols)
+        old = dequantize(
+            self.blocks, mx.float32 if self.rotation is not None else dtype
+        )  # (n, rows, cols)
         old = (old.transpose(0, 2, 1) if self.per_channel else old).reshape(-1, self.width)
+        if self.rotation is not None:
+            old = self._turn(old, self.rotation.T).astype(dtype)
         return mx.concatenate([old, self.exact.astype(dtype)])
+
+    def _turn(self, rows, rotation):  # each row-group of `rows` times `rotation`
+        return (rows.reshape(rows.shape[0], -1, self.row_group) @ rotation).reshape(rows.shape)
 
     def trim(self, n_keep: int) -> None:
         flushed = self.n_blocks * self.group
@@ -220,7 +232,8 @@ def _rows(x):  # (1, H, T, D) -> (T, H * D)
 
 class XQuantCache:
     """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, quantized
-    per token, instead of K and V, and rebuild both at each step with one matmul (k-norm and bias
+    per token in a Hadamard basis (X's outlier channels would otherwise set every group's scale),
+    instead of K and V, and rebuild both at each step with one matmul (k-norm and bias
     as in the forward, RoPE at each token's original position). For an MHA layer X is as wide as
     K alone, so this holds half the values of K/V at equal bits. The newest tokens are exact X,
     so their K/V are exact."""
@@ -228,7 +241,7 @@ class XQuantCache:
     kind = "xquant"
 
     def __init__(self, spec: ModelSpec, cache: CacheSpec, dtype):
-        self.x = TokenStore(spec.dim, cache, per_channel=False, dtype=dtype)
+        self.x = TokenStore(spec.dim, cache, per_channel=False, dtype=dtype, rotate=True)
 
     @property
     def offset(self) -> int:
