@@ -1,7 +1,8 @@
 """Llama-family decoder in PyTorch: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm).
 
 In the spirit of gpt-fast's model.py; transformers' modeling_llama/qwen2/qwen3 are the numerical
-oracle the tests compare against. Q/K/V and gate/up are fused into one matmul each.
+oracle the tests compare against. K/V (`wkv`) and gate/up (`w13`) are each one matmul; a cache
+that holds X rebuilds K and V with `wkv` alone.
 
 Two dtypes: the weights' (fp32, bf16, fp16) and the activations'. On a GPU they are the same. On a
 CPU the residual stream and attention run in fp32: PyTorch's CPU attention and elementwise kernels
