@@ -15,8 +15,8 @@ from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 
-CacheKind = Literal["kv", "kv-quant", "xquant"]
-CACHE_KINDS: tuple[str, ...] = ("kv", "kv-quant", "xquant")
+CacheKind = Literal["kv", "kv-quant", "xquant", "xquant-cl"]
+CACHE_KINDS: tuple[str, ...] = ("kv", "kv-quant", "xquant", "xquant-cl")
 WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -66,6 +66,7 @@ class CacheMemory:
     residual_tokens: int  # how many tokens that window holds
     fp16_kv_bytes: int  # what an fp16 K/V cache would hold for the same tokens
     reserved_bytes: int  # allocated, including room not yet filled
+    factor_bytes: int = 0  # XQuant's encode/rebuild matrices: per model, not per token
 
 
 @dataclass(frozen=True)
@@ -129,18 +130,9 @@ class EngineBase:
         return self.session_class(self, cache)
 
 
-def check_cache(cache: CacheSpec, spec: ModelSpec) -> None:
-    """Refuse a cache kind the model cannot use yet, rather than run a weaker stand-in."""
-    if cache.kind == "xquant" and spec.n_kv_heads != spec.n_heads:
-        raise XQError(
-            "xquant on a GQA model needs the SVD latents, which are not built yet; "
-            "add --mha to run the model in its exact MHA form"
-        )
-
-
 def engine_checkpoint(files: ModelFiles, opts: EngineOptions):
-    """(spec, tensors) as an engine will hold them: in the exact MHA form when asked, after
-    checking that the cache kind suits the model. Tensors are (HF name, numpy array), lazily."""
+    """(spec, tensors) as an engine will hold them: in the exact MHA form when asked. Tensors are
+    (HF name, numpy array), produced lazily."""
     from xqchat.models.weights import as_mha, open_checkpoint
 
     checkpoint = open_checkpoint(files)
@@ -148,7 +140,6 @@ def engine_checkpoint(files: ModelFiles, opts: EngineOptions):
     if opts.mha:
         tensors = ((name, as_mha(checkpoint.spec, name, array)) for name, array in tensors)
         spec = dataclasses.replace(spec, n_kv_heads=spec.n_heads)
-    check_cache(opts.cache, spec)
     return spec, tensors
 
 

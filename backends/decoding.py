@@ -55,6 +55,7 @@ class DecodingSession:
             residual_tokens=self.caches[0].residual_tokens,
             fp16_kv_bytes=self.spec.fp16_kv_bytes(n),
             reserved_bytes=sum(c.reserved_bytes for c in self.caches),
+            factor_bytes=sum(getattr(c, "factor_nbytes", 0) for c in self.caches),
         )
 
     def generate(

@@ -5,13 +5,16 @@ never needs to know how the past is held."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
-from ..quant import hadamard
+from ..latents import LayerLatents, row_group
 from .quant import Quantized, dequantize, quantize
 
 
@@ -100,12 +103,15 @@ class KVCache:
         return 2 * self.keys.numel() * self.keys.element_size()
 
 
-def feature_group(width: int, group: int) -> int:
-    """Groups along a row must divide it: the largest of 128/64/32 (up to `group`) that does."""
-    for size in (128, 64, 32):
-        if size <= group and width % size == 0:
-            return size
-    raise ValueError(f"rows of width {width} cannot be split into groups of 32, 64 or 128")
+class Chain:
+    """XQuant-CL's transient accumulator for one stream of a stack of layers. Layers run in order,
+    so layer i finds here what layer i-1 reconstructed in this forward: the blocks it flushed
+    (their rows predict the same tokens' rows of layer i, which stores only the difference) and
+    all its flushed rows (to which layer i adds its own dequantized differences)."""
+
+    def __init__(self):
+        self.blocks: list[torch.Tensor] = []
+        self.rows: torch.Tensor | None = None
 
 
 class TokenStore:
@@ -113,18 +119,20 @@ class TokenStore:
     `residual` and `residual + group - 1` of them); older rows are flushed to the quantized store
     in whole blocks of `group` tokens, each block quantized per token (groups along the row) or
     per channel (each channel's `group` values share a scale: outlier channels stay contained).
-    With `rotate`, per-token blocks are quantized in a Hadamard basis (see backends/quant.py)."""
+    In a `chain` with `delta`, a block is stored as its difference from the previous layer's
+    reconstruction of the same tokens (closed loop: errors do not accumulate down the layers)."""
 
-    def __init__(self, width: int, spec: CacheSpec, per_channel: bool, dtype, device, rotate=False):
+    def __init__(
+        self, width, spec: CacheSpec, per_channel: bool, dtype, device, chain=None, delta=False
+    ):
         self.width, self.bits, self.group, self.residual = (
             width,
             spec.bits,
             spec.group,
             spec.residual,
         )
-        self.per_channel = per_channel
-        self.row_group = self.group if per_channel else feature_group(width, spec.group)
-        self.rotation = torch.from_numpy(hadamard(self.row_group)).to(device) if rotate else None
+        self.per_channel, self.chain, self.delta = per_channel, chain, delta
+        self.row_group = self.group if per_channel else row_group(width, spec.group)
         self.exact = torch.empty(0, width, dtype=dtype, device=device)
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, rows, packed bytes)
 
@@ -137,27 +145,37 @@ class TokenStore:
 
     def append(self, rows: torch.Tensor) -> None:
         self.exact = torch.cat([self.exact, rows.to(self.exact.dtype)])
+        predictions = self.chain.blocks if self.delta else []
+        flushed = []
         while self.exact.shape[0] >= self.residual + self.group:
-            block, self.exact = self.exact[: self.group], self.exact[self.group :]
-            if self.rotation is not None:
-                block = self._turn(block.float(), self.rotation)
-            block = quantize(block.T if self.per_channel else block, self.bits, self.row_group)
-            self.blocks = _append_block(self.blocks, block)
+            block, self.exact = self.exact[: self.group].float(), self.exact[self.group :]
+            if self.delta:
+                block = block - predictions[len(flushed)]
+            quantized = quantize(block.T if self.per_channel else block, self.bits, self.row_group)
+            self.blocks = _append_block(self.blocks, quantized)
+            rebuilt = self._rows(dequantize(quantized))
+            flushed.append(rebuilt + predictions[len(flushed)] if self.delta else rebuilt)
+        if self.chain is not None:
+            self.chain.blocks = flushed
+
+    def _rows(self, values):  # dequantized block(s) -> rows (..., group, width)
+        return values.transpose(-1, -2) if self.per_channel else values
+
+    def flushed(self) -> torch.Tensor:
+        """The flushed rows, (n_blocks * group, width) float32, dequantized (and accumulated)."""
+        if self.blocks is None:
+            rows = self.exact.new_empty(0, self.width, dtype=torch.float32)
+        else:
+            rows = self._rows(dequantize(self.blocks)).reshape(-1, self.width)
+        if self.delta:
+            rows = rows + self.chain.rows
+        if self.chain is not None:
+            self.chain.rows = rows
+        return rows
 
     def read(self, dtype) -> torch.Tensor:
-        """All rows, (len, width), the flushed ones dequantized."""
-        if self.blocks is None:
-            return self.exact.to(dtype)
-        old = dequantize(
-            self.blocks, torch.float32 if self.rotation is not None else dtype
-        )  # (n, rows, cols)
-        old = (old.transpose(1, 2) if self.per_channel else old).reshape(-1, self.width)
-        if self.rotation is not None:
-            old = self._turn(old, self.rotation.T).to(dtype)
-        return torch.cat([old, self.exact.to(dtype)])
-
-    def _turn(self, rows, rotation):  # each row-group of `rows` times `rotation`
-        return (rows.reshape(rows.shape[0], -1, self.row_group) @ rotation).reshape(rows.shape)
+        """All rows, (len, width)."""
+        return torch.cat([self.flushed().to(dtype), self.exact.to(dtype)])
 
     def trim(self, n_keep: int) -> None:
         flushed = self.n_blocks * self.group
@@ -247,57 +265,113 @@ def _rows(x):  # (1, H, T, D) -> (T, H * D)
     return x[0].transpose(0, 1).reshape(x.shape[2], -1)
 
 
-class XQuantCache:
-    """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, quantized
-    per token in a Hadamard basis (X's outlier channels would otherwise set every group's scale),
-    instead of K and V, and rebuild both at each step with one matmul (k-norm and bias
-    as in the forward, RoPE at each token's original position). For an MHA layer X is as wide as
-    K alone, so this holds half the values of K/V at equal bits. The newest tokens are exact X,
-    so their K/V are exact."""
+class Latents:
+    """One layer's XQuant streams and rebuild matrices (backends/latents.py) as tensors."""
 
-    kind = "xquant"
+    def __init__(self, layer: LayerLatents, dtype, device):
+        def tensor(a):
+            return torch.from_numpy(a).to(device=device, dtype=dtype)
 
-    def __init__(self, spec: ModelSpec, cache: CacheSpec, dtype, device):
-        self.x = TokenStore(
-            spec.dim, cache, per_channel=False, dtype=dtype, device=device, rotate=True
+        self.encode = tensor(np.concatenate([s.encode for s in layer.streams], axis=1))
+        self.widths = [s.encode.shape[1] for s in layer.streams]
+        self.per_channel = [s.per_channel for s in layer.streams]
+        self.keys, self.values = ((i, tensor(matrix)) for i, matrix in (layer.keys, layer.values))
+        self.nbytes = sum(
+            t.numel() * t.element_size() for t in (self.encode, self.keys[1], self.values[1])
         )
+
+
+class XQuantCache:
+    """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, or for
+    a GQA layer its SVD latents, quantized (backends/latents.py), instead of K and V, and rebuild
+    what attention needs at each step: K (bias and k-norm as in the forward, RoPE at each token's
+    original position), but never V: the output of head h is (sum_t a_ht L_t) @ D_v,h, the
+    attention-weighted sum of cached rows projected once. The newest tokens' rows are exact.
+    In a chain (xquant-cl), layers past the first few store differences from the layer before."""
+
+    def __init__(self, latents: Latents, cache: CacheSpec, dtype, device, chains=None, delta=False):
+        self.kind, self.latents = cache.kind, latents
+        self.stores = [
+            TokenStore(
+                w, cache, pc, dtype, device, chain=chains[i] if chains else None, delta=delta
+            )
+            for i, (w, pc) in enumerate(zip(latents.widths, latents.per_channel, strict=True))
+        ]
 
     @property
     def offset(self) -> int:
-        return len(self.x)
+        return len(self.stores[0])
 
     def attend(self, layer, x, q, k, v, cos, sin, mask):
         start, end = self.offset, self.offset + x.shape[1]
-        self.x.append(x[0])
-        keys, values = layer.keys_values(self.x.read(q.dtype)[None])
-        return attention(
-            rotate(q, cos[start:end], sin[start:end]),
-            rotate(keys, cos[:end], sin[:end]),
-            values,
-            mask,
-        )
+        encode = self.latents.encode
+        rows = (x[0].to(encode.dtype) @ encode).split(self.latents.widths, dim=-1)
+        for store, new in zip(self.stores, rows, strict=True):
+            store.append(new)
+        cached = [store.read(encode.dtype) for store in self.stores]
+        (ki, to_keys), (vi, to_values) = self.latents.keys, self.latents.values
+        keys = layer.finish_keys((cached[ki] @ to_keys)[None].to(q.dtype))
+        q = rotate(q, cos[start:end], sin[start:end])
+        scores = q.reshape(keys.shape[1], -1, q.shape[-1]) @ rotate(keys, cos[:end], sin[:end])[
+            0
+        ].transpose(1, 2)
+        n_rep, t = q.shape[1] // keys.shape[1], q.shape[2]
+        if mask is None and t > 1:
+            mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(end - t)
+        if mask is not None:
+            scores.masked_fill_(~mask.repeat(n_rep, 1), float("-inf"))
+        weights = torch.softmax(scores.float() * q.shape[-1] ** -0.5, dim=-1)
+        mixed = weights.to(to_values.dtype) @ cached[vi]  # (H_kv, n_rep * T, width)
+        heads = to_values.view(to_values.shape[0], keys.shape[1], -1).transpose(0, 1)
+        out = (mixed @ heads).view(1, q.shape[1], t, -1).to(q.dtype)
+        return layer.finish_values(out)
 
     def trim(self, n_keep: int) -> None:
-        self.x.trim(n_keep)
+        for store in self.stores:
+            store.trim(n_keep)
 
     @property
     def nbytes(self) -> int:
-        return self.x.nbytes
+        return sum(store.nbytes for store in self.stores)
 
     @property
     def residual_nbytes(self) -> int:
-        return self.x.residual_nbytes
+        return sum(store.residual_nbytes for store in self.stores)
 
     @property
     def residual_tokens(self) -> int:
-        return self.x.exact.shape[0]
+        return self.stores[0].exact.shape[0]
+
+    @property
+    def factor_nbytes(self) -> int:
+        return self.latents.nbytes
 
     reserved_bytes = nbytes
 
 
-def new_cache(cache: CacheSpec, spec: ModelSpec, dtype, device, upcast):
+BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant and seed the chain
+
+
+def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, device, upcast, latents) -> list:
+    """One cache per layer. `latents(group, cross_layer)` gives every layer's Latents."""
+    n = spec.n_layers
     if cache.kind == "kv":
-        return KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype, device, upcast)
+        return [
+            KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype, device, upcast)
+            for _ in range(n)
+        ]
     if cache.kind == "kv-quant":
-        return QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype, device)
-    return XQuantCache(spec, cache, dtype, device)
+        return [
+            QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype, device) for _ in range(n)
+        ]
+    layers = latents(cache.group, cross_layer=cache.kind == "xquant-cl")
+    if cache.kind == "xquant":
+        return [XQuantCache(layer, cache, dtype, device) for layer in layers]
+    chains = [Chain() for _ in layers[0].widths]
+    base = dataclasses.replace(cache, bits=max(cache.bits, BASE_BITS))
+    return [
+        XQuantCache(
+            layer, base if i < BASE_LAYERS else cache, dtype, device, chains, i >= BASE_LAYERS
+        )
+        for i, layer in enumerate(layers)
+    ]

@@ -26,7 +26,8 @@ from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import to_engine_layout
 
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
-from .cache import Upcast, new_cache
+from ..latents import layer_latents
+from .cache import Latents, Upcast, new_caches
 from .session import EngineSession
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +55,14 @@ class Linear(nn.Linear):
         del self.weight
         self.register_buffer("weight", packed)
         self.packed = True
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) weight as a plain tensor; a packed one is read back through the identity
+        (exact: each output is one weight times 1, summed with zeros)."""
+        if not self.packed:
+            return self.weight.detach()
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch.ops.mkldnn._linear_pointwise(eye, self.weight, None, "none", [], "").T
 
     def forward(self, x):
         x = x.to(self.weight.dtype)
@@ -120,10 +129,26 @@ class Attention(nn.Module):
         """x (B, T, dim) -> K before RoPE (k-norm and bias applied) and V, each (B, H_kv, T, D)."""
         b, t, _ = x.shape
         k, v = self.wkv(x).to(x.dtype).split(self.kv_dim, dim=-1)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:
-            k = self.k_norm(k)
-        return k.transpose(1, 2), v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return self._keys(k), v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+
+    def _keys(self, k):  # (B, T, kv_dim) -> (B, H_kv, T, D), k-norm applied
+        k = k.view(*k.shape[:2], self.n_kv_heads, self.head_dim)
+        return (self.k_norm(k) if self.qk_norm else k).transpose(1, 2)
+
+    def finish_keys(self, k):
+        """Keys a cache rebuilt as x @ W_k, (B, T, kv_dim) -> (B, H_kv, T, D) with the bias and
+        k-norm the forward applies."""
+        if self.wkv.bias is not None:
+            k = k + self.wkv.bias[: self.kv_dim].to(k.dtype)
+        return self._keys(k)
+
+    def finish_values(self, out):
+        """Attention output a cache built from values rebuilt without their bias, (B, H, T, D):
+        the weights of each query sum to one, so the bias adds once per head."""
+        if self.wkv.bias is None:
+            return out
+        bias = self.wkv.bias[self.kv_dim :].to(out.dtype).view(self.n_kv_heads, 1, self.head_dim)
+        return out + bias.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
 
 
 class FeedForward(nn.Module):
@@ -162,6 +187,7 @@ class Transformer(nn.Module):
         if not spec.tied_embeddings:
             self.lm_head = Linear(spec.dim, spec.vocab_size, bias=False)
         self.upcast = Upcast()
+        self.latent_layers: dict = {}  # (group, cross_layer) -> per-layer Latents, built on demand
 
     def forward(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
         """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim)."""
@@ -188,10 +214,23 @@ class Transformer(nn.Module):
 
     def new_caches(self, cache: CacheSpec) -> list:
         device = self.embed.weight.device
-        return [
-            new_cache(cache, self.spec, self.kv_dtype, device, self.upcast)
-            for _ in range(self.spec.n_layers)
-        ]
+        return new_caches(cache, self.spec, self.kv_dtype, device, self.upcast, self.latents)
+
+    def latents(self, group: int, cross_layer: bool) -> list[Latents]:
+        """XQuant's per-layer streams (backends/latents.py), from the weights as the engine
+        holds them; the SVDs are computed once per model and kept on disk."""
+        key = (group, cross_layer)
+        if key not in self.latent_layers:
+            kv_dim = self.spec.kv_dim
+            w = [
+                layer.attention.wkv.dense_weight().float().T.cpu().numpy() for layer in self.layers
+            ]
+            layers, self.svd_seconds = layer_latents(
+                [a[:, :kv_dim] for a in w], [a[:, kv_dim:] for a in w], group, cross_layer
+            )
+            device = self.embed.weight.device
+            self.latent_layers[key] = [Latents(layer, self.kv_dtype, device) for layer in layers]
+        return self.latent_layers[key]
 
 
 def pick_device(device: str) -> str:

@@ -5,12 +5,15 @@ attention output."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
+import numpy as np
 
 from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
-from ..quant import hadamard
+from ..latents import LayerLatents, row_group
 from .quant import Quantized, dequantize, quantize
 
 
@@ -73,12 +76,15 @@ class KVCache:
         return self.keys.nbytes + self.values.nbytes
 
 
-def feature_group(width: int, group: int) -> int:
-    """Groups along a row must divide it: the largest of 128/64/32 (up to `group`) that does."""
-    for size in (128, 64, 32):
-        if size <= group and width % size == 0:
-            return size
-    raise ValueError(f"rows of width {width} cannot be split into groups of 32, 64 or 128")
+class Chain:
+    """XQuant-CL's transient accumulator for one stream of a stack of layers. Layers run in order,
+    so layer i finds here what layer i-1 reconstructed in this forward: the blocks it flushed
+    (their rows predict the same tokens' rows of layer i, which stores only the difference) and
+    all its flushed rows (to which layer i adds its own dequantized differences)."""
+
+    def __init__(self):
+        self.blocks: list[mx.array] = []
+        self.rows: mx.array | None = None
 
 
 class TokenStore:
@@ -86,18 +92,18 @@ class TokenStore:
     `residual` and `residual + group - 1` of them); older rows are flushed to the quantized store
     in whole blocks of `group` tokens, each block quantized per token (groups along the row) or
     per channel (each channel's `group` values share a scale: outlier channels stay contained).
-    With `rotate`, per-token blocks are quantized in a Hadamard basis (see backends/quant.py)."""
+    In a `chain` with `delta`, a block is stored as its difference from the previous layer's
+    reconstruction of the same tokens (closed loop: errors do not accumulate down the layers)."""
 
-    def __init__(self, width: int, spec: CacheSpec, per_channel: bool, dtype, rotate=False):
+    def __init__(self, width, spec: CacheSpec, per_channel: bool, dtype, chain=None, delta=False):
         self.width, self.bits, self.group, self.residual = (
             width,
             spec.bits,
             spec.group,
             spec.residual,
         )
-        self.per_channel = per_channel
-        self.row_group = self.group if per_channel else feature_group(width, spec.group)
-        self.rotation = mx.array(hadamard(self.row_group)) if rotate else None
+        self.per_channel, self.chain, self.delta = per_channel, chain, delta
+        self.row_group = self.group if per_channel else row_group(width, spec.group)
         self.exact = mx.zeros((0, width), dtype=dtype)
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, rows, packed words)
 
@@ -110,27 +116,38 @@ class TokenStore:
 
     def append(self, rows: mx.array) -> None:
         self.exact = mx.concatenate([self.exact, rows.astype(self.exact.dtype)])
+        predictions = self.chain.blocks if self.delta else []
+        flushed = []
         while self.exact.shape[0] >= self.residual + self.group:
-            block, self.exact = self.exact[: self.group], self.exact[self.group :]
-            if self.rotation is not None:
-                block = self._turn(block.astype(mx.float32), self.rotation)
-            block = quantize(block.T if self.per_channel else block, self.bits, self.row_group)
-            self.blocks = _append_block(self.blocks, block)
+            block = self.exact[: self.group].astype(mx.float32)
+            self.exact = self.exact[self.group :]
+            if self.delta:
+                block = block - predictions[len(flushed)]
+            quantized = quantize(block.T if self.per_channel else block, self.bits, self.row_group)
+            self.blocks = _append_block(self.blocks, quantized)
+            rebuilt = self._rows(dequantize(quantized))
+            flushed.append(rebuilt + predictions[len(flushed)] if self.delta else rebuilt)
+        if self.chain is not None:
+            self.chain.blocks = flushed
+
+    def _rows(self, values):  # dequantized block(s) -> rows (..., group, width)
+        return values.swapaxes(-1, -2) if self.per_channel else values
+
+    def flushed(self) -> mx.array:
+        """The flushed rows, (n_blocks * group, width) float32, dequantized (and accumulated)."""
+        if self.blocks is None:
+            rows = mx.zeros((0, self.width), dtype=mx.float32)
+        else:
+            rows = self._rows(dequantize(self.blocks)).reshape(-1, self.width)
+        if self.delta:
+            rows = rows + self.chain.rows
+        if self.chain is not None:
+            self.chain.rows = rows
+        return rows
 
     def read(self, dtype) -> mx.array:
-        """All rows, (len, width), the flushed ones dequantized."""
-        if self.blocks is None:
-            return self.exact.astype(dtype)
-        old = dequantize(
-            self.blocks, mx.float32 if self.rotation is not None else dtype
-        )  # (n, rows, cols)
-        old = (old.transpose(0, 2, 1) if self.per_channel else old).reshape(-1, self.width)
-        if self.rotation is not None:
-            old = self._turn(old, self.rotation.T).astype(dtype)
-        return mx.concatenate([old, self.exact.astype(dtype)])
-
-    def _turn(self, rows, rotation):  # each row-group of `rows` times `rotation`
-        return (rows.reshape(rows.shape[0], -1, self.row_group) @ rotation).reshape(rows.shape)
+        """All rows, (len, width)."""
+        return mx.concatenate([self.flushed().astype(dtype), self.exact.astype(dtype)])
 
     def trim(self, n_keep: int) -> None:
         flushed = self.n_blocks * self.group
@@ -230,54 +247,107 @@ def _rows(x):  # (1, H, T, D) -> (T, H * D)
     return x[0].transpose(1, 0, 2).reshape(x.shape[2], -1)
 
 
+class Latents:
+    """One layer's XQuant streams and rebuild matrices (backends/latents.py) as arrays."""
+
+    def __init__(self, layer: LayerLatents, dtype):
+        self.encode = mx.array(np.concatenate([s.encode for s in layer.streams], axis=1), dtype)
+        self.widths = [s.encode.shape[1] for s in layer.streams]
+        self.per_channel = [s.per_channel for s in layer.streams]
+        self.keys, self.values = (
+            (i, mx.array(matrix, dtype)) for i, matrix in (layer.keys, layer.values)
+        )
+        self.nbytes = self.encode.nbytes + self.keys[1].nbytes + self.values[1].nbytes
+
+
 class XQuantCache:
-    """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, quantized
-    per token in a Hadamard basis (X's outlier channels would otherwise set every group's scale),
-    instead of K and V, and rebuild both at each step with one matmul (k-norm and bias
-    as in the forward, RoPE at each token's original position). For an MHA layer X is as wide as
-    K alone, so this holds half the values of K/V at equal bits. The newest tokens are exact X,
-    so their K/V are exact."""
+    """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, or for
+    a GQA layer its SVD latents, quantized (backends/latents.py), instead of K and V, and rebuild
+    what attention needs at each step: K (bias and k-norm as in the forward, RoPE at each token's
+    original position), but never V: the output of head h is (sum_t a_ht L_t) @ D_v,h, the
+    attention-weighted sum of cached rows projected once. The newest tokens' rows are exact.
+    In a chain (xquant-cl), layers past the first few store differences from the layer before."""
 
-    kind = "xquant"
-
-    def __init__(self, spec: ModelSpec, cache: CacheSpec, dtype):
-        self.x = TokenStore(spec.dim, cache, per_channel=False, dtype=dtype, rotate=True)
+    def __init__(self, latents: Latents, cache: CacheSpec, dtype, chains=None, delta=False):
+        self.kind, self.latents = cache.kind, latents
+        self.stores = [
+            TokenStore(w, cache, pc, dtype, chain=chains[i] if chains else None, delta=delta)
+            for i, (w, pc) in enumerate(zip(latents.widths, latents.per_channel, strict=True))
+        ]
 
     @property
     def offset(self) -> int:
-        return len(self.x)
+        return len(self.stores[0])
 
     def attend(self, layer, x, q, k, v, rope, mask):
-        start = self.offset
-        self.x.append(x[0])
-        keys, values = layer.keys_values(self.x.read(q.dtype)[None])
-        return attention(rope(q, start), rope(keys, 0), values, mask)
+        start, t = self.offset, x.shape[1]
+        end = start + t
+        encode = self.latents.encode
+        rows = mx.split(x[0].astype(encode.dtype) @ encode, _cuts(self.latents.widths), axis=-1)
+        for store, new in zip(self.stores, rows, strict=True):
+            store.append(new)
+        cached = [store.read(encode.dtype) for store in self.stores]
+        (ki, to_keys), (vi, to_values) = self.latents.keys, self.latents.values
+        keys = rope(layer.finish_keys((cached[ki] @ to_keys)[None].astype(q.dtype)), 0)
+        h_kv, n_rep = keys.shape[1], q.shape[1] // keys.shape[1]
+        q = rope(q, start).reshape(h_kv, n_rep * t, -1)
+        scores = (q @ keys[0].swapaxes(1, 2)).astype(mx.float32) * q.shape[-1] ** -0.5
+        if mask is not None:  # "causal": new tokens see the cache and each other causally
+            visible = mx.tril(mx.ones((t, end), dtype=mx.bool_), k=end - t)
+            scores = mx.where(mx.tile(visible, (n_rep, 1)), scores, -mx.inf)
+        weights = mx.softmax(scores, axis=-1)
+        mixed = weights.astype(to_values.dtype) @ cached[vi]  # (H_kv, n_rep * T, width)
+        heads = to_values.reshape(to_values.shape[0], h_kv, -1).swapaxes(0, 1)
+        out = (mixed @ heads).reshape(1, h_kv * n_rep, t, -1).astype(q.dtype)
+        return layer.finish_values(out)
 
     def trim(self, n_keep: int) -> None:
-        self.x.trim(n_keep)
+        for store in self.stores:
+            store.trim(n_keep)
 
     @property
     def state(self) -> list[mx.array]:
-        return self.x.state
+        return [a for store in self.stores for a in store.state]
 
     @property
     def nbytes(self) -> int:
-        return self.x.nbytes
+        return sum(store.nbytes for store in self.stores)
 
     @property
     def residual_nbytes(self) -> int:
-        return self.x.residual_nbytes
+        return sum(store.residual_nbytes for store in self.stores)
 
     @property
     def residual_tokens(self) -> int:
-        return self.x.exact.shape[0]
+        return self.stores[0].exact.shape[0]
+
+    @property
+    def factor_nbytes(self) -> int:
+        return self.latents.nbytes
 
     reserved_bytes = nbytes
 
 
-def new_cache(cache: CacheSpec, spec: ModelSpec, dtype):
+def _cuts(widths):  # split points between consecutive widths
+    return [sum(widths[: i + 1]) for i in range(len(widths) - 1)]
+
+
+BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant and seed the chain
+
+
+def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, latents) -> list:
+    """One cache per layer. `latents(group, cross_layer)` gives every layer's Latents."""
+    n = spec.n_layers
     if cache.kind == "kv":
-        return KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype)
+        return [KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype) for _ in range(n)]
     if cache.kind == "kv-quant":
-        return QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype)
-    return XQuantCache(spec, cache, dtype)
+        return [QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype) for _ in range(n)]
+    layers = latents(cache.group, cross_layer=cache.kind == "xquant-cl")
+    if cache.kind == "xquant":
+        return [XQuantCache(layer, cache, dtype) for layer in layers]
+    chains = [Chain() for _ in layers[0].widths]
+    base = dataclasses.replace(cache, bits=max(cache.bits, BASE_BITS))
+    return [
+        XQuantCache(layer, base if i < BASE_LAYERS else cache, dtype, chains, i >= BASE_LAYERS)
+        for i, layer in enumerate(layers)
+    ]

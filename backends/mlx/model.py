@@ -21,7 +21,8 @@ from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import to_engine_layout
 
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
-from .cache import new_cache
+from ..latents import layer_latents
+from .cache import Latents, new_caches
 from .kernels import swiglu
 from .session import EngineSession
 
@@ -111,12 +112,27 @@ class Attention(nn.Module):
         """x (B, T, dim) -> K before RoPE (k-norm and bias applied) and V, each (B, H_kv, T, D)."""
         b, t, _ = x.shape
         k, v = mx.split(self.wkv(x), [self.kv_dim], axis=-1)
-        k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:
-            k = self.k_norm(k)
-        return k.transpose(0, 2, 1, 3), v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(
-            0, 2, 1, 3
-        )
+        v = v.reshape(b, t, self.n_kv_heads, self.head_dim)
+        return self._keys(k), v.transpose(0, 2, 1, 3)
+
+    def _keys(self, k):  # (B, T, kv_dim) -> (B, H_kv, T, D), k-norm applied
+        k = k.reshape(*k.shape[:2], self.n_kv_heads, self.head_dim)
+        return (self.k_norm(k) if self.qk_norm else k).transpose(0, 2, 1, 3)
+
+    def finish_keys(self, k):
+        """Keys a cache rebuilt as x @ W_k, (B, T, kv_dim) -> (B, H_kv, T, D) with the bias and
+        k-norm the forward applies."""
+        if "bias" in self.wkv:
+            k = k + self.wkv.bias[: self.kv_dim].astype(k.dtype)
+        return self._keys(k)
+
+    def finish_values(self, out):
+        """Attention output a cache built from values rebuilt without their bias, (B, H, T, D):
+        the weights of each query sum to one, so the bias adds once per head."""
+        if "bias" not in self.wkv:
+            return out
+        bias = self.wkv.bias[self.kv_dim :].astype(out.dtype).reshape(self.n_kv_heads, 1, -1)
+        return out + mx.repeat(bias, self.n_heads // self.n_kv_heads, axis=0)
 
 
 class FeedForward(nn.Module):
@@ -151,6 +167,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
         if not spec.tied_embeddings:
             self.lm_head = Linear(spec.dim, spec.vocab_size)
+        # (group, cross_layer) -> per-layer Latents, built on demand; a plain attribute, not a
+        # child module (nn.Module keeps dict attributes in its parameter tree)
+        object.__setattr__(self, "latent_layers", {})
 
     def __call__(self, tokens: mx.array, caches: list) -> mx.array:
         """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim)."""
@@ -167,7 +186,20 @@ class Transformer(nn.Module):
         return self.lm_head(hidden)
 
     def new_caches(self, cache: CacheSpec) -> list:
-        return [new_cache(cache, self.spec, self.kv_dtype) for _ in range(self.spec.n_layers)]
+        return new_caches(cache, self.spec, self.kv_dtype, self.latents)
+
+    def latents(self, group: int, cross_layer: bool) -> list[Latents]:
+        """XQuant's per-layer streams (backends/latents.py), from the weights as the engine
+        holds them; the SVDs are computed once per model and kept on disk."""
+        key = (group, cross_layer)
+        if key not in self.latent_layers:
+            kv_dim = self.spec.kv_dim
+            w = [np.array(layer.attention.wkv.weight.astype(mx.float32)) for layer in self.layers]
+            layers, self.svd_seconds = layer_latents(
+                [a[:, :kv_dim] for a in w], [a[:, kv_dim:] for a in w], group, cross_layer
+            )
+            self.latent_layers[key] = [Latents(layer, self.kv_dtype) for layer in layers]
+        return self.latent_layers[key]
 
 
 def pick_device(device: str) -> str:

@@ -1,0 +1,155 @@
+"""What an XQuant layer caches instead of K and V, and the matrices that rebuild K and V from it
+(Tomar, Hooper et al., arXiv 2508.10395). Framework-free: numpy in float64, converted by each
+backend to its own arrays.
+
+- MHA (K and V together are at least as wide as X): cache X itself, one row per token.
+- GQA: cache the latents L_k = X·U_k and L_v = X·U_v, where W_k = U_k·Σ_k·B_kᵀ is the thin SVD
+  (U_k: dim x kv_dim). Full rank, so K = L_k·(Σ_k·B_kᵀ) is exact before quantization, and the two
+  latents hold as many values as K and V, not the width of X. L_k is quantized per channel (its
+  first channels carry X's outliers); L_v per token.
+- Per-token streams are quantized in a Hadamard basis (backends/quant.py: one outlier channel no
+  longer sets its whole group's scale); the rotation is folded into the encode/decode matrices.
+- For XQuant-CL each layer's bases are rotated (orthogonal Procrustes) to be as close as possible
+  to the previous layer's, so a latent row of layer i predicts the same token's row of layer i+1
+  and only the difference is quantized. A rotation of the basis changes nothing exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from xqchat.models.paths import cache_dir
+
+from .quant import hadamard
+
+
+@dataclass(frozen=True)
+class Stream:
+    encode: np.ndarray  # (dim, width): the cached row of a token is x @ encode
+    per_channel: bool  # quantize each channel over a block of tokens, or each token's row
+
+
+@dataclass(frozen=True)
+class LayerLatents:
+    streams: tuple[Stream, ...]
+    keys: tuple[int, np.ndarray]  # (stream, (width, kv_dim)): K before bias, k-norm and RoPE
+    values: tuple[int, np.ndarray]  # (stream, (width, kv_dim)): V before bias
+
+    @property
+    def nbytes_fp32(self) -> int:
+        arrays = [s.encode for s in self.streams] + [self.keys[1], self.values[1]]
+        return sum(a.size * 4 for a in arrays)
+
+
+def uses_latents(dim: int, kv_dim: int) -> bool:
+    """Two latents of kv_dim are smaller than X only when K and V together are narrower than X."""
+    return 2 * kv_dim < dim
+
+
+def row_group(width: int, group: int) -> int:
+    """Groups along a row must divide it: the largest of 128/64/32 (up to `group`) that does."""
+    for size in (128, 64, 32):
+        if size <= group and width % size == 0:
+            return size
+    raise ValueError(f"rows of width {width} cannot be split into groups of 32, 64 or 128")
+
+
+def block_hadamard(width: int, group: int) -> np.ndarray:
+    return np.kron(np.eye(width // row_group(width, group)), hadamard(row_group(width, group)))
+
+
+@dataclass(frozen=True)
+class Bases:
+    """Per layer: W_k = u_k @ d_k and W_v = u_v @ d_v, u with orthonormal columns."""
+
+    u_k: np.ndarray  # (layers, dim, kv_dim)
+    d_k: np.ndarray  # (layers, kv_dim, kv_dim)
+    u_v: np.ndarray
+    d_v: np.ndarray
+    seconds: float  # to compute them (0 when read from the cache file)
+
+
+def thin_svd(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+    return u, s[:, None] * vt
+
+
+def aligned(us: np.ndarray, ds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate each layer's basis towards the previous one: R = argmin ||u_i R - u_(i-1)|| over
+    orthogonal R, from the SVD of u_iᵀ u_(i-1); then u_i R and Rᵀ d_i rebuild the same W."""
+    us, ds = us.copy(), ds.copy()
+    for i in range(1, len(us)):
+        p, _, qt = np.linalg.svd(us[i].T @ us[i - 1])
+        r = p @ qt
+        us[i], ds[i] = us[i] @ r, r.T @ ds[i]
+    return us, ds
+
+
+def svd_bases(w_k: list[np.ndarray], w_v: list[np.ndarray]) -> Bases:
+    """Thin SVDs of every layer's W_k and W_v (each (dim, kv_dim), as x @ W), computed once per
+    model and kept in the user cache dir under a hash of the weights themselves."""
+    digest = hashlib.sha256()
+    for w in (*w_k, *w_v):
+        digest.update(np.ascontiguousarray(w, dtype=np.float32).tobytes())
+    path = cache_dir() / "latents" / f"{digest.hexdigest()[:32]}.npz"
+    try:
+        with np.load(path) as saved:
+            return Bases(saved["u_k"], saved["d_k"], saved["u_v"], saved["d_v"], 0.0)
+    except (OSError, KeyError, ValueError):
+        pass  # not computed yet, or a damaged file: compute again
+    start = time.perf_counter()
+    (u_k, d_k), (u_v, d_v) = (
+        [np.stack(a) for a in zip(*(thin_svd(w) for w in ws), strict=True)] for ws in (w_k, w_v)
+    )
+    bases = Bases(u_k, d_k, u_v, d_v, time.perf_counter() - start)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, u_k=u_k, d_k=d_k, u_v=u_v, d_v=d_v)
+    partial.replace(path)  # atomically: a crash never leaves a half-written file under the name
+    return bases
+
+
+def layer_latents(
+    w_k: list[np.ndarray], w_v: list[np.ndarray], group: int, cross_layer: bool
+) -> tuple[list[LayerLatents], float]:
+    """Every layer's streams and rebuild matrices (float32), and the seconds the SVDs took."""
+    dim, kv_dim = w_k[0].shape
+    if not uses_latents(dim, kv_dim):
+        turn = block_hadamard(dim, group)
+        layers = [
+            LayerLatents((Stream(turn, per_channel=False),), (0, turn.T @ wk), (0, turn.T @ wv))
+            for wk, wv in zip(w_k, w_v, strict=True)
+        ]
+        return _float32(layers), 0.0
+    bases = svd_bases(w_k, w_v)
+    u_k, d_k, u_v, d_v = bases.u_k, bases.d_k, bases.u_v, bases.d_v
+    if cross_layer:
+        (u_k, d_k), (u_v, d_v) = aligned(u_k, d_k), aligned(u_v, d_v)
+    turn = block_hadamard(kv_dim, group)
+    layers = [
+        LayerLatents(
+            (Stream(u_k[i], per_channel=True), Stream(u_v[i] @ turn, per_channel=False)),
+            (0, d_k[i]),
+            (1, turn.T @ d_v[i]),
+        )
+        for i in range(len(w_k))
+    ]
+    return _float32(layers), bases.seconds
+
+
+def _float32(layers: list[LayerLatents]) -> list[LayerLatents]:
+    def f(a):
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    return [
+        LayerLatents(
+            tuple(Stream(f(s.encode), s.per_channel) for s in layer.streams),
+            (layer.keys[0], f(layer.keys[1])),
+            (layer.values[0], f(layer.values[1])),
+        )
+        for layer in layers
+    ]
