@@ -4,11 +4,19 @@ subclasses it and supplies the tensor work: `_forward`, `_sample`, `_rng`, `logp
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+from xqchat.models.errors import XQError
 
 from .base import CacheMemory, CacheSpec, GenerationConfig, TokenEvent
+
+CACHE_FORMAT = "xqchat-cache/1"
 
 PREFILL_CHUNK = 512  # bounds attention's transient memory on long prompts
 
@@ -31,6 +39,9 @@ class DecodingSession:
 
     def _sample(self, cfg: GenerationConfig, rng) -> int: ...
     def _rng(self, seed: int | None): ...
+    def _write(self, path: Path, arrays: dict, metadata: dict) -> None: ...
+    def _read(self, path: Path) -> tuple[dict, dict]: ...
+    def _bytes(self, array) -> bytes: ...
 
     # -- shared --------------------------------------------------------------------------------
     def prefill(self, tokens: list[int]) -> None:
@@ -45,6 +56,77 @@ class DecodingSession:
             cache.trim(n_keep)
         del self.tokens[n_keep:]
         self._next_logits = None
+
+    def save(self, path) -> None:
+        """Write what the caches hold (and the tokens they hold) to `path`, a safetensors file,
+        atomically: an interrupted save never leaves a damaged file under that name."""
+        if self._next_logits is None:
+            raise XQError("nothing to save: the session holds no tokens")
+        arrays = {
+            f"{i}.{name}": array
+            for i, cache in enumerate(self.caches)
+            for name, array in cache.state_dict().items()
+        }
+        arrays["next_logits"] = self._next_logits
+        header = {
+            "format": CACHE_FORMAT,
+            "model": self._fingerprint(),
+            "cache": dataclasses.asdict(self.cache),
+            "tokens": self.tokens,
+            "sha256": self._digest(arrays),
+        }
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial.safetensors")
+        self._write(partial, arrays, {"xqchat": json.dumps(header)})
+        partial.replace(path)
+
+    def load(self, path) -> None:
+        """Restore what `save` wrote, replacing this session's state; a file from another model,
+        backend or cache kind, or a damaged one, is refused and the session is left as it was."""
+        try:
+            arrays, metadata = self._read(Path(path))
+            header = json.loads(metadata["xqchat"])
+        except FileNotFoundError:
+            raise XQError(f"no saved cache at {path}") from None
+        except Exception:
+            raise XQError(f"{path} is not a readable xqchat cache (damaged or truncated)") from None
+        if header.get("format") != CACHE_FORMAT:
+            raise XQError(f"{path} is not an xqchat cache of a format this version reads")
+        if header["model"] != self._fingerprint():
+            saved = header["model"]
+            raise XQError(
+                f"{path} was saved by another model or engine ({saved['backend']}, "
+                f"{saved['dtype']} weights, {saved['spec']['arch']} {saved['spec']['dim']}-dim)"
+            )
+        if header["cache"] != dataclasses.asdict(self.cache):
+            c = header["cache"]
+            raise XQError(
+                f"{path} holds a {c['kind']} cache ({c['bits']} bits, group {c['group']}, "
+                f"residual {c['residual']}); this session uses another: load it with those options"
+            )
+        if header["sha256"] != self._digest(arrays):
+            raise XQError(f"{path} is damaged: its contents do not match their checksum")
+        caches = self._new_caches()
+        for i, cache in enumerate(caches):
+            prefix = f"{i}."
+            cache.load_state_dict(
+                {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            )
+        self.caches, self.tokens = caches, list(header["tokens"])
+        self._next_logits = arrays["next_logits"]
+        self._prefilled = (0, len(self.tokens), 0.0)
+
+    def _fingerprint(self) -> dict:
+        spec = dataclasses.asdict(self.spec)
+        spec.pop("notes")
+        return {"backend": self.model.backend, "dtype": self.model.dtype, "spec": spec}
+
+    def _digest(self, arrays: dict) -> str:
+        digest = hashlib.sha256()
+        for name in sorted(arrays):
+            digest.update(name.encode())
+            digest.update(self._bytes(arrays[name]))
+        return digest.hexdigest()
 
     def memory(self) -> CacheMemory:
         n = len(self.tokens)

@@ -43,6 +43,8 @@ TINY = dict(
     rms_norm_eps=1e-6,
 )
 
+WIDE = {**TINY, "hidden_size": 128, "num_attention_heads": 8}
+
 
 def tiny_configs():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -66,6 +68,9 @@ def tiny_configs():
         "mistral": MistralConfig(**TINY, sliding_window=None),
         "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True),
         "qwen3": Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False),
+        # K and V together narrower than X (32 + 32 < 128): XQuant caches SVD latents, not X
+        "gqa-qwen2": Qwen2Config(**WIDE, tie_word_embeddings=True),
+        "gqa-qwen3": Qwen3Config(**WIDE, head_dim=16, tie_word_embeddings=True),
     }
 
 

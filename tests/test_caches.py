@@ -1,6 +1,7 @@
 """Compressed caches, held to the same expectations in every backend: bytes equal the formula,
 quality close to exact K/V, trim exact, and the two backends agree."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -230,3 +231,212 @@ def test_hadamard_rotation_contains_an_outlier_channel(backend):
         assert store.exact.shape[0] == 0  # all 64 rows went through the quantizer
         errors.append(np.abs(np.delete(got - rows, 5, axis=1)).mean())
     assert errors[1] < 0.65 * errors[0]
+
+
+# -- XQuant on GQA layers (SVD latents) and XQuant-CL ------------------------------------------
+
+
+def load_tiny(tiny_models, name, backend, **options):
+    from xqchat.backends.base import EngineOptions, load_model
+    from xqchat.models import resolve
+
+    return load_model(
+        resolve(str(tiny_models[name])), EngineOptions(backend=backend, weights="fp32", **options)
+    )
+
+
+@pytest.fixture(scope="module", params=["gqa-qwen2", "gqa-qwen3"])
+def tiny_gqa(request, tiny_models, backend):
+    """GQA with K/V bias (qwen2) or k-norm (qwen3): both must survive the latent rebuild."""
+    return load_tiny(tiny_models, request.param, backend)
+
+
+@pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
+def test_latents_rebuild_keys_and_values_exactly(tiny_gqa, kind):
+    """Before any quantization (the exact window holds everything) attention from latents, with
+    V never rebuilt, equals attention over exact K/V."""
+    ids = list(range(700, 800))
+    exact = tiny_gqa.new_session().logits(ids)
+    session = tiny_gqa.new_session(CacheSpec(kind=kind, residual=128))
+    assert [s.width for s in session.caches[0].stores] == [32, 32]  # L_k and L_v, not X (128)
+    got = session.logits(ids[:60])
+    got = np.concatenate([got, session.logits(ids[60:61]), session.logits(ids[61:])])
+    assert np.abs(got - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
+def latent_bytes(spec, tokens, cache, base_layers=0):
+    """Formula: per flushed block of `group` tokens, L_k per channel and L_v per token (groups
+    of 32 here, the row width being 32); the exact rows in fp32; base layers at >= 4 bits."""
+    blocks = max(0, (tokens - cache.residual) // cache.group)
+    exact = tokens - blocks * cache.group
+    width = spec.kv_dim
+
+    def layer(bits):
+        per_block = quantized_nbytes(width * cache.group, bits, cache.group)
+        per_block += quantized_nbytes(width * cache.group, bits, min(32, cache.group))
+        return blocks * per_block + exact * 2 * width * 4
+
+    n = spec.n_layers
+    return base_layers * layer(max(cache.bits, 4)) + (n - base_layers) * layer(cache.bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
+def test_latent_bytes_match_the_formula(tiny_gqa, kind, bits):
+    cache = CacheSpec(kind=kind, bits=bits, group=32, residual=16)
+    session = tiny_gqa.new_session(cache)
+    session.prefill(list(range(1000, 1090)))
+    base = min(3, tiny_gqa.spec.n_layers) if kind == "xquant-cl" else 0
+    memory = session.memory()
+    assert memory.cache_bytes == latent_bytes(tiny_gqa.spec, 90, cache, base)
+    assert memory.residual_tokens == 90 - 2 * 32
+    assert memory.factor_bytes > 0
+
+
+@pytest.fixture(scope="module")
+def deep_gqa(default_tokenizer, backend, tmp_path_factory):
+    """A 6-layer GQA model, so XQuant-CL has layers past its 3 base layers that store deltas."""
+    import torch
+    from conftest import WIDE
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from xqchat.backends.base import EngineOptions, load_model
+    from xqchat.models import resolve
+
+    path = tmp_path_factory.mktemp("deep") / "gqa6"
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(
+        Qwen2Config(**{**WIDE, "num_hidden_layers": 6}, tie_word_embeddings=True)
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
+    model.save_pretrained(path)
+    default_tokenizer.hf.save_pretrained(path)
+    return load_model(resolve(str(path)), EngineOptions(backend=backend, weights="fp32"))
+
+
+def test_cross_layer_deltas_are_stored_and_eight_bits_stay_close(deep_gqa):
+    ids = list(range(2000, 2100))
+    exact = deep_gqa.new_session().logits(ids)
+    errors = {}
+    for bits in (8, 4):
+        session = deep_gqa.new_session(
+            CacheSpec(kind="xquant-cl", bits=bits, group=32, residual=16)
+        )
+        got = session.logits(ids)
+        errors[bits] = np.abs(got - exact).max() / np.abs(exact).max()
+    assert [c.stores[0].delta for c in session.caches] == [False] * 3 + [True] * 3
+    assert [c.stores[0].bits for c in session.caches] == [4] * 6
+    # random weights make this model sensitive (plain xquant: 1.5% at 8 bits, 19% at 4)
+    assert errors[8] <= 3e-2 and errors[8] < errors[4] / 5
+
+
+def all_rows(session, backend):
+    """Every layer's cached rows, read in layer order (XQuant-CL layers accumulate)."""
+    return [[stored_rows(store, backend) for store in c.stores] for c in session.caches]
+
+
+def test_cross_layer_trim_keeps_what_attention_saw(deep_gqa):
+    session = deep_gqa.new_session(CacheSpec(kind="xquant-cl", bits=3, group=32, residual=16))
+    session.prefill(list(range(3000, 3150)))  # 4 blocks flushed in every layer
+    before = all_rows(session, deep_gqa.backend)
+    session.trim(100)  # 3 whole blocks kept, 4 rows of the fourth back to the exact window
+    assert session.memory().residual_tokens == 4
+    after = all_rows(session, deep_gqa.backend)
+    for old, new in zip(before, after, strict=True):
+        for a, b in zip(old, new, strict=True):
+            assert np.array_equal(a[:100], b)
+
+
+def test_backends_agree_on_latents_and_cross_layer(tiny_models):
+    from conftest import BACKENDS
+
+    if len(BACKENDS) < 2:
+        pytest.skip("needs both backends")
+    ids = list(range(600, 700))
+    for kind in ("xquant", "xquant-cl"):
+        cache = CacheSpec(kind=kind, bits=4, group=32, residual=16)
+        torch_logits, mlx_logits = (
+            load_tiny(tiny_models, "gqa-qwen3", b, cache=cache).new_session().logits(ids)
+            for b in BACKENDS
+        )
+        assert np.abs(torch_logits - mlx_logits).max() <= 1e-3 * np.abs(torch_logits).max()
+
+
+@pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
+def test_eight_bit_latents_are_within_a_tenth_of_a_percent(default_fp32, wikitext_ids, kind):
+    exact, _ = perplexity(default_fp32, wikitext_ids, CacheSpec())
+    quant, session = perplexity(default_fp32, wikitext_ids, CacheSpec(kind=kind, bits=8))
+    assert session.memory().residual_tokens < 256
+    assert abs(quant / exact - 1) < 1e-3
+
+
+def test_svd_factors_are_computed_once_and_kept(tiny_models, backend):
+    from xqchat.models.paths import cache_dir
+
+    store = cache_dir() / "latents"
+    for f in store.glob("*.npz"):
+        f.unlink()
+    first = load_tiny(tiny_models, "gqa-qwen2", backend)
+    first.new_session(CacheSpec(kind="xquant"))
+    assert first.module.svd_seconds > 0 and len(list(store.glob("*.npz"))) == 1
+    second = load_tiny(tiny_models, "gqa-qwen2", backend)
+    second.new_session(CacheSpec(kind="xquant"))
+    assert second.module.svd_seconds == 0  # read back, not recomputed
+    next(store.glob("*.npz")).write_bytes(b"damaged")
+    third = load_tiny(tiny_models, "gqa-qwen2", backend)
+    third.new_session(CacheSpec(kind="xquant"))
+    assert third.module.svd_seconds > 0  # a damaged file is recomputed, not trusted
+
+
+# -- save / load ---------------------------------------------------------------------------------
+
+
+KINDS = [
+    CacheSpec(),
+    CacheSpec(kind="kv-quant", bits=3, group=32, residual=16),
+    CacheSpec(kind="xquant", bits=3, group=32, residual=16),
+    CacheSpec(kind="xquant-cl", bits=2, group=32, residual=16),
+]
+
+
+@pytest.mark.parametrize("cache", KINDS, ids=lambda c: c.kind)
+def test_save_and_load_round_trip_exactly(deep_gqa, cache, tmp_path):
+    ids = list(range(5000, 5120))
+    original = deep_gqa.new_session(cache)
+    original.prefill(ids[:100])
+    original.save(tmp_path / "chat.cache")
+    resumed = deep_gqa.new_session(cache)
+    resumed.load(tmp_path / "chat.cache")
+    assert resumed.tokens == original.tokens
+    stored = [dataclasses.replace(s.memory(), reserved_bytes=0) for s in (resumed, original)]
+    assert stored[0] == stored[1]  # room reserved for growth is not saved
+    assert np.array_equal(resumed.logits(ids[100:]), original.logits(ids[100:]))
+
+
+def test_a_damaged_or_mismatched_cache_file_is_refused(deep_gqa, tiny_fp32, tmp_path):
+    from xqchat.models import XQError
+
+    cache = CacheSpec(kind="xquant", bits=4, group=32, residual=16)
+    session = deep_gqa.new_session(cache)
+    session.prefill(list(range(100)))
+    path = tmp_path / "chat.cache"
+    session.save(path)
+    good = path.read_bytes()
+
+    target = deep_gqa.new_session(cache)
+    target.prefill([1, 2, 3])
+    with pytest.raises(XQError, match="holds a xquant cache .*this session uses another"):
+        deep_gqa.new_session(CacheSpec(kind="xquant", bits=3, group=32, residual=16)).load(path)
+    with pytest.raises(XQError, match="saved by another model"):
+        tiny_fp32.new_session(cache).load(path)
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit in the last tensor
+    with pytest.raises(XQError, match="damaged"):
+        target.load(path)
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(XQError, match="not a readable xqchat cache"):
+        target.load(path)
+    with pytest.raises(XQError, match="no saved cache"):
+        target.load(tmp_path / "missing.cache")
+    assert target.tokens == [1, 2, 3]  # a refused load leaves the session as it was

@@ -92,6 +92,13 @@ class KVCache:
     def trim(self, n_keep: int) -> None:
         self.offset = min(self.offset, n_keep)
 
+    def state_dict(self) -> dict:
+        return {"keys": self.keys[:, :, : self.offset], "values": self.values[:, :, : self.offset]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keys, self.values = state["keys"], state["values"]
+        self.offset = self.keys.shape[2]
+
     @property
     def nbytes(self) -> int:
         return 2 * self.offset * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
@@ -189,6 +196,19 @@ class TokenStore:
         self.blocks = None if keep_blocks == 0 else _take(self.blocks, keep_blocks)
         self.exact = rows
 
+    def state_dict(self) -> dict:
+        state = {"exact": self.exact}
+        if self.blocks is not None:
+            state.update(codes=self.blocks.codes, scale=self.blocks.scale, zero=self.blocks.zero)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.exact, self.blocks = state["exact"], None
+        if "codes" in state:
+            self.blocks = Quantized(
+                state["codes"], state["scale"], state["zero"], self.bits, self.row_group
+            )
+
     @property
     def residual_nbytes(self) -> int:
         return self.exact.numel() * self.exact.element_size()
@@ -211,6 +231,18 @@ def _append_block(blocks: Quantized | None, block: Quantized) -> Quantized:
 
 def _take(blocks: Quantized, n: int) -> Quantized:
     return Quantized(blocks.codes[:n], blocks.scale[:n], blocks.zero[:n], blocks.bits, blocks.group)
+
+
+def nested_state(parts: dict) -> dict:
+    """The state of a cache made of parts (stores), each part's names under its own prefix."""
+    return {f"{name}.{k}": v for name, part in parts.items() for k, v in part.state_dict().items()}
+
+
+def load_nested_state(parts: dict, state: dict) -> None:
+    for name, part in parts.items():
+        part.load_state_dict(
+            {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+        )
 
 
 class QuantKVCache:
@@ -245,6 +277,12 @@ class QuantKVCache:
     def trim(self, n_keep: int) -> None:
         self.keys.trim(n_keep)
         self.values.trim(n_keep)
+
+    def state_dict(self) -> dict:
+        return nested_state({"keys": self.keys, "values": self.values})
+
+    def load_state_dict(self, state: dict) -> None:
+        load_nested_state({"keys": self.keys, "values": self.values}, state)
 
     @property
     def nbytes(self) -> int:
@@ -329,6 +367,12 @@ class XQuantCache:
     def trim(self, n_keep: int) -> None:
         for store in self.stores:
             store.trim(n_keep)
+
+    def state_dict(self) -> dict:
+        return nested_state({str(i): s for i, s in enumerate(self.stores)})
+
+    def load_state_dict(self, state: dict) -> None:
+        load_nested_state({str(i): s for i, s in enumerate(self.stores)}, state)
 
     @property
     def nbytes(self) -> int:

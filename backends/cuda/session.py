@@ -42,6 +42,20 @@ class EngineSession(DecodingSession):
     def _rng(self, seed: int | None):
         return None if seed is None else torch.Generator(self.model.device).manual_seed(seed)
 
+    def _write(self, path, arrays, metadata):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in arrays.items()}, path, metadata=metadata)
+
+    def _read(self, path):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt", device=str(self.model.device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+    def _bytes(self, array) -> bytes:
+        return array.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
     @torch.inference_mode()
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Feed tokens; the next-token logits after each of them, (T, V) float32."""

@@ -43,7 +43,7 @@ class EngineSession(DecodingSession):
         self.tokens.extend(tokens)
         logits = module.logits(hidden[0] if all_logits else hidden[0, -1:])
         self._next_logits = logits[-1]
-        mx.eval(logits, [c.state for c in self.caches])  # keep each step's graph small
+        mx.eval(logits, [c.state_dict() for c in self.caches])  # keep each step's graph small
         return logits
 
     def _sample(self, cfg: GenerationConfig, rng) -> int:
@@ -52,6 +52,17 @@ class EngineSession(DecodingSession):
 
     def _rng(self, seed: int | None):
         return [mx.random.key(seed if seed is not None else np.random.randint(2**31))]
+
+    def _write(self, path, arrays, metadata):
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+
+    def _read(self, path):
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        return mx.load(str(path), format="safetensors", return_metadata=True)
+
+    def _bytes(self, array) -> bytes:
+        return np.array(array.view(mx.uint8)).tobytes()
 
     def _logits(self, tokens: list[int]) -> np.ndarray:
         return np.array(self._forward(tokens, all_logits=True).astype(mx.float32))
@@ -82,3 +93,9 @@ class EngineSession(DecodingSession):
 
     def trim(self, n_keep: int) -> None:
         ENGINE.call(super().trim, n_keep)
+
+    def save(self, path) -> None:
+        ENGINE.call(super().save, path)
+
+    def load(self, path) -> None:
+        ENGINE.call(super().load, path)
