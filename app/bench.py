@@ -133,4 +133,6 @@ def perplexity(
         "residual_bytes": memory.residual_bytes,
         "fp16_kv_bytes_per_token": fp16_per_token,
         "compression": fp16_per_token / bytes_per_token if bytes_per_token else None,
+        # XQuant's encode/rebuild matrices: held once per model, whatever the chat's length
+        "factor_bytes": memory.factor_bytes,
     }

@@ -60,7 +60,8 @@ ENGINE_OPTIONS = [
         default="kv",
         show_default=True,
         help="Attention cache: kv = exact K/V; kv-quant = K quantized per channel, V per token; "
-        "xquant = the layer input X quantized per token, K/V rebuilt from it.",
+        "xquant = the layer input X (GQA: its SVD latents) quantized, K/V rebuilt from it; "
+        "xquant-cl = xquant storing each layer's difference from the layer before.",
     ),
     click.option(
         "--bits",
@@ -79,7 +80,8 @@ ENGINE_OPTIONS = [
     click.option(
         "--mha",
         is_flag=True,
-        help="Run a GQA model in its exact MHA form (K/V heads repeated): what xquant needs today.",
+        help="Run a GQA model in its exact MHA form (K/V heads repeated), e.g. to measure xquant "
+        "on X itself rather than on the SVD latents.",
     ),
     click.option(
         "--residual",

@@ -26,8 +26,13 @@ from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import to_engine_layout
 
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
-from ..latents import layer_latents
-from .cache import Latents, Upcast, new_caches
+from ..latents import (
+    CALIBRATION_START,
+    CALIBRATION_TEMPERATURE,
+    CALIBRATION_TOKENS,
+    layer_latents,
+)
+from .cache import Latents, Recorder, Upcast, new_caches
 from .session import EngineSession
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -218,7 +223,7 @@ class Transformer(nn.Module):
 
     def latents(self, group: int, cross_layer: bool) -> list[Latents]:
         """XQuant's per-layer streams (backends/latents.py), from the weights as the engine
-        holds them; the SVDs are computed once per model and kept on disk."""
+        holds them; the SVDs (and XQuant-CL's calibration) run once per model, kept on disk."""
         key = (group, cross_layer)
         if key not in self.latent_layers:
             kv_dim = self.spec.kv_dim
@@ -226,11 +231,40 @@ class Transformer(nn.Module):
                 layer.attention.wkv.dense_weight().float().T.cpu().numpy() for layer in self.layers
             ]
             layers, self.svd_seconds = layer_latents(
-                [a[:, :kv_dim] for a in w], [a[:, kv_dim:] for a in w], group, cross_layer
+                [a[:, :kv_dim] for a in w],
+                [a[:, kv_dim:] for a in w],
+                group,
+                self.calibration_inputs if cross_layer else None,
             )
             device = self.embed.weight.device
             self.latent_layers[key] = [Latents(layer, self.kv_dtype, device) for layer in layers]
         return self.latent_layers[key]
+
+    @torch.inference_mode()
+    def calibration_inputs(self) -> list[np.ndarray]:
+        """Every layer's attention input (T, dim) over text the model writes itself, sampled
+        from a few seeded random tokens: the model's own distribution, no dataset needed."""
+        generator = torch.Generator().manual_seed(0)
+        device = self.embed.weight.device
+        caches = [
+            Recorder(
+                self.spec.n_kv_heads,
+                self.spec.head_dim,
+                self.spec.max_context,
+                self.kv_dtype,
+                device,
+                self.upcast,
+            )
+            for _ in self.layers
+        ]
+        for cache in caches:
+            cache.inputs = []
+        ids = torch.randint(self.spec.vocab_size, (1, CALIBRATION_START), generator=generator)
+        for _ in range(CALIBRATION_TOKENS):
+            logits = self.logits(self(ids.to(device), caches)[0, -1:]).float().cpu()
+            probs = torch.softmax(logits / CALIBRATION_TEMPERATURE, dim=-1)
+            ids = torch.multinomial(probs, 1, generator=generator)
+        return [torch.cat(cache.inputs).numpy() for cache in caches]
 
 
 def pick_device(device: str) -> str:
