@@ -33,11 +33,11 @@ def listing() -> list[dict]:
             about["error"] = str(e)
         rows.append(
             {
-                "name": model.name,
+                "name": model.files.name,
                 "architecture": about.pop("arch"),
                 **about,
                 "size_bytes": model.size,
-                "last_used": last_used(model.name),
+                "last_used": last_used(model.files.name),
                 "path": str(model.files.path),
             }
         )

@@ -113,11 +113,8 @@ def _model_files(folder: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class InstalledModel:
-    name: str  # what --model takes
-    files: ModelFiles
+    files: ModelFiles  # files.name is what --model takes
     size: int  # bytes on disk
-    repo_id: str | None = None  # None: the built-in default model
-    commit: str | None = None
 
 
 def _size(paths: list[Path]) -> int:
@@ -158,11 +155,7 @@ def installed_models() -> list[InstalledModel]:
     found = []
     try:
         default = BUILTIN[DEFAULT_MODEL]()
-        found.append(
-            InstalledModel(
-                DEFAULT_MODEL, ModelFiles(DEFAULT_MODEL, default, "gguf"), _size([default])
-            )
-        )
+        found.append(InstalledModel(ModelFiles(DEFAULT_MODEL, default, "gguf"), _size([default])))
     except XQError:
         pass  # not installed: `xqchat list` then shows only pulled models
     try:
@@ -175,18 +168,12 @@ def installed_models() -> list[InstalledModel]:
         for revision in sorted(repo.revisions, key=lambda r: r.commit_hash):
             label = _label(repo.repo_id, revision.commit_hash, set(revision.refs))
             folder = revision.snapshot_path
-            entries = []
             if _is_complete(folder) and _runnable(folder / "config.json"):
-                entries.append(
-                    (label, ModelFiles(label, folder, "safetensors"), _model_files(folder))
-                )
+                files = ModelFiles(label, folder, "safetensors")
+                found.append(InstalledModel(files, _size(_model_files(folder))))
             for gguf in sorted(folder.rglob("*.gguf")):
                 name = f"{label}:{gguf.relative_to(folder).as_posix()}"
-                entries.append((name, ModelFiles(name, gguf, "gguf"), [gguf]))
-            for name, files, paths in entries:
-                found.append(
-                    InstalledModel(name, files, _size(paths), repo.repo_id, revision.commit_hash)
-                )
+                found.append(InstalledModel(ModelFiles(name, gguf, "gguf"), _size([gguf])))
     return found
 
 
@@ -200,7 +187,7 @@ def _runnable(config: Path) -> bool:
 
 def installed_hint() -> str:
     """One clause naming what can run offline, for errors that stop a pull."""
-    names = [m.name for m in installed_models()]
+    names = [m.files.name for m in installed_models()]
     return f"installed: {', '.join(names)}" if names else "no model is installed yet"
 
 

@@ -125,6 +125,10 @@ def test_pull_list_show_run_offline_then_rm(capsys, monkeypatch, tmp_path, hub, 
     assert set(shown["files"]) == ENGINE_FILES and shown["derived"] == []
     assert shown["spec"]["n_kv_heads"] == 2 and shown["chat_template"] is True
 
+    hub.requests.clear()
+    hub.others.clear()
+    assert resolve("tiny/qwen2").path == folder
+    assert hub.requests == hub.others == []  # finding an installed model asks no one
     hub.stop()  # from here on there is no hub at all
     code, out, err = cli(capsys, "run", "-m", "tiny/qwen2", "--max-tokens", "3", "Hi")
     assert code == 0 and out.strip(), err
@@ -422,6 +426,45 @@ def test_a_broken_usage_file_is_ignored_and_rewritten(capsys, hub, tmp_path, tin
     code, _, err = cli(capsys, "run", "-m", str(tiny_models["qwen3"]), "--max-tokens", "1", "Hi")
     assert code == 0, err
     assert set(json.loads(usage.read_text())["last_used"]) == {"qwen3"}
+
+
+def test_rm_keeps_what_another_revision_still_links(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from xqchat.models.hub import plan_removal
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--t--m"
+    for blob in "abc":
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / blob).write_bytes(blob.encode() * 1000)
+    links = {"1" * 40: {"x": "a", "y": "b"}, "2" * 40: {"x": "a", "sub/z": "c"}}
+    for commit, files in links.items():
+        for name, blob in files.items():
+            link = repo / "snapshots" / commit / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path("../" * name.count("/") + "../../blobs") / blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    (repo / "refs" / "v1").write_text("2" * 40)
+
+    removal = plan_removal("t/m")
+    assert removal.size == 2000
+    removal.run()
+    assert sorted(p.name for p in (repo / "blobs").iterdir()) == ["a", "c"]  # a is still linked
+    assert [p.name for p in (repo / "snapshots").iterdir()] == ["2" * 40]
+    assert [p.name for p in (repo / "refs").iterdir()] == ["v1"]
+    with pytest.raises(XQError, match="t/m is not installed"):
+        plan_removal("t/m")
+    plan_removal("t/m@v1").run()
+    assert not repo.exists()
+
+    (repo / "blobs").mkdir(parents=True)  # an interrupted first pull: only a partial download
+    (repo / "blobs" / "d.incomplete").write_bytes(b"d" * 300)
+    removal = plan_removal("t/m")
+    assert removal.size == 300
+    removal.run()
+    assert not repo.exists()
 
 
 def test_rm_of_the_default_model_points_to_pip(capsys):
