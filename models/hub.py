@@ -1,5 +1,5 @@
-"""Pulled models in the standard Hugging Face hub cache: their names, lookup, listing, removal and
-when each was last used. Nothing here touches the network (models/pull.py does).
+"""Pulled models in the standard Hugging Face hub cache: their names, lookup, listing and
+removal. Nothing here touches the network (models/pull.py does).
 
 A pulled model's name is what `xqchat pull` took: `NAMESPACE/REPO` (the `main` branch),
 `NAMESPACE/REPO@REVISION`, or `NAMESPACE/REPO:FILE.gguf` for one GGUF file of a repo."""
@@ -22,7 +22,6 @@ _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"{_PART}/{_PART}")
 _REVISION = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 _GGUF = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*\.gguf")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 NAME_FORMS = "NAMESPACE/REPO, NAMESPACE/REPO@REVISION or NAMESPACE/REPO:FILE.gguf"
 
 
@@ -196,11 +195,12 @@ def installed_hint() -> str:
 
 @dataclass(frozen=True)
 class Removal:
-    """What `xqchat rm NAME` deletes; `run()` deletes it."""
+    """What `xqchat rm NAME` deletes (`size`: the bytes that frees); `run()` deletes it."""
 
     name: str
     repo: Path
-    paths: tuple[Path, ...]  # snapshot entries; empty: the whole repo folder (an interrupted pull)
+    paths: tuple[Path, ...]  # snapshot entries; empty: the whole repo folder
+    blobs: tuple[Path, ...]  # the blobs no other snapshot links to
     derived: tuple[Path, ...]
     size: int
 
@@ -210,19 +210,15 @@ class Removal:
         if not self.paths:
             shutil.rmtree(self.repo, ignore_errors=True)
             return
+        for path in (*self.paths, *self.blobs):  # links first: never a link to a missing blob
+            path.unlink(missing_ok=True)
         snapshots = self.repo / "snapshots"
-        blobs = {_blob(path) for path in self.paths} - {None}
-        for path in self.paths:
-            path.unlink()
-        for blob in blobs - {_blob(p) for p in snapshots.rglob("*")}:
-            blob.unlink(missing_ok=True)  # no other snapshot links to it
         for folder in sorted(snapshots.rglob("*"), key=lambda p: -len(p.parts)):
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-        left = _refs(self.repo)
-        for commit in left:
+        for commit, refs in _refs(self.repo).items():
             if not (snapshots / commit).is_dir():
-                for ref in left[commit]:
+                for ref in refs:
                     (self.repo / "refs" / ref).unlink()
         if not any(snapshots.iterdir()):
             shutil.rmtree(self.repo)  # nothing left: blobs, partial downloads, refs
@@ -233,6 +229,10 @@ def _blob(path: Path) -> Path | None:
     return Path(os.path.abspath(path.parent / os.readlink(path))) if path.is_symlink() else None
 
 
+def _holds_a_model(folder: Path) -> bool:
+    return _is_complete(folder) or any(folder.rglob("*.gguf"))
+
+
 def plan_removal(text: str) -> Removal:
     if text in BUILTIN or text == "default":
         raise XQError(
@@ -241,14 +241,15 @@ def plan_removal(text: str) -> Removal:
         )
     name = parse_name(text)
     repo = repo_dir(name.repo_id)
-    commit = _commit(repo, name.revision)
     snapshots = repo / "snapshots"
-    if commit is None and repo.is_dir() and not (snapshots.is_dir() and any(snapshots.iterdir())):
-        # An interrupted first pull: partial downloads, nothing usable.
-        size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file() and not p.is_symlink())
-        return Removal(str(name), repo, (), (), size)
+    commit = _commit(repo, name.revision)
     folder = snapshots / commit if commit else None
     if folder is None or not folder.is_dir():
+        unfinished = snapshots.iterdir() if snapshots.is_dir() else ()
+        if repo.is_dir() and not _refs(repo) and not any(map(_holds_a_model, unfinished)):
+            # Only interrupted pulls: partial downloads, nothing that runs.
+            files = [p for p in repo.rglob("*") if p.is_file() and not p.is_symlink()]
+            return Removal(str(name), repo, (), (), (), _size(files))
         raise XQError(f"{text} is not installed (`xqchat list` shows what is)")
     if name.gguf:
         paths = [folder / name.gguf] if (folder / name.gguf).is_file() else []
@@ -258,7 +259,15 @@ def plan_removal(text: str) -> Removal:
         files = ModelFiles(str(name), folder, "safetensors")
     if not paths:
         raise XQError(f"{text} is not installed (`xqchat list` shows what is)")
+    linked_elsewhere = {_blob(p) for p in snapshots.rglob("*") if p not in paths}
+    blobs = {_blob(p) for p in paths} - linked_elsewhere - {None}
+    copies = [p for p in paths if not p.is_symlink()]  # where the cache could not use links
     derived = derived_dir(files)
     return Removal(
-        str(name), repo, tuple(paths), (derived,) if derived.is_dir() else (), _size(paths)
+        str(name),
+        repo,
+        tuple(paths),
+        tuple(sorted(blobs)),
+        (derived,) if derived.is_dir() else (),
+        _size([*blobs, *copies]),
     )

@@ -1,9 +1,9 @@
 """`xqchat pull`: fetch a model from the Hugging Face hub into the standard hub cache.
 
 Only what the engine reads is fetched: config, safetensors shards and their index, tokenizer
-files, generation config and chat template; or one GGUF file. Every refusal (bad name, pickle
-weights, unsupported architecture, gated or missing repo, no network, too little disk) comes
-before the first weight byte. Each file is written to the cache's blob store through a partial
+files, generation config and chat template; or one GGUF file. The refusals (bad name, pickle
+weights, unsupported architecture as the hub reports it, gated or missing repo, no network, too
+little disk) come before the first weight byte. Each file is written to the cache's blob store through a partial
 file that outlives an interruption, so running the pull again resumes it to the byte
 (huggingface_hub resumes only within one call and deletes what it had on failure). The result
 is checked (spec, every tensor's shape) before the model is named installed."""

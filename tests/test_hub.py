@@ -449,7 +449,7 @@ def test_rm_keeps_what_another_revision_still_links(monkeypatch, tmp_path):
     (repo / "refs" / "v1").write_text("2" * 40)
 
     removal = plan_removal("t/m")
-    assert removal.size == 2000
+    assert removal.size == 1000  # y's blob; x's stays for the other revision
     removal.run()
     assert sorted(p.name for p in (repo / "blobs").iterdir()) == ["a", "c"]  # a is still linked
     assert [p.name for p in (repo / "snapshots").iterdir()] == ["2" * 40]
@@ -459,10 +459,14 @@ def test_rm_keeps_what_another_revision_still_links(monkeypatch, tmp_path):
     plan_removal("t/m@v1").run()
     assert not repo.exists()
 
-    (repo / "blobs").mkdir(parents=True)  # an interrupted first pull: only a partial download
+    # An interrupted first pull: a partial download, and small files in a snapshot with no ref.
+    (repo / "blobs").mkdir(parents=True)
     (repo / "blobs" / "d.incomplete").write_bytes(b"d" * 300)
+    (repo / "blobs" / "e").write_bytes(b"{}")
+    (repo / "snapshots" / ("3" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("3" * 40) / "config.json").symlink_to("../../blobs/e")
     removal = plan_removal("t/m")
-    assert removal.size == 300
+    assert removal.size == 302
     removal.run()
     assert not repo.exists()
 
