@@ -35,7 +35,8 @@ ENGINE_OPTIONS = [
         "-m",
         default="default",
         show_default=True,
-        help="Model name (default, smollm2-135m), a model directory or a .gguf file.",
+        help="Model: default (smollm2-135m), a pulled one (NAMESPACE/REPO, see `xqchat list`), "
+        "a model directory or a .gguf file.",
     ),
     click.option(
         "--backend",
@@ -113,12 +114,14 @@ def status(message: str) -> None:
 def load_engine(model: str, **options):
     from xqchat.backends.base import load_model
     from xqchat.models import resolve
+    from xqchat.models.catalog import record_use
     from xqchat.models.tokenizer import load_tokenizer
 
     files = resolve(model)
     status(f"loading {files.name} …")
     engine = load_model(files, engine_options(**options))  # first: it validates the weight files
     tokenizer = load_tokenizer(files)
+    record_use(files.name)
     status("")
     for note in (*engine.spec.notes, *engine.notes):
         click.echo(f"note: {note}", err=True)
@@ -133,6 +136,10 @@ def cli(ctx, debug):
 
     \b
     xqchat run PROMPT        one reply to stdout
+    xqchat pull MODEL        download a model from the Hugging Face hub
+    xqchat list              the models installed (they run offline)
+    xqchat show MODEL        a model's spec, files and derived artefacts
+    xqchat rm MODEL          delete a pulled model
     xqchat bench ppl|speed   measure quality and speed on this machine
     """
     if ctx.invoked_subcommand is None:
@@ -204,6 +211,180 @@ def run(prompt, max_tokens, temperature, top_p, seed, system, as_json, **engine)
         )
     else:
         click.echo()
+
+
+@cli.command(
+    "pull",
+    epilog="""
+\b
+Examples:
+  xqchat pull HuggingFaceTB/SmolLM2-360M-Instruct
+  xqchat pull Qwen/Qwen2.5-0.5B-Instruct@main
+  xqchat pull bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf
+""",
+)
+@click.argument("model")
+def pull_command(model):
+    """Download a model from the Hugging Face hub.
+
+    It goes into the hub's standard cache (HF_HUB_CACHE). MODEL is NAMESPACE/REPO[@REVISION] (the repo's safetensors) or NAMESPACE/REPO:FILE.gguf (one
+    GGUF file). Only what xqchat reads is fetched, and a pull that was interrupted resumes where
+    it stopped. The weights are checked; then the model runs offline: xqchat run -m MODEL.
+    """
+    from xqchat.models.catalog import format_bytes, format_count
+    from xqchat.models.pull import pull
+
+    with PullDisplay() as display:
+        result = pull(model, display.update)
+    about = result.summary
+    fetched = f"{format_bytes(result.fetched)} downloaded" if result.fetched else "already here"
+    click.echo(
+        f"pulled {result.files.name}: {about['arch']}, {format_count(about['parameters'])} "
+        f"parameters, {about['format']} ({fetched})"
+    )
+    for line in result.derived:
+        click.echo(f"prepared {line}")
+    if not about["chat_template"]:
+        click.echo("note: it has no chat template, so it cannot chat (bench ppl works)", err=True)
+    click.echo(f'run it: xqchat run -m {result.files.name} "Hello"')
+
+
+class PullDisplay:
+    """A byte progress bar on stderr while files download, then a status line per stage."""
+
+    def __init__(self):
+        self.bar = None
+
+    def update(self, event) -> None:
+        from tqdm import tqdm
+
+        if event.stage != "download":
+            self.close()
+            status("checking the weights …" if event.stage == "verify" else "preparing …")
+            return
+        if self.bar is None:
+            self.bar = tqdm(
+                total=event.total, unit="B", unit_scale=True, disable=not sys.stderr.isatty()
+            )
+        self.bar.set_description_str(event.file, refresh=False)
+        self.bar.update(event.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        status("")
+
+
+@cli.command("list", epilog="\b\nExample:\n  xqchat list --json")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def list_command(as_json):
+    """The installed models: each runs offline with xqchat run -m NAME."""
+    from xqchat.models.catalog import format_bytes, format_count, listing
+
+    rows = listing()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [("NAME", "ARCH", "PARAMS", "SIZE", "FORMAT", "LAST USED")]
+    for row in rows:
+        table.append(
+            (
+                row["name"],
+                row["architecture"],
+                "?" if row["parameters"] is None else format_count(row["parameters"]),
+                format_bytes(row["size_bytes"]),
+                row["format"],
+                (row["last_used"] or "never")[:16],
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    for row in rows:
+        if "error" in row:
+            click.echo(f"note: {row['name']}: {row['error']}", err=True)
+
+
+@cli.command(
+    "show",
+    epilog="""
+\b
+Examples:
+  xqchat show default
+  xqchat show HuggingFaceTB/SmolLM2-360M-Instruct --json
+""",
+)
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+def show_command(model, as_json):
+    """MODEL's spec, files, chat template and derived artefacts.
+
+    MODEL is anything --model takes: default, a pulled NAMESPACE/REPO, a directory or a .gguf.
+    """
+    from xqchat.models import resolve
+    from xqchat.models.catalog import details, format_bytes, format_count
+
+    info = details(resolve(model))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    s = info["spec"]
+    lines = [
+        ("name", info["name"]),
+        ("path", info["path"]),
+        (
+            "architecture",
+            f"{s['arch']}: {s['n_layers']} layers, dim {s['dim']}, {s['n_heads']} heads, "
+            f"{s['n_kv_heads']} KV heads of {s['head_dim']}, FFN {s['hidden_dim']}, "
+            f"vocab {s['vocab_size']}",
+        ),
+        ("context", f"{s['max_context']} tokens, RoPE {s['rope_type']} theta {s['rope_theta']:g}"),
+        ("parameters", format_count(info["parameters"])),
+        ("format", info["format"]),
+        ("chat template", "yes" if info["chat_template"] else "no: bench ppl works, chat does not"),
+        ("last used", info["last_used"] or "never"),
+    ]
+    files = [f"{name}  {format_bytes(size)}" for name, size in info["files"].items()]
+    for key, values in (("files", files), ("derived", info["derived"] or ["none yet"])):
+        lines += [(key if i == 0 else "", value) for i, value in enumerate(values)]
+    lines += [("note", note) for note in s["notes"]]
+    for key, value in lines:
+        click.echo(f"{key:>13}  {value}")
+
+
+@cli.command("rm")
+@click.argument("model")
+@click.option("-y", "--yes", is_flag=True, help="Remove without asking.")
+def rm_command(model, yes):
+    """Delete a pulled model (asks first).
+
+    Removes MODEL's files from the hub cache, and what xqchat derived from it.
+
+    \b
+    Example:
+      xqchat rm HuggingFaceTB/SmolLM2-360M-Instruct -y
+    """
+    from xqchat.models.catalog import format_bytes
+    from xqchat.models.hub import plan_removal
+
+    removal = plan_removal(model)
+    try:
+        if not yes and not click.confirm(
+            f"remove {removal.name} ({format_bytes(removal.size)})?", err=True
+        ):
+            click.echo(f"kept {removal.name}", err=True)
+            return
+    except click.Abort:
+        raise XQError("rm asks before deleting: answer y, or pass -y") from None
+    removal.run()
+    click.echo(f"removed {removal.name} ({format_bytes(removal.size)} freed)")
 
 
 @cli.group()

@@ -1,10 +1,43 @@
 """The one place that says where xqchat keeps files (platformdirs honours XDG_* on Linux)."""
 
+from __future__ import annotations
+
+import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
+
+if TYPE_CHECKING:
+    from .registry import ModelFiles
 
 
 def cache_dir() -> Path:
     """Derived artefacts that can be rebuilt (converted tokenizers, SVD factors)."""
     return Path(platformdirs.user_cache_dir("xqchat", appauthor=False))
+
+
+def data_dir() -> Path:
+    """What cannot be rebuilt: when each model was last used (later: the chats)."""
+    return Path(platformdirs.user_data_dir("xqchat", appauthor=False))
+
+
+def hub_cache() -> Path:
+    """The standard Hugging Face hub cache (HF_HUB_CACHE, HF_HOME), where pulled models live."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).expanduser().resolve()
+
+
+def derived_dir(files: ModelFiles) -> Path:
+    """Where artefacts computed from a model live: keyed by the hub snapshot's commit for a pulled
+    model (`rm` deletes them with it), by the file's identity for any other path."""
+    try:
+        repo, snapshots, commit, *inside = files.path.relative_to(hub_cache()).parts
+    except ValueError:
+        repo = snapshots = ""
+    if repo.startswith("models--") and snapshots == "snapshots":
+        return cache_dir() / "derived" / repo / commit / ("--".join(inside) or "safetensors")
+    st = files.path.stat()
+    key = hashlib.sha256(f"{files.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return cache_dir() / "derived" / "local" / key.hexdigest()[:16]

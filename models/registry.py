@@ -1,4 +1,5 @@
-"""Names -> model files: the built-in names, a local model directory, or a .gguf file."""
+"""Names -> model files: the built-in names, a pulled model (models/hub.py), a local model
+directory, or a .gguf file."""
 
 from __future__ import annotations
 
@@ -51,11 +52,16 @@ def resolve(name: str | None) -> ModelFiles:
     if path.suffix in PICKLE_SUFFIXES:
         raise XQError(f"refusing {path.name}: {PICKLE_REASON}")
     if not path.exists():
+        from .hub import find_installed, looks_like_hub_name
+
+        if looks_like_hub_name(name):
+            return find_installed(name)
         if path.suffix == ".gguf" or "/" in name or name.startswith("."):
             raise XQError(f"no such file or directory: {name}")
         known = ", ".join(["default", *BUILTIN])
         raise XQError(
-            f"unknown model '{name}': use one of {known}, a model directory or a .gguf file"
+            f"unknown model '{name}': use one of {known}, a pulled model (NAMESPACE/REPO), "
+            "a model directory or a .gguf file"
         )
     if path.is_file():
         if path.suffix != ".gguf":

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
 from .errors import XQError
-from .paths import cache_dir
+from .paths import derived_dir
 from .registry import ModelFiles
 
 
@@ -77,6 +76,11 @@ def _stop_tokens(hf, folder: Path) -> set[int]:
     return stops
 
 
+def converted_tokenizer_dir(files: ModelFiles) -> Path:
+    """Where a GGUF model's tokenizer, converted to transformers' files, is kept."""
+    return derived_dir(files) / "tokenizer"
+
+
 def load_tokenizer(files: ModelFiles) -> Tokenizer:
     import transformers
     from transformers import AutoTokenizer
@@ -87,11 +91,9 @@ def load_tokenizer(files: ModelFiles) -> Tokenizer:
         if files.format == "safetensors":
             hf = AutoTokenizer.from_pretrained(files.path)
             return Tokenizer(hf, _stop_tokens(hf, files.path))
-        # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer in the cache,
-        # keyed by the file's identity.
-        st = files.path.stat()
-        key = hashlib.sha256(f"{files.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-        saved = cache_dir() / "tokenizers" / key.hexdigest()[:16]
+        # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer with the
+        # model's other derived artefacts.
+        saved = converted_tokenizer_dir(files)
         if (saved / "tokenizer_config.json").is_file():
             hf = AutoTokenizer.from_pretrained(saved)
         else:

@@ -30,7 +30,7 @@ class SafetensorsCheckpoint:
         except (OSError, ValueError) as e:
             raise XQError(f"cannot read {folder / 'config.json'}: {e}") from None
         self.spec = ModelSpec.from_hf_config(self.config)
-        self._files = [self._index(p) for p in sorted(folder.glob("*.safetensors"))]
+        self._files = [self._index(p) for p in shard_paths(folder)]
 
     @staticmethod
     def _index(path: Path):
@@ -56,6 +56,20 @@ class SafetensorsCheckpoint:
                 raise bad
         return path, 8 + n, header
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the headers alone."""
+        return {
+            name: tuple(info["shape"])
+            for _, _, header in self._files
+            for name, info in header.items()
+        }
+
+    def dtypes(self) -> dict[str, str]:
+        """Every tensor's stored type ("BF16", "F16", "F32"), from the headers alone."""
+        return {
+            name: info["dtype"] for _, _, header in self._files for name, info in header.items()
+        }
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for path, offset, header in self._files:
             if not header:
@@ -67,6 +81,36 @@ class SafetensorsCheckpoint:
                     data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
                 )
                 yield name, _bf16_to_f32(array) if info["dtype"] == "BF16" else array
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    """The weight files of a model folder: the shards its index names, else every *.safetensors."""
+    # A sharded checkpoint's index names its shards; some repos also ship the same weights in
+    # another layout (Mistral's consolidated.safetensors), which must not be read as well.
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    shards = index_shards(index)
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise XQError(f"{folder.name} lacks the shard {missing[0]} named in {index.name}")
+    return [folder / name for name in shards]
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard file names a model.safetensors.index.json names (each beside the index)."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise XQError(f"cannot read {index}: {e}") from None
+    for name in shards:
+        if (
+            not isinstance(name, str)
+            or Path(name).name != name
+            or not name.endswith(".safetensors")
+        ):
+            raise XQError(f"{index} names a shard outside its folder: {name}")
+    return shards
 
 
 _GGUF_NAMES = {
@@ -119,17 +163,24 @@ class GGUFCheckpoint:
             meta, set(by_name), None if rope_freqs is None else np.asarray(rope_freqs.data)
         )
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        spec = self.spec
+    def _named(self):
+        """(HF name, GGUF kind, tensor) for every weight tensor."""
         for t in self.reader.tensors:
             if t.name == "rope_freqs.weight":
                 continue
             parts = t.name.split(".")
             if parts[0] == "blk":
-                hf = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
-                kind = parts[2]
+                yield f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}", parts[2], t
             else:
-                hf, kind = f"{_GGUF_NAMES[parts[0]]}.{parts[1]}", parts[0]
+                yield f"{_GGUF_NAMES[parts[0]]}.{parts[1]}", parts[0], t
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape in transformers' order (GGUF lists dimensions innermost first)."""
+        return {hf: tuple(int(n) for n in reversed(t.shape)) for hf, _, t in self._named()}
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        spec = self.spec
+        for hf, kind, t in self._named():
             w = self._gguf.quants.dequantize(t.data, t.tensor_type)
             if spec.arch == "llama" and kind in ("attn_q", "attn_k"):
                 w = _unpermute(w, spec.n_heads if kind == "attn_q" else spec.n_kv_heads)
@@ -169,6 +220,44 @@ def engine_layout(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         layout[ours + "attention_norm.weight"] = (hf + "input_layernorm.weight",)
         layout[ours + "ffn_norm.weight"] = (hf + "post_attention_layernorm.weight",)
     return layout
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shape every checkpoint tensor `engine_layout` reads must have, by transformers' name."""
+    q, kv, d, h = spec.n_heads * spec.head_dim, spec.kv_dim, spec.dim, spec.hidden_dim
+    by_module = {
+        "embed_tokens.weight": (spec.vocab_size, d),
+        "lm_head.weight": (spec.vocab_size, d),
+        "q_proj.weight": (q, d),
+        "k_proj.weight": (kv, d),
+        "v_proj.weight": (kv, d),
+        "q_proj.bias": (q,),
+        "k_proj.bias": (kv,),
+        "v_proj.bias": (kv,),
+        "o_proj.weight": (d, q),
+        "q_norm.weight": (spec.head_dim,),
+        "k_norm.weight": (spec.head_dim,),
+        "gate_proj.weight": (h, d),
+        "up_proj.weight": (h, d),
+        "down_proj.weight": (d, h),
+        "norm.weight": (d,),
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+    }
+    names = [name for sources in engine_layout(spec).values() for name in sources]
+    return {name: by_module[".".join(name.split(".")[-2:])] for name in names}
+
+
+def check_shapes(checkpoint: SafetensorsCheckpoint | GGUFCheckpoint) -> None:
+    """Refuse a checkpoint whose tensors are missing or do not fit its own config."""
+    shapes = checkpoint.shapes()
+    for name, shape in expected_shapes(checkpoint.spec).items():
+        if name not in shapes:
+            raise XQError(f"the checkpoint lacks the tensor {name}")
+        if shapes[name] != shape:
+            raise XQError(
+                f"the tensor {name} has shape {list(shapes[name])}, but the config implies {list(shape)}"
+            )
 
 
 def to_engine_layout(weights: dict, spec: ModelSpec, concatenate) -> dict:

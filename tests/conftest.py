@@ -10,10 +10,11 @@ import tempfile
 
 import pytest
 
-# Before anything computes a path or asks a hub: a private cache and no network.
+# Before anything computes a path or asks a hub: a private cache and data dir, and no network.
 os.environ["XDG_CACHE_HOME"] = os.environ.get("XQCHAT_TEST_CACHE") or tempfile.mkdtemp(
     prefix="xqchat-cache-"
 )
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="xqchat-data-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 

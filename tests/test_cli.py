@@ -230,7 +230,8 @@ def test_console_script_and_debug_traceback():
     exe = Path(sys.executable).with_name("xqchat")
     done = subprocess.run([str(exe), "run", "-m", "nope", "hi"], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        "xqchat: error: unknown model 'nope': use one of default, smollm2-135m, a model directory or a .gguf file"
+        "xqchat: error: unknown model 'nope': use one of default, smollm2-135m, "
+        "a pulled model (NAMESPACE/REPO), a model directory or a .gguf file"
     ]
     done = subprocess.run(
         [str(exe), "--debug", "run", "-m", "nope", "hi"], capture_output=True, text=True
