@@ -242,11 +242,35 @@ def pull_command(model):
         f"pulled {result.files.name}: {about['arch']}, {format_count(about['parameters'])} "
         f"parameters, {about['format']} ({fetched})"
     )
-    for line in result.derived:
+    for line in [*result.derived, *prepare_xquant(result.files)]:
         click.echo(f"prepared {line}")
     if not about["chat_template"]:
         click.echo("note: it has no chat template, so it cannot chat (bench ppl works)", err=True)
     click.echo(f'run it: xqchat run -m {result.files.name} "Hello"')
+
+
+def prepare_xquant(files) -> list[str]:
+    """XQuant's SVD factors for a GQA model, for the engine this machine picks by default:
+    computed once now, so the first chat with an xquant cache starts at once. The models/ layer
+    cannot load an engine, so this half of the preparation lives here."""
+    import time
+
+    from xqchat.backends.base import load_model
+    from xqchat.backends.latents import uses_latents
+    from xqchat.models.weights import open_checkpoint
+
+    spec = open_checkpoint(files).spec
+    if not uses_latents(spec.dim, spec.kv_dim):
+        return []
+    status("preparing XQuant's SVD factors (once per model) …")
+    start = time.perf_counter()
+    engine = load_model(files, EngineOptions())
+    engine.new_session(CacheSpec(kind="xquant"))
+    status("")
+    return [
+        f"XQuant SVD factors for {engine.backend} {engine.dtype} weights in "
+        f"{time.perf_counter() - start:.1f} s: {engine.module.derived}"
+    ]
 
 
 class PullDisplay:

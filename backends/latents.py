@@ -9,10 +9,10 @@ backend to its own arrays.
   first channels carry X's outliers); L_v per token.
 - Per-token streams are quantized in a Hadamard basis (backends/quant.py: one outlier channel no
   longer sets its whole group's scale); the rotation is folded into the encode/decode matrices.
-- For XQuant-CL each layer's bases are rotated (orthogonal Procrustes) so that a token's latent
-  row in layer i best predicts its row in layer i+1 on calibration activations (text the model
-  writes itself, no dataset); then only the difference is quantized. A rotation of the basis
-  changes nothing exact, and with the identity as predictor the accumulator is a plain sum.
+- For XQuant-CL each layer's bases are rotated (orthogonal Procrustes) to be as close as possible
+  to the previous layer's, so a token's latent row in layer i predicts its row in layer i+1 and
+  only the difference is quantized. A rotation of the basis changes nothing exact, and with the
+  identity as predictor the accumulator is a plain sum.
 """
 
 from __future__ import annotations
@@ -25,12 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xqchat.models.paths import cache_dir
-
 from .quant import hadamard
-
-# XQuant-CL's calibration text: the model's own, sampled from a few seeded random tokens
-CALIBRATION_START, CALIBRATION_TOKENS, CALIBRATION_TEMPERATURE = 4, 256, 0.8
 
 
 @dataclass(frozen=True)
@@ -84,13 +79,12 @@ def thin_svd(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u, s[:, None] * vt
 
 
-def aligned(us: np.ndarray, ds: np.ndarray, xs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate each layer's basis towards the previous one: R = argmin ||x_i u_i R - x_(i-1) u_(i-1)||
-    over orthogonal R, for the calibration inputs x of each layer (T, dim), from the SVD of
-    u_iᵀ x_iᵀ x_(i-1) u_(i-1); then u_i R and Rᵀ d_i rebuild the same W."""
+def aligned(us: np.ndarray, ds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate each layer's basis towards the previous one: R = argmin ||u_i R - u_(i-1)|| over
+    orthogonal R, from the SVD of u_iᵀ u_(i-1); then u_i R and Rᵀ d_i rebuild the same W."""
     us, ds = us.copy(), ds.copy()
     for i in range(1, len(us)):
-        p, _, qt = np.linalg.svd((xs[i] @ us[i]).T @ (xs[i - 1] @ us[i - 1]))
+        p, _, qt = np.linalg.svd(us[i].T @ us[i - 1])
         r = p @ qt
         us[i], ds[i] = us[i] @ r, r.T @ ds[i]
     return us, ds
@@ -121,9 +115,10 @@ def _cached(path: Path, compute: Callable[[], Bases]) -> Bases:
     return bases
 
 
-def svd_bases(w_k: list[np.ndarray], w_v: list[np.ndarray]) -> Bases:
+def svd_bases(w_k: list[np.ndarray], w_v: list[np.ndarray], directory: Path) -> Bases:
     """Thin SVDs of every layer's W_k and W_v (each (dim, kv_dim), as x @ W), computed once per
-    model and kept in the user cache dir under a hash of the weights themselves."""
+    model and kept in `directory` (the model's derived artefacts) under a hash of the weights
+    as the engine holds them (their dtype, the MHA form)."""
 
     def compute():
         (u_k, d_k), (u_v, d_v) = (
@@ -131,34 +126,18 @@ def svd_bases(w_k: list[np.ndarray], w_v: list[np.ndarray]) -> Bases:
         )
         return Bases(u_k, d_k, u_v, d_v, 0.0)
 
-    return _cached(cache_dir() / "latents" / f"{weights_key(w_k, w_v)}.npz", compute)
-
-
-def aligned_bases(
-    w_k: list[np.ndarray], w_v: list[np.ndarray], calibrate: Callable[[], list[np.ndarray]]
-) -> Bases:
-    """svd_bases aligned layer to layer for XQuant-CL on `calibrate()`'s inputs; kept too."""
-
-    def compute():
-        bases, xs = svd_bases(w_k, w_v), calibrate()
-        (u_k, d_k), (u_v, d_v) = (
-            aligned(bases.u_k, bases.d_k, xs),
-            aligned(bases.u_v, bases.d_v, xs),
-        )
-        return Bases(u_k, d_k, u_v, d_v, 0.0)
-
-    return _cached(cache_dir() / "latents" / f"{weights_key(w_k, w_v)}-cl.npz", compute)
+    return _cached(directory / f"svd-{weights_key(w_k, w_v)}.npz", compute)
 
 
 def layer_latents(
     w_k: list[np.ndarray],
     w_v: list[np.ndarray],
     group: int,
-    calibrate: Callable[[], list[np.ndarray]] | None = None,
+    directory: Path,
+    cross_layer: bool = False,
 ) -> tuple[list[LayerLatents], float]:
-    """Every layer's streams and rebuild matrices (float32), and the seconds their SVDs (and
-    calibration) took, 0 when read from the cache dir. With `calibrate` (giving each layer's
-    inputs on calibration text), the bases are aligned for XQuant-CL."""
+    """Every layer's streams and rebuild matrices (float32), and the seconds the SVDs took (0
+    when read back from `directory`); for XQuant-CL (`cross_layer`) the bases are aligned."""
     dim, kv_dim = w_k[0].shape
     if not uses_latents(dim, kv_dim):
         turn = block_hadamard(dim, group)
@@ -167,8 +146,10 @@ def layer_latents(
             for wk, wv in zip(w_k, w_v, strict=True)
         ]
         return _float32(layers), 0.0
-    bases = aligned_bases(w_k, w_v, calibrate) if calibrate else svd_bases(w_k, w_v)
+    bases = svd_bases(w_k, w_v, directory)
     u_k, d_k, u_v, d_v = bases.u_k, bases.d_k, bases.u_v, bases.d_v
+    if cross_layer:
+        (u_k, d_k), (u_v, d_v) = aligned(u_k, d_k), aligned(u_v, d_v)
     turn = block_hadamard(kv_dim, group)
     layers = [
         LayerLatents(

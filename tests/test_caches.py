@@ -3,6 +3,7 @@ quality close to exact K/V, trim exact, and the two backends agree."""
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,7 +357,9 @@ def test_backends_agree_on_latents_and_cross_layer(tiny_models):
         pytest.skip("needs both backends")
     ids = list(range(600, 700))
     for kind in ("xquant", "xquant-cl"):
-        cache = CacheSpec(kind=kind, bits=4, group=32, residual=16)
+        # 8 bits: float rounding differs between the frameworks, and now and then it moves a value
+        # across a rounding boundary of the quantizer; a step of 1/255 of the range keeps that small
+        cache = CacheSpec(kind=kind, bits=8, group=32, residual=16)
         torch_logits, mlx_logits = (
             load_tiny(tiny_models, "gqa-qwen3", b, cache=cache).new_session().logits(ids)
             for b in BACKENDS
@@ -373,12 +376,10 @@ def test_eight_bit_latents_are_within_a_tenth_of_a_percent(default_fp32, wikitex
 
 
 def test_svd_factors_are_computed_once_and_kept(tiny_models, backend):
-    from xqchat.models.paths import cache_dir
-
-    store = cache_dir() / "latents"
+    first = load_tiny(tiny_models, "gqa-qwen2", backend)
+    store = first.module.derived
     for f in store.glob("*.npz"):
         f.unlink()
-    first = load_tiny(tiny_models, "gqa-qwen2", backend)
     first.new_session(CacheSpec(kind="xquant"))
     assert first.module.svd_seconds > 0 and len(list(store.glob("*.npz"))) == 1
     second = load_tiny(tiny_models, "gqa-qwen2", backend)
@@ -440,3 +441,14 @@ def test_a_damaged_or_mismatched_cache_file_is_refused(deep_gqa, tiny_fp32, tmp_
     with pytest.raises(XQError, match="no saved cache"):
         target.load(tmp_path / "missing.cache")
     assert target.tokens == [1, 2, 3]  # a refused load leaves the session as it was
+
+
+def test_pull_prepares_the_xquant_factors(tiny_models):
+    from xqchat.app.cli import prepare_xquant
+    from xqchat.models import resolve
+
+    files = resolve(str(tiny_models["gqa-qwen3"]))
+    (line,) = prepare_xquant(files)
+    directory = line.rsplit(": ", 1)[1]
+    assert [p.name.split("-")[0] for p in Path(directory).glob("*.npz")] == ["svd"]
+    assert prepare_xquant(resolve(str(tiny_models["llama"]))) == []  # X itself: no SVD needed

@@ -110,14 +110,6 @@ class KVCache:
         return 2 * self.keys.numel() * self.keys.element_size()
 
 
-class Recorder(KVCache):
-    """An exact cache that also keeps its layer's inputs: XQuant-CL's calibration reads them."""
-
-    def attend(self, layer, x, q, k, v, cos, sin, mask):
-        self.inputs.append(x[0].float().cpu())
-        return super().attend(layer, x, q, k, v, cos, sin, mask)
-
-
 class Chain:
     """XQuant-CL's transient accumulator for one stream of a stack of layers. Layers run in order,
     so layer i finds here what layer i-1 reconstructed in this forward: the blocks it flushed

@@ -21,18 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from xqchat.models.errors import XQError
+from xqchat.models.paths import derived_dir
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import to_engine_layout
 
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
-from ..latents import (
-    CALIBRATION_START,
-    CALIBRATION_TEMPERATURE,
-    CALIBRATION_TOKENS,
-    layer_latents,
-)
-from .cache import Latents, Recorder, Upcast, new_caches
+from ..latents import layer_latents
+from .cache import Latents, Upcast, new_caches
 from .session import EngineSession
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -223,7 +219,7 @@ class Transformer(nn.Module):
 
     def latents(self, group: int, cross_layer: bool) -> list[Latents]:
         """XQuant's per-layer streams (backends/latents.py), from the weights as the engine
-        holds them; the SVDs (and XQuant-CL's calibration) run once per model, kept on disk."""
+        holds them; the SVDs are computed once per model and kept with it."""
         key = (group, cross_layer)
         if key not in self.latent_layers:
             kv_dim = self.spec.kv_dim
@@ -234,37 +230,12 @@ class Transformer(nn.Module):
                 [a[:, :kv_dim] for a in w],
                 [a[:, kv_dim:] for a in w],
                 group,
-                self.calibration_inputs if cross_layer else None,
+                self.derived,
+                cross_layer,
             )
             device = self.embed.weight.device
             self.latent_layers[key] = [Latents(layer, self.kv_dtype, device) for layer in layers]
         return self.latent_layers[key]
-
-    @torch.inference_mode()
-    def calibration_inputs(self) -> list[np.ndarray]:
-        """Every layer's attention input (T, dim) over text the model writes itself, sampled
-        from a few seeded random tokens: the model's own distribution, no dataset needed."""
-        generator = torch.Generator().manual_seed(0)
-        device = self.embed.weight.device
-        caches = [
-            Recorder(
-                self.spec.n_kv_heads,
-                self.spec.head_dim,
-                self.spec.max_context,
-                self.kv_dtype,
-                device,
-                self.upcast,
-            )
-            for _ in self.layers
-        ]
-        for cache in caches:
-            cache.inputs = []
-        ids = torch.randint(self.spec.vocab_size, (1, CALIBRATION_START), generator=generator)
-        for _ in range(CALIBRATION_TOKENS):
-            logits = self.logits(self(ids.to(device), caches)[0, -1:]).float().cpu()
-            probs = torch.softmax(logits / CALIBRATION_TEMPERATURE, dim=-1)
-            ids = torch.multinomial(probs, 1, generator=generator)
-        return [torch.cat(cache.inputs).numpy() for cache in caches]
 
 
 def pick_device(device: str) -> str:
@@ -341,6 +312,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         ) from None
     module.rope = Rope(spec).to(device)  # its table was built on the meta device
     module.kv_dtype = torch_dtype
+    module.derived = derived_dir(files) / "xquant"  # SVD factors, kept with the model
     module.eval().requires_grad_(False)
     notes = []
     if device == "cpu" and dtype == "bf16":

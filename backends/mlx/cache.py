@@ -79,14 +79,6 @@ class KVCache:
         return self.keys.nbytes + self.values.nbytes
 
 
-class Recorder(KVCache):
-    """An exact cache that also keeps its layer's inputs: XQuant-CL's calibration reads them."""
-
-    def attend(self, layer, x, q, k, v, rope, mask):
-        self.inputs.append(x[0].astype(mx.float32))
-        return super().attend(layer, x, q, k, v, rope, mask)
-
-
 class Chain:
     """XQuant-CL's transient accumulator for one stream of a stack of layers. Layers run in order,
     so layer i finds here what layer i-1 reconstructed in this forward: the blocks it flushed

@@ -16,18 +16,14 @@ import mlx.nn as nn
 import numpy as np
 
 from xqchat.models.errors import XQError
+from xqchat.models.paths import derived_dir
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import to_engine_layout
 
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
-from ..latents import (
-    CALIBRATION_START,
-    CALIBRATION_TEMPERATURE,
-    CALIBRATION_TOKENS,
-    layer_latents,
-)
-from .cache import Latents, Recorder, new_caches
+from ..latents import layer_latents
+from .cache import Latents, new_caches
 from .kernels import swiglu
 from .session import EngineSession
 
@@ -195,7 +191,7 @@ class Transformer(nn.Module):
 
     def latents(self, group: int, cross_layer: bool) -> list[Latents]:
         """XQuant's per-layer streams (backends/latents.py), from the weights as the engine
-        holds them; the SVDs (and XQuant-CL's calibration) run once per model, kept on disk."""
+        holds them; the SVDs are computed once per model and kept with it."""
         key = (group, cross_layer)
         if key not in self.latent_layers:
             kv_dim = self.spec.kv_dim
@@ -204,29 +200,11 @@ class Transformer(nn.Module):
                 [a[:, :kv_dim] for a in w],
                 [a[:, kv_dim:] for a in w],
                 group,
-                self.calibration_inputs if cross_layer else None,
+                self.derived,
+                cross_layer,
             )
             self.latent_layers[key] = [Latents(layer, self.kv_dtype) for layer in layers]
         return self.latent_layers[key]
-
-    def calibration_inputs(self) -> list[np.ndarray]:
-        """Every layer's attention input (T, dim) over text the model writes itself, sampled
-        from a few seeded random tokens: the model's own distribution, no dataset needed."""
-        key = mx.random.key(0)
-        caches = [
-            Recorder(self.spec.n_kv_heads, self.spec.head_dim, self.spec.max_context, self.kv_dtype)
-            for _ in self.layers
-        ]
-        for cache in caches:
-            cache.inputs = []
-        key, start = mx.random.split(key)
-        ids = mx.random.randint(0, self.spec.vocab_size, (1, CALIBRATION_START), key=start)
-        for _ in range(CALIBRATION_TOKENS):
-            logits = self.logits(self(ids, caches)[0, -1]).astype(mx.float32)
-            key, pick = mx.random.split(key)
-            ids = mx.random.categorical(logits / CALIBRATION_TEMPERATURE, key=pick).reshape(1, 1)
-            mx.eval(ids, [c.inputs[-1] for c in caches])
-        return [np.array(mx.concatenate(cache.inputs)) for cache in caches]
 
 
 def pick_device(device: str) -> str:
@@ -283,5 +261,6 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     except ValueError as e:
         raise XQError(f"the checkpoint does not match its config: {e}") from None
     module.kv_dtype = mx_dtype
+    module.derived = derived_dir(files) / "xquant"  # SVD factors, kept with the model
     mx.eval(module.parameters())
     return Engine(module, device, dtype, opts.cache)
