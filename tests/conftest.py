@@ -14,6 +14,9 @@ import pytest
 os.environ["XDG_CACHE_HOME"] = os.environ.get("XQCHAT_TEST_CACHE") or tempfile.mkdtemp(
     prefix="xqchat-cache-"
 )
+# Chats and settings never land in the user's own dirs (TUI tests point these at tmp_path).
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="xqchat-data-")
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="xqchat-config-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
