@@ -106,9 +106,9 @@ class ChatSession:
             return self._sink_window(full, budget)
         if len(full) > budget:
             raise ContextFull(
-                f"the context is full: this chat is {len(full)} tokens, {self.limit} fit and a "
-                f"reply needs up to {room} more; start a new chat, or pick the drop-oldest or "
-                "sink-window overflow policy in settings"
+                f"the context is full: the prompt is {len(full)} tokens; the model's context "
+                f"holds {self.limit} and the reply needs room for up to {room} more (start a new "
+                "chat, or choose the drop-oldest or sink-window overflow policy)"
             )
         return full
 

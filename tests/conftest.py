@@ -72,6 +72,14 @@ def tiny_configs():
     }
 
 
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """The user's data and config dirs (chat store, settings) under tmp_path."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def default_files():
     from xqchat.models import resolve

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tui_fakes import FakeModel, loader
+from tui_fakes import app_with, send, settle
 
 from xqchat.app.tui.app import XQChatApp
 from xqchat.app.tui.chat_screen import ChatScreen
@@ -22,28 +22,7 @@ SIZE = (110, 32)
 CODE_REPLY = "Here:\n\n```python\nprint('hi')\n```\n\nand\n\n```sh\nls -la\n```\n"
 
 
-@pytest.fixture(autouse=True)
-def dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    return tmp_path
-
-
-def app_with(tokenizer, replies=("Hello there!",), overrides=None, **model_kw):
-    model = FakeModel(tokenizer, list(replies), **model_kw)
-    return XQChatApp(overrides, loader=loader(model)), model
-
-
-async def settle(pilot) -> None:
-    await pilot.pause()
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-
-
-async def send(pilot, text: str) -> None:
-    pilot.app.screen.query_one(PromptInput).text = text
-    await pilot.press("enter")
-    await settle(pilot)
+pytestmark = pytest.mark.usefixtures("dirs")
 
 
 def rows(app) -> list[tuple[str, str, str]]:
@@ -76,7 +55,7 @@ async def test_send_streams_a_reply_and_shows_memory_and_speed(default_tokenizer
         assert status["model"] == "fake-model"
         assert status["engine"] == "fake/cpu fp32"
         assert status["cache"] == "kv"
-        assert status["gauge"].startswith(f"ctx {held}/4,096 ")
+        assert status["gauge"] == f"ctx {held}/4,096 ({held / 4096:.0%})"
         assert status["memory"] == f"cache {held} KiB (4.0× smaller than fp16 KV)"
         assert status["speed"] == "42.0 tok/s"
 

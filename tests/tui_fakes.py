@@ -113,3 +113,27 @@ def loader(model: FakeModel):
         return "fake-model", model.tokenizer, model
 
     return load
+
+
+def app_with(tokenizer, replies=("Hello there!",), overrides=None, **model_kw):
+    """The TUI over a FakeModel (and the model, to look at what it was fed)."""
+    from xqchat.app.tui.app import XQChatApp
+
+    model = FakeModel(tokenizer, list(replies), **model_kw)
+    return XQChatApp(overrides, loader=loader(model)), model
+
+
+async def settle(pilot) -> None:
+    """Let every worker (model loading, a reply) finish."""
+    await pilot.pause()
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def send(pilot, text: str) -> None:
+    """Type a message, send it, wait for the reply."""
+    from xqchat.app.tui.widgets import PromptInput
+
+    pilot.app.screen.query_one(PromptInput).text = text
+    await pilot.press("enter")
+    await settle(pilot)

@@ -22,7 +22,7 @@ from .store import Store
 
 PROMPT_KEYS = [  # handled by the prompt itself, not by bindings
     ("enter", "Send", "Send the message (or the edited message)."),
-    ("shift+enter, ctrl+j", "New line", "Start a new line in the message."),
+    ("shift+enter,ctrl+j", "New line", "Start a new line in the message."),
 ]
 
 
@@ -101,11 +101,17 @@ class XQChatApp(App):
 
     def keys(self) -> list[tuple[str, str, str]]:
         """(key, action, what it does) for every binding, for the help screen."""
-        rows = [(k, name, doc) for k, name, doc in PROMPT_KEYS]
-        for binding in (*ChatScreen.BINDINGS, *self.BINDINGS):
-            rows.append((self.get_key_display(binding), binding.description, binding.tooltip))
-        rows.append(("ctrl+p", "Commands", "Open the command palette: every action by name."))
-        return rows
+        palette = Binding("ctrl+p", "command_palette", "Commands", tooltip="Every action by name.")
+        bindings = [Binding(keys, "", name, tooltip=doc) for keys, name, doc in PROMPT_KEYS]
+        bindings += [*ChatScreen.BINDINGS, *self.BINDINGS, palette]
+        return [
+            (
+                " ".join(self.get_key_display(Binding(key, "")) for key in b.key.split(",")),
+                b.description,
+                b.tooltip,
+            )
+            for b in bindings
+        ]
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.keys()))

@@ -49,8 +49,15 @@ class SettingsScreen(Screen):
         choices = opt.choices or opt.suggest
         if choices is not None:
             values = list(dict.fromkeys([*choices(), value]))  # the current value stays offered
-            return Select([(str(v), v) for v in values], value=value, allow_blank=False, id=name)
-        return Input(str(value), id=name, type="number" if not isinstance(value, str) else "text")
+            return Select(
+                [(str(v), v) for v in values], value=value, allow_blank=False, compact=True, id=name
+            )
+        return Input(
+            str(value),
+            id=name,
+            type="number" if not isinstance(value, str) else "text",
+            compact=True,
+        )
 
     def values(self) -> dict:
         values = {}

@@ -13,7 +13,6 @@ from .engine import ModelInfo
 from .store import STATUS_NOTES
 
 WARN_AT, FULL_AT = 0.8, 0.95  # context gauge: warning, then nearly full
-GAUGE_CELLS = 10
 
 
 class PromptInput(TextArea):
@@ -99,9 +98,8 @@ class StatusBar(Horizontal):
 
     def show_context(self, used: int, limit: int) -> None:
         share = used / limit if limit else 0.0
-        filled = min(GAUGE_CELLS, round(share * GAUGE_CELLS))
         gauge = self.query_one("#gauge", Static)
-        gauge.update(f"ctx {used:,}/{limit:,} " + "▰" * filled + "▱" * (GAUGE_CELLS - filled))
+        gauge.update(f"ctx {used:,}/{limit:,} ({share:.0%})")
         gauge.set_class(WARN_AT <= share < FULL_AT, "-warning")
         gauge.set_class(share >= FULL_AT, "-full")
 
