@@ -13,7 +13,7 @@ from xqchat.app.tui.chat_screen import ChatScreen
 from xqchat.app.tui.dialogs import ConfirmScreen, HelpScreen, TextPrompt
 from xqchat.app.tui.settings import Settings
 from xqchat.app.tui.settings_screen import SettingsScreen
-from xqchat.app.tui.store import Message, to_markdown
+from xqchat.app.tui.store import Message, Store, to_markdown
 from xqchat.app.tui.widgets import MessageView, NoticeView, PromptInput, StatusBar
 from xqchat.backends.chat import common_prefix
 from xqchat.models.errors import XQError
@@ -53,9 +53,9 @@ async def test_send_streams_a_reply_and_shows_memory_and_speed(default_tokenizer
         held = len(model.prompts[0]) + len(default_tokenizer.encode("Hello **there**!"))
         status = status_text(app)
         assert status["model"] == "fake-model"
-        assert status["engine"] == "fake/cpu fp32"
+        assert status["engine"] == "fake/cpu"
         assert status["cache"] == "kv"
-        assert status["gauge"] == f"ctx {held}/4,096 ({held / 4096:.0%})"
+        assert status["gauge"] == f"ctx {held}/4,096"
         assert status["memory"] == f"cache {held} KiB (4.0× smaller than fp16 KV)"
         assert status["speed"] == "42.0 tok/s"
 
@@ -88,6 +88,25 @@ async def test_escape_cancels_and_keeps_the_partial_reply_marked(default_tokeniz
         view = app.chat_screen.query(MessageView).last()
         assert view.title == "Assistant · cancelled: partial reply"
         assert view.has_class("-partial")
+
+
+async def test_quitting_mid_reply_keeps_the_partial_reply(default_tokenizer):
+    reply = "One two three four five six seven eight."
+    app, model = app_with(default_tokenizer, [reply], hold_after=3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        app.screen.query_one(PromptInput).text = "Count."
+        await pilot.press("enter")
+        while not model.held.is_set():
+            await pilot.pause(0.05)
+        chat_id = app.chat_screen.chat_id
+        await pilot.press("ctrl+q")
+    store = Store()
+    partial = default_tokenizer.decode(default_tokenizer.encode(reply)[:3])
+    assert [(m.role, m.content, m.status) for m in store.messages(chat_id)] == [
+        ("user", "Count.", "done"),
+        ("assistant", partial, "interrupted"),
+    ]
 
 
 async def test_the_ui_stays_usable_while_a_reply_streams(default_tokenizer):

@@ -75,7 +75,8 @@ class XQChatApp(App):
             info = await self.engine.configure(self.settings, progress)
         except XQError as e:
             screen.show_loading(None)
-            screen.show_no_model(str(e))
+            if self.engine.model is None:
+                screen.show_no_model(str(e))
             self.notify(str(e), severity="error", timeout=15)
             return
         except Exception as e:  # a bug: say so, without a traceback on screen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,9 @@ class ChatScreen(Screen):
                 elif reply.chat_id == self.chat_id:
                     self.show_cache(item)
             ended = {None: "done", "stop": "done"}.get(finish, finish)
+        except asyncio.CancelledError:  # the app is closing mid-reply: keep what came
+            reply.writer.finish("interrupted")
+            raise
         except XQError as e:
             ended, problem = "error", str(e)
         except Exception as e:  # a bug: say so, without a traceback on screen

@@ -36,7 +36,6 @@ class ModelInfo:
     name: str
     backend: str
     device: str
-    dtype: str
     cache: CacheSpec
     max_context: int
     notes: tuple[str, ...]
@@ -79,7 +78,6 @@ class ChatEngine:
             name,
             model.backend,
             model.device,
-            model.dtype,
             cache,
             model.spec.max_context,
             (*model.spec.notes, *model.notes),

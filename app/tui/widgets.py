@@ -93,13 +93,13 @@ class StatusBar(Horizontal):
         if cache != "kv":
             cache += f" {info.cache.bits}-bit"
         self.query_one("#model", Static).update(info.name)
-        self.query_one("#engine", Static).update(f"{info.backend}/{info.device} {info.dtype}")
+        self.query_one("#engine", Static).update(f"{info.backend}/{info.device}")
         self.query_one("#cache", Static).update(cache)
 
     def show_context(self, used: int, limit: int) -> None:
         share = used / limit if limit else 0.0
         gauge = self.query_one("#gauge", Static)
-        gauge.update(f"ctx {used:,}/{limit:,} ({share:.0%})")
+        gauge.update(f"ctx {used:,}/{limit:,}")
         gauge.set_class(WARN_AT <= share < FULL_AT, "-warning")
         gauge.set_class(share >= FULL_AT, "-full")
 
