@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from xqchat.app.tui.chat_screen import ReplyWriter
-from xqchat.app.tui.store import MIGRATIONS, Chat, Message, Store, to_markdown
+from xqchat.app.tui.store import MIGRATIONS, Chat, Message, ReplyWriter, Store, to_markdown
 
 TESTS = Path(__file__).resolve().parent
 

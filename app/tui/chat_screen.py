@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,49 +20,15 @@ from xqchat.models.errors import XQError
 
 from .dialogs import ConfirmScreen, PickScreen, TextPrompt
 from .engine import ModelInfo
-from .store import Message, Store, to_markdown
+from .store import SAVE_EVERY_S, Message, ReplyWriter, Store, to_markdown
 from .widgets import MessageView, NoticeView, PromptInput, StatusBar
 
 TITLE_CHARS = 40
-SAVE_EVERY_S = 1.0  # a streaming reply reaches the store at least this often
 
 
 def title_from(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
-
-
-class ReplyWriter:
-    """Writes a streaming reply to the store: created with its first piece, saved again whenever
-    `interval` seconds have passed (and on `flush`), and finished with how it ended."""
-
-    def __init__(
-        self, store: Store, chat_id: int, interval: float = SAVE_EVERY_S, clock=time.monotonic
-    ):
-        self.store, self.chat_id, self.interval, self.clock = store, chat_id, interval, clock
-        self.text = ""
-        self.id: int | None = None
-        self._saved_at = 0.0
-        self._dirty = False
-
-    def add(self, piece: str) -> None:
-        self.text += piece
-        if self.id is None:
-            self.id = self.store.add(self.chat_id, "assistant", self.text, "streaming")
-            self._saved_at = self.clock()
-        else:
-            self._dirty = True
-            if self.clock() - self._saved_at >= self.interval:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.id is not None and self._dirty:
-            self.store.update(self.id, self.text)
-            self._saved_at, self._dirty = self.clock(), False
-
-    def finish(self, status: str) -> None:
-        if self.id is not None:
-            self.store.update(self.id, self.text, status)
 
 
 @dataclass
@@ -242,13 +207,7 @@ class ChatScreen(Screen):
     @on(PromptInput.Submitted)
     def submitted(self, event: PromptInput.Submitted) -> None:
         text = event.text
-        if not text.strip():
-            return
-        if self.reply is not None:
-            self.notify(
-                "A reply is still streaming: wait for it, or press Esc to cancel it.",
-                severity="warning",
-            )
+        if not text.strip() or self.busy():
             return
         prompt = self.query_one(PromptInput)
         if self.editing is not None:

@@ -63,6 +63,9 @@ class Message:
     status: str = "done"
 
 
+SAVE_EVERY_S = 1.0  # a streaming reply reaches the store at least this often
+
+
 def default_path() -> Path:
     return data_dir() / "chats.sqlite3"
 
@@ -149,6 +152,39 @@ class Store:
 
     def remove(self, message_id: int) -> None:
         self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+
+class ReplyWriter:
+    """Writes a streaming reply to the store: created with its first piece, saved again whenever
+    `interval` seconds have passed (and on `flush`), and finished with how it ended."""
+
+    def __init__(
+        self, store: Store, chat_id: int, interval: float = SAVE_EVERY_S, clock=time.monotonic
+    ):
+        self.store, self.chat_id, self.interval, self.clock = store, chat_id, interval, clock
+        self.text = ""
+        self.id: int | None = None
+        self._saved_at = 0.0
+        self._dirty = False
+
+    def add(self, piece: str) -> None:
+        self.text += piece
+        if self.id is None:
+            self.id = self.store.add(self.chat_id, "assistant", self.text, "streaming")
+            self._saved_at = self.clock()
+        else:
+            self._dirty = True
+            if self.clock() - self._saved_at >= self.interval:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.id is not None and self._dirty:
+            self.store.update(self.id, self.text)
+            self._saved_at, self._dirty = self.clock(), False
+
+    def finish(self, status: str) -> None:
+        if self.id is not None:
+            self.store.update(self.id, self.text, status)
 
 
 def to_markdown(chat: Chat, messages: list[Message]) -> str:
