@@ -15,6 +15,7 @@ from xqchat.backends.base import (
     EngineOptions,
     GenerationConfig,
 )
+from xqchat.backends.chat import OVERFLOW_POLICIES
 from xqchat.models.errors import XQError
 
 from . import bench as benchmarks
@@ -111,17 +112,24 @@ def status(message: str) -> None:
         click.echo(f"\r\033[K{message}", err=True, nl=False)
 
 
-def load_engine(model: str, **options):
+def open_model(model: str, opts: EngineOptions, progress=status):
+    """(files, tokenizer, engine) for a model name, path or .gguf; `progress` hears each stage."""
     from xqchat.backends.base import load_model
     from xqchat.models import resolve
     from xqchat.models.catalog import record_use
     from xqchat.models.tokenizer import load_tokenizer
 
     files = resolve(model)
-    status(f"loading {files.name} …")
-    engine = load_model(files, engine_options(**options))  # first: it validates the weight files
+    progress(f"loading {files.name} …")
+    engine = load_model(files, opts)  # first: it validates the weight files
+    progress(f"loading the tokenizer of {files.name} …")
     tokenizer = load_tokenizer(files)
     record_use(files.name)
+    return files, tokenizer, engine
+
+
+def load_engine(model: str, **options):
+    files, tokenizer, engine = open_model(model, engine_options(**options))
     status("")
     for note in (*engine.spec.notes, *engine.notes):
         click.echo(f"note: {note}", err=True)
@@ -135,6 +143,7 @@ def cli(ctx, debug):
     """Offline chat with open models, with long chats kept small in memory.
 
     \b
+    xqchat                   open the chat app (the same as `xqchat chat`)
     xqchat run PROMPT        one reply to stdout
     xqchat pull MODEL        download a model from the Hugging Face hub
     xqchat list              the models installed (they run offline)
@@ -143,9 +152,45 @@ def cli(ctx, debug):
     xqchat bench ppl|speed   measure quality and speed on this machine
     """
     if ctx.invoked_subcommand is None:
-        raise XQError(
-            'the chat TUI is not built yet; use `xqchat run "your message"` (see xqchat --help)'
-        )
+        from .tui.app import run as run_tui
+
+        run_tui()
+
+
+@cli.command(
+    epilog="""
+\b
+Options given here hold for this session; the settings screen (Ctrl+S) saves them.
+Examples:
+  xqchat chat
+  xqchat chat --cache kv-quant --bits 4
+  xqchat chat --cache xquant --mha --overflow drop-oldest
+"""
+)
+@model_options
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=512, help="Most tokens in a reply."
+)
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0)
+@click.option(
+    "--overflow",
+    type=click.Choice(OVERFLOW_POLICIES),
+    default="stop",
+    help="When a chat outgrows the context: refuse, drop the oldest turns, or keep the first "
+    "tokens plus a recent window.",
+)
+@click.pass_context
+def chat(ctx, **options):
+    """Open the chat app: chats, streaming replies, live cache memory and speed."""
+    from .tui.app import run as run_tui
+
+    given = {
+        name: int(value) if name in ("bits", "group") else value
+        for name, value in options.items()
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    }
+    run_tui(given)
 
 
 @cli.command(epilog=EXAMPLES_RUN)

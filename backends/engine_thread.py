@@ -25,13 +25,17 @@ class EngineThread:
                 except BaseException as e:  # handed to the caller, re-raised there
                     future.set_exception(e)
 
+    def submit(self, fn, *args, **kwargs) -> Future:
+        """Queue fn for the engine thread; the future holds its result (or its exception)."""
+        future: Future = Future()
+        self._jobs.put((fn, args, kwargs, future))
+        return future
+
     def call(self, fn, *args, **kwargs):
         """Run fn on the engine thread and return its result (or raise its exception)."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
-        future: Future = Future()
-        self._jobs.put((fn, args, kwargs, future))
-        return future.result()
+        return self.submit(fn, *args, **kwargs).result()
 
     def iterate(self, iterator: Iterator) -> Iterator:
         """Advance `iterator` on the engine thread, yielding its items here."""

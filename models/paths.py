@@ -18,7 +18,7 @@ def cache_dir() -> Path:
 
 
 def data_dir() -> Path:
-    """What cannot be rebuilt: when each model was last used (later: the chats)."""
+    """What the user made and would miss: the chat store, and when each model was last used."""
     return Path(platformdirs.user_data_dir("xqchat", appauthor=False))
 
 
@@ -41,3 +41,8 @@ def derived_dir(files: ModelFiles) -> Path:
     st = files.path.stat()
     key = hashlib.sha256(f"{files.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     return cache_dir() / "derived" / "local" / key.hexdigest()[:16]
+
+
+def config_dir() -> Path:
+    """Settings the user chose."""
+    return Path(platformdirs.user_config_dir("xqchat", appauthor=False))

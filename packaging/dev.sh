@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a development environment in .venv (once; again when pyproject.toml changes), then
-#   dev.sh chat [PROMPT]   answer a prompt with the default model (the TUI arrives later)
+#   dev.sh chat [PROMPT]   open the chat app on the default model (with PROMPT: answer it once)
 #   dev.sh test [ARGS]     lint (ruff) and run the test suite (ARGS go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ fi
 command=${1:-chat}
 shift || true
 case "$command" in
-  chat) exec .venv/bin/xqchat run "${@:-Hello! Who are you, in two sentences?}" ;;
+  chat) if [ $# -gt 0 ]; then exec .venv/bin/xqchat run "$@"; else exec .venv/bin/xqchat chat; fi ;;
   test)
     .venv/bin/ruff check --quiet . && .venv/bin/ruff format --check --quiet . || exit 1
     exec .venv/bin/python -m pytest "$@" ;;

@@ -14,7 +14,9 @@ import pytest
 os.environ["XDG_CACHE_HOME"] = os.environ.get("XQCHAT_TEST_CACHE") or tempfile.mkdtemp(
     prefix="xqchat-cache-"
 )
+# Chats and settings never land in the user's own dirs (TUI tests point these at tmp_path).
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="xqchat-data-")
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="xqchat-config-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
@@ -73,6 +75,14 @@ def tiny_configs():
         "gqa-qwen2": Qwen2Config(**WIDE, tie_word_embeddings=True),
         "gqa-qwen3": Qwen3Config(**WIDE, head_dim=16, tie_word_embeddings=True),
     }
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """The user's data and config dirs (chat store, settings) under tmp_path."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -93,10 +93,33 @@ def test_prompt_longer_than_context(capsys, tiny_models, backend):
     assert "the model's context holds 256" in err
 
 
-def test_bare_command_points_to_run(capsys):
-    code, _, err = cli(capsys)
-    assert code == 1
-    one_line_error(err, "xqchat run")
+@pytest.fixture
+def opened(monkeypatch):
+    """What the chat app would have been opened with."""
+    calls = []
+    monkeypatch.setattr("xqchat.app.tui.app.run", lambda overrides=None: calls.append(overrides))
+    return calls
+
+
+def test_bare_command_and_chat_open_the_app(capsys, opened):
+    assert cli(capsys)[0] == 0
+    assert cli(capsys, "chat")[0] == 0
+    assert cli(capsys, "chat", "--cache", "kv-quant", "--bits", "4", "-m", "default")[0] == 0
+    assert cli(capsys, "chat", "--overflow", "sink-window", "--temperature", "0.5")[0] == 0
+    assert opened == [
+        None,
+        {},
+        {"cache": "kv-quant", "bits": 4, "model": "default"},
+        {"overflow": "sink-window", "temperature": 0.5},
+    ]
+
+
+def test_chat_refuses_bad_options(capsys, opened):
+    code, _, err = cli(capsys, "chat", "--bits", "5")
+    assert code == 2 and opened == []
+    one_line_error(err, "Invalid value for '--bits'")
+    code, out, _ = cli(capsys, "chat", "--help")
+    assert code == 0 and "xqchat chat --cache kv-quant --bits 4" in out
 
 
 def test_run_json_fields(capsys, tiny_models, backend):

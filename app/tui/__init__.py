@@ -1,0 +1,1 @@
+"""The chat TUI (Textual): app, screens, widgets, chat store and settings."""

@@ -1,0 +1,139 @@
+"""The TUI's side of the engine. All model work (loading, prefill, generation) runs on one
+long-lived thread fed by a queue; the UI awaits results and streams events without blocking."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from xqchat.backends.base import CacheMemory, CacheSpec, Model, TokenEvent, check_cache
+from xqchat.backends.chat import ChatSession
+from xqchat.backends.engine_thread import EngineThread
+from xqchat.models.tokenizer import Tokenizer
+
+from .settings import Settings
+
+Progress = Callable[[str], None]
+Loader = Callable[[Settings, Progress], tuple[str, Tokenizer, Model]]
+KEPT_SESSIONS = 3  # chats whose caches stay in memory, so switching back needs no prefill
+
+
+def load_model(settings: Settings, progress: Progress) -> tuple[str, Tokenizer, Model]:
+    from xqchat.app.cli import open_model
+
+    files, tokenizer, model = open_model(settings.model, settings.engine_options(), progress)
+    return files.name, tokenizer, model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the status bar says about the loaded model."""
+
+    name: str
+    backend: str
+    device: str
+    cache: CacheSpec
+    max_context: int
+    notes: tuple[str, ...]
+
+
+class ChatEngine:
+    def __init__(self, loader: Loader = load_model):
+        self.loader = loader
+        self.thread = EngineThread("xqchat-chat")
+        self.model: Model | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.info: ModelInfo | None = None
+        self.sessions: OrderedDict[int, ChatSession] = OrderedDict()
+        self.cancel = threading.Event()
+        self._loaded_with: Settings | None = None
+
+    async def _run(self, fn, *args):
+        return await asyncio.wrap_future(self.thread.submit(fn, *args))
+
+    async def configure(self, settings: Settings, progress: Progress) -> ModelInfo:
+        """Load the model `settings` name, or reuse the loaded one when only the cache differs
+        (new chats' caches then take the new kind)."""
+        return await self._run(self._configure, settings, progress)
+
+    def _configure(self, settings: Settings, progress: Progress) -> ModelInfo:
+        cache = settings.engine_options().cache
+        old = self._loaded_with
+        self.sessions.clear()
+        if old is not None and old.engine_options() == dataclasses.replace(
+            settings.engine_options(), cache=old.engine_options().cache
+        ):
+            check_cache(cache, self.model.spec)  # same model: only new caches take the new kind
+            name = self.info.name
+        else:
+            self.model = self.tokenizer = self.info = self._loaded_with = None  # free it first
+            name, self.tokenizer, self.model = self.loader(settings, progress)
+        self._loaded_with = settings
+        model = self.model
+        self.info = ModelInfo(
+            name,
+            model.backend,
+            model.device,
+            cache,
+            model.spec.max_context,
+            (*model.spec.notes, *model.notes),
+        )
+        return self.info
+
+    def _session(self, chat_id: int, settings: Settings) -> ChatSession:
+        chat = self.sessions.pop(chat_id, None)
+        if chat is None:
+            chat = ChatSession(self.model, self.tokenizer, cache=self.info.cache)
+        self.sessions[chat_id] = chat
+        while len(self.sessions) > KEPT_SESSIONS:
+            self.sessions.popitem(last=False)
+        chat.policy = settings.policy()
+        return chat
+
+    async def reply(
+        self, chat_id: int, messages: list[dict], settings: Settings
+    ) -> AsyncIterator[list[str] | TokenEvent | CacheMemory]:
+        """Answer `messages` (the chat as the store holds it). Yields the context policy's notices
+        (a list, first), each TokenEvent, then the cache's memory once the reply is done."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        self.cancel.clear()
+
+        def put(item) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                if self.model is None:
+                    raise RuntimeError("no model is loaded")
+                chat = self._session(chat_id, settings)
+                chat.messages = messages
+                for i, event in enumerate(chat.reply(settings.generation(), self.cancel)):
+                    if i == 0:
+                        put(list(chat.notices))
+                    put(event)
+                put(chat.session.memory())
+            except BaseException as e:  # handed to the UI, which shows it as a notification
+                put(e)
+            finally:
+                put(done)
+
+        self.thread.submit(work)
+        while (item := await queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def memory(self, chat_id: int) -> CacheMemory | None:
+        """What a chat's cache holds now (None when it holds nothing)."""
+        chat = self.sessions.get(chat_id)
+        return None if chat is None else await self._run(chat.session.memory)
+
+    def forget(self, chat_id: int) -> None:
+        """Drop a chat's cache (its system prompt changed, or it was deleted)."""
+        self.thread.submit(self.sessions.pop, chat_id, None)

@@ -1,0 +1,193 @@
+"""The user's settings: one JSON file in the user config dir, validated when read. A broken file
+is reported, kept beside as `settings.json.broken`, and replaced by the defaults.
+
+Each field carries what the settings screen shows (label, help, choices), so offering a new
+option (int8 weights, the drafter, another cache kind) is one line here, or none where the
+choices come from the engine's own lists."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xqchat.backends.base import (
+    CACHE_KINDS,
+    WEIGHT_DTYPES,
+    CacheSpec,
+    EngineOptions,
+    GenerationConfig,
+)
+from xqchat.backends.chat import OVERFLOW_POLICIES, ContextPolicy
+from xqchat.models.errors import XQError
+from xqchat.models.paths import config_dir
+from xqchat.models.registry import BUILTIN, DEFAULT_MODEL, resolve
+
+
+def installed_models() -> list[str]:
+    """The models the picker offers: those the registry can resolve on this machine."""
+    names = []
+    for name in BUILTIN:
+        try:
+            resolve(name)
+        except XQError:
+            continue
+        names.append(name)
+    return names
+
+
+@dataclass(frozen=True)
+class Option:
+    label: str
+    help: str
+    choices: Callable[[], Sequence] | None = None  # the value must be one of these
+    suggest: Callable[[], Sequence] | None = None  # offered in a picker; any value is allowed
+    low: float | None = None
+    high: float | None = None
+
+
+def setting(default, label: str, help: str, **option):
+    return field(default=default, metadata={"option": Option(label, help, **option)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = setting(
+        DEFAULT_MODEL,
+        "Model",
+        "A model name, a model directory or a .gguf file.",
+        suggest=installed_models,
+    )
+    backend: str = setting(
+        "auto",
+        "Backend",
+        "auto = MLX on Apple Silicon, else PyTorch.",
+        choices=lambda: ("auto", "torch", "mlx"),
+    )
+    device: str = setting(
+        "auto", "Device", "Where PyTorch runs.", choices=lambda: ("auto", "cpu", "cuda")
+    )
+    weights: str = setting(
+        "auto",
+        "Weights",
+        "Working dtype of the weights; auto = the fastest here.",
+        choices=lambda: WEIGHT_DTYPES,
+    )
+    mha: bool = setting(
+        False,
+        "MHA form",
+        "Run a GQA model in its exact MHA form (what xquant needs on GQA models).",
+    )
+    cache: str = setting(
+        "kv",
+        "Cache",
+        "kv = exact K/V; kv-quant = K per channel, V per token (KIVI); xquant = the layer input "
+        "X, quantized, K/V rebuilt from it.",
+        choices=lambda: CACHE_KINDS,
+    )
+    bits: int = setting(
+        4, "Cache bits", "Bits per cached value (quantized caches).", choices=lambda: (2, 3, 4, 8)
+    )
+    group: int = setting(
+        128,
+        "Cache group",
+        "Values sharing one fp16 scale and zero point.",
+        choices=lambda: (32, 64, 128),
+    )
+    residual: int = setting(
+        128, "Exact window", "Newest tokens kept exact (quantized caches).", low=0
+    )
+    temperature: float = setting(0.0, "Temperature", "0 = greedy (deterministic).", low=0, high=2)
+    top_p: float = setting(
+        1.0, "Top-p", "Nucleus sampling mass (with temperature > 0).", low=0.01, high=1
+    )
+    max_tokens: int = setting(512, "Max tokens", "Most tokens in one reply.", low=1)
+    overflow: str = setting(
+        "stop",
+        "Context overflow",
+        "When a chat outgrows the context: stop = refuse with a message; drop-oldest = leave out "
+        "whole oldest turns; sink-window = keep the first tokens and a recent window.",
+        choices=lambda: OVERFLOW_POLICIES,
+    )
+    sink: int = setting(4, "Sink tokens", "sink-window: first tokens always kept.", low=0)
+    window: int = setting(
+        0,
+        "Window tokens",
+        "sink-window: newest tokens kept at a cut (0 = half the context).",
+        low=0,
+    )
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check(f, getattr(self, f.name))
+
+    def engine_options(self) -> EngineOptions:
+        cache = CacheSpec(kind=self.cache, bits=self.bits, group=self.group, residual=self.residual)
+        return EngineOptions(
+            backend=self.backend,
+            device=self.device,
+            weights=self.weights,
+            cache=cache,
+            mha=self.mha,
+        )
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p
+        )
+
+    def policy(self) -> ContextPolicy:
+        return ContextPolicy(overflow=self.overflow, sink=self.sink, window=self.window)
+
+
+def option(f: dataclasses.Field) -> Option:
+    return f.metadata["option"]
+
+
+def check(f: dataclasses.Field, value) -> None:
+    """Raise ValueError with a line the user can read if `value` does not suit field `f`."""
+    kind, opt = type(f.default), option(f)
+    ok_type = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok_type = True
+    if not ok_type:
+        raise ValueError(f"{f.name}: expected {kind.__name__}, got {value!r}")
+    if opt.choices is not None and value not in opt.choices():
+        raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(map(str, opt.choices()))}")
+    if opt.low is not None and value < opt.low or opt.high is not None and value > opt.high:
+        raise ValueError(f"{f.name}: {value!r} is outside {opt.low}..{opt.high or '∞'}")
+    if kind is str and not value.strip():
+        raise ValueError(f"{f.name}: empty")
+
+
+def default_path() -> Path:
+    return config_dir() / "settings.json"
+
+
+def load(path: Path) -> tuple[Settings, str | None]:
+    """The settings in `path` (defaults when there is none), and a problem to report, if any."""
+    if not path.exists():
+        return Settings(), None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        names = {f.name for f in dataclasses.fields(Settings)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r}")
+        return Settings(**data), None
+    except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        broken = path.with_name(path.name + ".broken")
+        path.replace(broken)
+        save(Settings(), path)
+        return Settings(), f"{path} was broken ({e}); using the defaults (old file: {broken.name})"
+
+
+def save(settings: Settings, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
+    tmp.replace(path)  # a crash mid-write never leaves a half-written file

@@ -1,0 +1,92 @@
+"""The settings screen: one row per setting, built from the Settings fields themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Input, Label, Select, Switch
+
+from .settings import Settings, option
+
+
+class SettingsScreen(Screen):
+    """Dismisses with the new Settings when saved, or None."""
+
+    CSS_PATH = "settings_screen.tcss"
+    BINDINGS = [
+        Binding("escape", "dismiss", "Back", tooltip="Leave without saving."),
+        Binding(
+            "ctrl+s", "save", "Save", priority=True, tooltip="Save the settings and apply them."
+        ),
+    ]
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.settings = settings
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="form"):
+            yield Label("Settings", classes="title")
+            for f in dataclasses.fields(Settings):
+                opt, value = option(f), getattr(self.settings, f.name)
+                with Horizontal(classes="row"):
+                    yield Label(opt.label, classes="label")
+                    yield self.editor(f.name, opt, value)
+                    yield Label(opt.help, classes="help")
+            with Horizontal(classes="buttons"):
+                yield Button("Save (Ctrl+S)", variant="primary", id="save")
+                yield Button("Cancel (Esc)", id="cancel")
+        yield Footer()
+
+    @staticmethod
+    def editor(name: str, opt, value):
+        if isinstance(value, bool):
+            return Switch(value, id=name)
+        choices = opt.choices or opt.suggest
+        if choices is not None:
+            values = list(dict.fromkeys([*choices(), value]))  # the current value stays offered
+            return Select(
+                [(str(v), v) for v in values], value=value, allow_blank=False, compact=True, id=name
+            )
+        return Input(
+            str(value),
+            id=name,
+            type="number" if not isinstance(value, str) else "text",
+            compact=True,
+        )
+
+    def values(self) -> dict:
+        values = {}
+        for f in dataclasses.fields(Settings):
+            widget = self.query_one(f"#{f.name}")
+            value = widget.value
+            if isinstance(widget, Input) and type(f.default) is not str:
+                kind = type(f.default)
+                try:
+                    value = (
+                        kind(float(value))
+                        if kind is int and float(value).is_integer()
+                        else kind(value)
+                    )
+                except ValueError:
+                    raise ValueError(f"{option(f).label}: {value!r} is not a number") from None
+            values[f.name] = value
+        return values
+
+    def action_save(self) -> None:
+        try:
+            settings = Settings(**self.values())
+        except ValueError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.dismiss(settings)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.dismiss(None)

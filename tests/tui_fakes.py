@@ -1,0 +1,139 @@
+"""A scripted engine for TUI tests: the real tokenizer and ChatSession logic (templates, prefix
+reuse, context policies) over a fake model whose replies are fixed text and whose stats are
+fixed numbers, so tests and snapshots are exact."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from xqchat.backends.base import CacheMemory, CacheSpec, GenerationConfig, TokenEvent
+
+CACHE_BYTES_PER_TOKEN, FP16_BYTES_PER_TOKEN = 1024, 4096  # "4.0× smaller than fp16 KV"
+
+
+@dataclass(frozen=True)
+class FakeSpec:
+    max_context: int
+    notes: tuple[str, ...] = ()
+
+
+class FakeModel:
+    backend, device, dtype, notes = "fake", "cpu", "fp32", ()
+
+    def __init__(
+        self,
+        tokenizer,
+        replies: list[str],
+        max_context: int = 4096,
+        hold_after: int | None = None,
+        seconds_per_token: float = 0.0,
+    ):
+        self.tokenizer = tokenizer
+        self.replies = list(replies)  # one per turn, the last repeats
+        self.spec = FakeSpec(max_context)
+        self.cache = CacheSpec()
+        self.hold_after = hold_after  # after this many tokens, wait until cancelled
+        self.seconds_per_token = seconds_per_token
+        self.turns = 0
+        self.prefills: list[int] = []  # tokens prefilled, per turn
+        self.prompts: list[list[int]] = []  # what the cache held when each reply began
+        self.held = threading.Event()  # set when a reply is holding
+
+    def new_session(self, cache: CacheSpec | None = None) -> FakeSession:
+        return FakeSession(self)
+
+    def next_reply(self) -> str:
+        text = self.replies[min(self.turns, len(self.replies) - 1)]
+        self.turns += 1
+        return text
+
+
+class FakeSession:
+    def __init__(self, model: FakeModel):
+        self.model = model
+        self.tokens: list[int] = []
+
+    def prefill(self, tokens: list[int]) -> None:
+        self.model.prefills.append(len(tokens))
+        self.tokens += tokens
+
+    def trim(self, n_keep: int) -> None:
+        del self.tokens[n_keep:]
+
+    def memory(self) -> CacheMemory:
+        n = len(self.tokens)
+        return CacheMemory(n, n * CACHE_BYTES_PER_TOKEN, 0, 0, n * FP16_BYTES_PER_TOKEN, 0)
+
+    def generate(self, cfg: GenerationConfig, cancel: threading.Event | None = None):
+        model = self.model
+        model.prompts.append(list(self.tokens))
+        fed = model.prefills[-1]
+        text = model.next_reply()
+        ids = model.tokenizer.encode(text) + [min(model.tokenizer.stop_tokens)]
+        for n, token in enumerate(ids, 1):
+            if model.hold_after is not None and n == model.hold_after + 1:
+                model.held.set()
+                cancel.wait(timeout=30)
+            time.sleep(model.seconds_per_token)
+            if token in cfg.stop_tokens:
+                finish = "stop"
+            elif cancel is not None and cancel.is_set():
+                finish = "cancelled"
+            elif n >= cfg.max_tokens:
+                finish = "length"
+            elif len(self.tokens) + 1 >= model.spec.max_context:
+                finish = "context"
+            else:
+                finish = None
+            mem = self.memory()
+            yield TokenEvent(
+                token=token,
+                text="",
+                prompt_tokens=fed,
+                cached_tokens=len(self.tokens) - fed - (n - 1),
+                new_tokens=n,
+                prefill_tok_s=500.0,
+                decode_tok_s=42.0,
+                cache_bytes=mem.cache_bytes,
+                fp16_kv_bytes=mem.fp16_kv_bytes,
+                finish_reason=finish,
+            )
+            if finish:
+                return
+            self.tokens.append(token)
+
+
+def loader(model: FakeModel):
+    """A loader for XQChatApp that hands over the fake model."""
+
+    def load(settings, progress):
+        progress("loading fake-model …")
+        return "fake-model", model.tokenizer, model
+
+    return load
+
+
+def app_with(tokenizer, replies=("Hello there!",), overrides=None, **model_kw):
+    """The TUI over a FakeModel (and the model, to look at what it was fed)."""
+    from xqchat.app.tui.app import XQChatApp
+
+    model = FakeModel(tokenizer, list(replies), **model_kw)
+    return XQChatApp(overrides, loader=loader(model)), model
+
+
+async def settle(pilot) -> None:
+    """Let every worker (model loading, a reply) finish."""
+    await pilot.pause()
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def send(pilot, text: str) -> None:
+    """Type a message, send it, wait for the reply."""
+    from xqchat.app.tui.widgets import PromptInput
+
+    pilot.app.screen.query_one(PromptInput).text = text
+    await pilot.press("enter")
+    await settle(pilot)
