@@ -450,5 +450,5 @@ def test_pull_prepares_the_xquant_factors(tiny_models):
     files = resolve(str(tiny_models["gqa-qwen3"]))
     (line,) = prepare_xquant(files)
     directory = line.rsplit(": ", 1)[1]
-    assert [p.name.split("-")[0] for p in Path(directory).glob("*.npz")] == ["svd"]
+    assert {p.name.split("-")[0] for p in Path(directory).glob("*.npz")} == {"svd"}
     assert prepare_xquant(resolve(str(tiny_models["llama"]))) == []  # X itself: no SVD needed

@@ -244,10 +244,11 @@ def test_pull_one_gguf_file_with_its_tokenizer(capsys, hub, tmp_path, default_fi
     assert code == 0, err
     assert out.startswith(f"pulled {name}: llama, 134.5M parameters, gguf Q4_1")
     assert "prepared tokenizer converted from the GGUF metadata" in out
+    assert "prepared XQuant SVD factors" in out
     assert not hub.gets("SmolLM2-135M-Instruct.Q8_0.gguf")
     code, out, _ = cli(capsys, "show", name, "--json")
     shown = json.loads(out)
-    assert [Path(p).name for p in shown["derived"]] == ["tokenizer"]
+    assert [Path(p).name for p in shown["derived"]] == ["tokenizer", "xquant"]  # GQA: SVD factors
     derived = Path(shown["derived"][0])
     assert (derived / "tokenizer_config.json").is_file()
 

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from xqchat.backends.base import CacheMemory, CacheSpec, Model, TokenEvent, check_cache
+from xqchat.backends.base import CacheMemory, CacheSpec, Model, TokenEvent
 from xqchat.backends.chat import ChatSession
 from xqchat.backends.engine_thread import EngineThread
 from xqchat.models.tokenizer import Tokenizer
@@ -57,7 +57,7 @@ class ChatEngine:
 
     async def configure(self, settings: Settings, progress: Progress) -> ModelInfo:
         """Load the model `settings` name, or reuse the loaded one when only the cache differs
-        (new chats' caches then take the new kind)."""
+        (new chats' caches then take the new kind; every kind suits every model)."""
         return await self._run(self._configure, settings, progress)
 
     def _configure(self, settings: Settings, progress: Progress) -> ModelInfo:
@@ -67,7 +67,6 @@ class ChatEngine:
         if old is not None and old.engine_options() == dataclasses.replace(
             settings.engine_options(), cache=old.engine_options().cache
         ):
-            check_cache(cache, self.model.spec)  # same model: only new caches take the new kind
             name = self.info.name
         else:
             self.model = self.tokenizer = self.info = self._loaded_with = None  # free it first

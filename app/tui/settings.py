@@ -78,13 +78,15 @@ class Settings:
     mha: bool = setting(
         False,
         "MHA form",
-        "Run a GQA model in its exact MHA form (what xquant needs on GQA models).",
+        "Run a GQA model in its exact MHA form (K/V heads repeated): xquant then caches X "
+        "itself rather than the SVD latents.",
     )
     cache: str = setting(
         "kv",
         "Cache",
         "kv = exact K/V; kv-quant = K per channel, V per token (KIVI); xquant = the layer input "
-        "X, quantized, K/V rebuilt from it.",
+        "X (GQA: its SVD latents), quantized, K/V rebuilt from it; xquant-cl = xquant storing "
+        "each layer's difference from the one before.",
         choices=lambda: CACHE_KINDS,
     )
     bits: int = setting(

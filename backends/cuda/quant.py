@@ -35,16 +35,17 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of `pack`: uint8 codes (..., n)."""
+    """The inverse of `pack`: uint8 codes (..., n). Byte-wide shifts where codes do not cross
+    bytes (2 and 4 bits): this runs on every cached token at every step, so it stays in uint8."""
     if bits == 8:
         return packed
     if bits == 3:
         b = packed.reshape(*packed.shape[:-1], -1, 3).to(torch.int32)
-        word, per = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16), 8
-    else:
-        word, per = packed.to(torch.int32), 8 // bits
-    shifts = torch.arange(0, per * bits, bits, device=packed.device, dtype=torch.int32)
-    return ((word[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8).flatten(-2)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        shifts = torch.arange(0, 24, 3, device=packed.device, dtype=torch.int32)
+        return ((word[..., None] >> shifts) & 7).to(torch.uint8).flatten(-2)
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=-1).flatten(-2)
 
 
 def quantize(x: torch.Tensor, bits: int, group: int) -> Quantized:
@@ -61,4 +62,6 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> Quantized:
 
 def dequantize(q: Quantized, dtype=torch.float32) -> torch.Tensor:
     codes = unpack(q.codes, q.bits).reshape(*q.scale.shape, q.group).to(dtype)
-    return (codes * q.scale.to(dtype)[..., None] + q.zero.to(dtype)[..., None]).flatten(-2)
+    return torch.addcmul(q.zero.to(dtype)[..., None], codes, q.scale.to(dtype)[..., None]).flatten(
+        -2
+    )
