@@ -6,6 +6,7 @@ never needs to know how the past is held."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -30,24 +31,22 @@ def attention(q, k, v, mask):
     )
 
 
-class Upcast:
-    """Reused buffers holding one layer's cached K/V in the activation dtype. Fresh temporaries
-    of that size page-fault on every step; these are allocated once and grow rarely."""
+class Scratch:
+    """Reused buffers for a layer's transient tensors (cached K/V in the activation dtype, rows
+    rebuilt from a quantized store): fresh temporaries of that size page-fault on every step;
+    these are allocated once per slot and grow rarely. Layers run one at a time, so one set
+    serves the whole model."""
 
     def __init__(self):
-        self.buffer = None
+        self.buffers: dict = {}
 
-    def __call__(self, k, v, dtype):
-        if k.dtype == dtype:
-            return k, v
-        n = k.numel()
-        if self.buffer is None or self.buffer.shape[1] < n or self.buffer.dtype != dtype:
-            size = max(n, 2 * (0 if self.buffer is None else self.buffer.shape[1]))
-            self.buffer = torch.empty(2, size, dtype=dtype, device=k.device)
-        return (
-            self.buffer[0, :n].view(k.shape).copy_(k),
-            self.buffer[1, :n].view(v.shape).copy_(v),
-        )
+    def __call__(self, slot, shape, dtype, device) -> torch.Tensor:
+        n = math.prod(shape)
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype:
+            size = max(n, 2 * (0 if buffer is None else buffer.numel()))
+            buffer = self.buffers[slot] = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:n].view(shape)
 
 
 class KVCache:
@@ -57,9 +56,11 @@ class KVCache:
     kind = "kv"
     step = 256
 
-    def __init__(self, n_kv_heads: int, head_dim: int, max_len: int, dtype, device, upcast: Upcast):
+    def __init__(
+        self, n_kv_heads: int, head_dim: int, max_len: int, dtype, device, scratch: Scratch
+    ):
         self.shape = (1, n_kv_heads, 0, head_dim)
-        self.max_len, self.dtype, self.device, self.upcast = max_len, dtype, device, upcast
+        self.max_len, self.dtype, self.device, self.scratch = max_len, dtype, device, scratch
         self.keys = self.values = torch.empty(self.shape, dtype=dtype, device=device)
         self.offset = 0
 
@@ -86,7 +87,10 @@ class KVCache:
     def attend(self, layer, x, q, k, v, cos, sin, mask):
         start, end = self.offset, self.offset + k.shape[2]
         q, k = rotate(q, cos[start:end], sin[start:end]), rotate(k, cos[start:end], sin[start:end])
-        keys, values = self.upcast(*self.update_and_fetch(k, v), q.dtype)
+        keys, values = self.update_and_fetch(k, v)
+        if keys.dtype != q.dtype:  # attention runs in the activation dtype (fp32 on CPU)
+            keys = self.scratch("keys", keys.shape, q.dtype, q.device).copy_(keys)
+            values = self.scratch("values", values.shape, q.dtype, q.device).copy_(values)
         return attention(q, keys, values, mask)
 
     def trim(self, n_keep: int) -> None:
@@ -180,9 +184,20 @@ class TokenStore:
             self.chain.rows = rows
         return rows
 
-    def read(self, dtype) -> torch.Tensor:
-        """All rows, (len, width)."""
-        return torch.cat([self.flushed().to(dtype), self.exact.to(dtype)])
+    def read(self, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """All rows, (len, width) in `dtype`, written into `out` when given (a reused buffer)."""
+        n_old = self.n_blocks * self.group
+        if out is None:
+            out = self.exact.new_empty(len(self), self.width, dtype=dtype)
+        rows = out[: len(self)]
+        if self.chain is not None:
+            rows[:n_old] = self.flushed()
+        elif self.blocks is not None:  # dequantized straight into place
+            dequantize(
+                self.blocks, dtype, out=self._rows(rows[:n_old].view(-1, self.group, self.width))
+            )
+        rows[n_old:] = self.exact
+        return rows
 
     def trim(self, n_keep: int) -> None:
         flushed = self.n_blocks * self.group
@@ -327,8 +342,10 @@ class XQuantCache:
     attention-weighted sum of cached rows projected once. The newest tokens' rows are exact.
     In a chain (xquant-cl), layers past the first few store differences from the layer before."""
 
-    def __init__(self, latents: Latents, cache: CacheSpec, dtype, device, chains=None, delta=False):
-        self.kind, self.latents = cache.kind, latents
+    def __init__(
+        self, latents: Latents, cache: CacheSpec, dtype, device, scratch, chains=None, delta=False
+    ):
+        self.kind, self.latents, self.scratch = cache.kind, latents, scratch
         self.stores = [
             TokenStore(
                 w, cache, pc, dtype, device, chain=chains[i] if chains else None, delta=delta
@@ -346,7 +363,10 @@ class XQuantCache:
         rows = (x[0].to(encode.dtype) @ encode).split(self.latents.widths, dim=-1)
         for store, new in zip(self.stores, rows, strict=True):
             store.append(new)
-        cached = [store.read(encode.dtype) for store in self.stores]
+        cached = [
+            store.read(encode.dtype, self.scratch(i, (end, store.width), encode.dtype, q.device))
+            for i, store in enumerate(self.stores)
+        ]
         (ki, to_keys), (vi, to_values) = self.latents.keys, self.latents.values
         keys = layer.finish_keys((cached[ki] @ to_keys)[None].to(q.dtype))
         q = rotate(q, cos[start:end], sin[start:end])
@@ -396,12 +416,12 @@ class XQuantCache:
 BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant and seed the chain
 
 
-def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, device, upcast, latents) -> list:
+def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, device, scratch, latents) -> list:
     """One cache per layer. `latents(group, cross_layer)` gives every layer's Latents."""
     n = spec.n_layers
     if cache.kind == "kv":
         return [
-            KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype, device, upcast)
+            KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype, device, scratch)
             for _ in range(n)
         ]
     if cache.kind == "kv-quant":
@@ -410,12 +430,18 @@ def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, device, upcast, latents
         ]
     layers = latents(cache.group, cross_layer=cache.kind == "xquant-cl")
     if cache.kind == "xquant":
-        return [XQuantCache(layer, cache, dtype, device) for layer in layers]
+        return [XQuantCache(layer, cache, dtype, device, scratch) for layer in layers]
     chains = [Chain() for _ in layers[0].widths]
     base = dataclasses.replace(cache, bits=max(cache.bits, BASE_BITS))
     return [
         XQuantCache(
-            layer, base if i < BASE_LAYERS else cache, dtype, device, chains, i >= BASE_LAYERS
+            layer,
+            base if i < BASE_LAYERS else cache,
+            dtype,
+            device,
+            scratch,
+            chains,
+            delta=i >= BASE_LAYERS,
         )
         for i, layer in enumerate(layers)
     ]

@@ -28,7 +28,7 @@ from xqchat.models.weights import to_engine_layout
 
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
 from ..latents import layer_latents
-from .cache import Latents, Upcast, new_caches
+from .cache import Latents, Scratch, new_caches
 from .session import EngineSession
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -187,7 +187,7 @@ class Transformer(nn.Module):
         self.rope = Rope(spec)
         if not spec.tied_embeddings:
             self.lm_head = Linear(spec.dim, spec.vocab_size, bias=False)
-        self.upcast = Upcast()
+        self.scratch = Scratch()
         self.latent_layers: dict = {}  # (group, cross_layer) -> per-layer Latents, built on demand
 
     def forward(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
@@ -215,7 +215,7 @@ class Transformer(nn.Module):
 
     def new_caches(self, cache: CacheSpec) -> list:
         device = self.embed.weight.device
-        return new_caches(cache, self.spec, self.kv_dtype, device, self.upcast, self.latents)
+        return new_caches(cache, self.spec, self.kv_dtype, device, self.scratch, self.latents)
 
     def latents(self, group: int, cross_layer: bool) -> list[Latents]:
         """XQuant's per-layer streams (backends/latents.py), from the weights as the engine

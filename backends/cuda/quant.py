@@ -35,17 +35,19 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of `pack`: uint8 codes (..., n). Byte-wide shifts where codes do not cross
-    bytes (2 and 4 bits): this runs on every cached token at every step, so it stays in uint8."""
+    """The inverse of `pack`: uint8 codes (..., n). All in uint8 (this runs on every cached token
+    at every step): byte-wide shifts, and for 3 bits the two codes that straddle bytes are
+    joined from their pieces."""
     if bits == 8:
         return packed
     if bits == 3:
-        b = packed.reshape(*packed.shape[:-1], -1, 3).to(torch.int32)
-        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
-        shifts = torch.arange(0, 24, 3, device=packed.device, dtype=torch.int32)
-        return ((word[..., None] >> shifts) & 7).to(torch.uint8).flatten(-2)
-    mask = (1 << bits) - 1
-    return torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=-1).flatten(-2)
+        b0, b1, b2 = packed.unflatten(-1, (-1, 3)).unbind(-1)
+        codes = [b0 & 7, (b0 >> 3) & 7, (b0 >> 6) | ((b1 & 1) << 2), (b1 >> 1) & 7]
+        codes += [(b1 >> 4) & 7, (b1 >> 7) | ((b2 & 3) << 1), (b2 >> 2) & 7, b2 >> 5]
+    else:
+        mask = (1 << bits) - 1
+        codes = [(packed >> s) & mask for s in range(0, 8, bits)]
+    return torch.stack(codes, dim=-1).flatten(-2)
 
 
 def quantize(x: torch.Tensor, bits: int, group: int) -> Quantized:
@@ -60,8 +62,11 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> Quantized:
     return Quantized(pack(codes.to(torch.uint8).flatten(-2), bits), scale, zero, bits, group)
 
 
-def dequantize(q: Quantized, dtype=torch.float32) -> torch.Tensor:
+def dequantize(q: Quantized, dtype=torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Values (..., n) in `dtype`; written into `out` (any strides) when given."""
     codes = unpack(q.codes, q.bits).reshape(*q.scale.shape, q.group).to(dtype)
-    return torch.addcmul(q.zero.to(dtype)[..., None], codes, q.scale.to(dtype)[..., None]).flatten(
-        -2
-    )
+    zero, scale = q.zero.to(dtype)[..., None], q.scale.to(dtype)[..., None]
+    if out is None:
+        return torch.addcmul(zero, codes, scale).flatten(-2)
+    torch.addcmul(zero, codes, scale, out=out.unflatten(-1, (-1, q.group)))
+    return out
