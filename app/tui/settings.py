@@ -51,7 +51,7 @@ class Settings:
     model: str = setting(
         DEFAULT_MODEL,
         "Model",
-        "A model name, a model directory or a .gguf file.",
+        "A model name (F4 pulls one from the hub), a model directory or a .gguf file.",
         suggest=installed_models,
     )
     backend: str = setting(

@@ -23,7 +23,7 @@ class SettingsScreen(Screen):
         Binding(
             "ctrl+s", "save", "Save", priority=True, tooltip="Save the settings and apply them."
         ),
-        Binding("f6", "pull", "Pull model", tooltip="Download a model and pick it."),
+        Binding("f4", "pull", "Pull model", tooltip="Download a model and pick it."),
     ]
 
     def __init__(self, settings: Settings):
@@ -42,7 +42,7 @@ class SettingsScreen(Screen):
             with Horizontal(classes="buttons"):
                 yield Button("Save (Ctrl+S)", variant="primary", id="save")
                 yield Button("Cancel (Esc)", id="cancel")
-                yield Button("Pull a model (F6)", id="pull")
+                yield Button("Pull a model (F4)", id="pull")
         yield Footer()
 
     @staticmethod
