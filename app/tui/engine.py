@@ -9,10 +9,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from xqchat.backends.base import CacheMemory, CacheSpec, Model, TokenEvent
 from xqchat.backends.chat import ChatSession
 from xqchat.backends.engine_thread import EngineThread
+from xqchat.models.errors import XQError
+from xqchat.models.paths import data_dir
 from xqchat.models.tokenizer import Tokenizer
 
 from .settings import Settings
@@ -41,9 +44,22 @@ class ModelInfo:
     notes: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class CacheNote:
+    """A chat's saved cache could not be used or written: the chat still works (its next turn
+    reads the whole conversation again), but the user should know why it is slower."""
+
+    text: str
+
+
 class ChatEngine:
-    def __init__(self, loader: Loader = load_model):
+    """The model and the chats' sessions. A chat's cache is saved to `saved_dir` after each reply
+    and loaded when the chat comes back (after a restart, a settings change or eviction), so its
+    next turn prefills only what is new."""
+
+    def __init__(self, loader: Loader = load_model, saved_dir: Path | None = None):
         self.loader = loader
+        self.saved_dir = saved_dir or data_dir() / "caches"
         self.thread = EngineThread("xqchat-chat")
         self.model: Model | None = None
         self.tokenizer: Tokenizer | None = None
@@ -83,21 +99,51 @@ class ChatEngine:
         )
         return self.info
 
-    def _session(self, chat_id: int, settings: Settings) -> ChatSession:
+    def saved_cache(self, chat_id: int) -> Path:
+        return self.saved_dir / f"{chat_id}.safetensors"
+
+    def _session(self, chat_id: int, settings: Settings) -> tuple[ChatSession, CacheNote | None]:
+        """The chat's session, and why its saved cache was refused (if it was)."""
         chat = self.sessions.pop(chat_id, None)
+        note = None
         if chat is None:
             chat = ChatSession(self.model, self.tokenizer, cache=self.info.cache)
+            note = self._resume(chat, chat_id)
         self.sessions[chat_id] = chat
         while len(self.sessions) > KEPT_SESSIONS:
             self.sessions.popitem(last=False)
         chat.policy = settings.policy()
-        return chat
+        return chat, note
+
+    def _resume(self, chat: ChatSession, chat_id: int) -> CacheNote | None:
+        # The loaded tokens are what ChatSession matches the conversation against, so the turn
+        # prefills only what follows their longest common prefix with it.
+        path = self.saved_cache(chat_id)
+        if not path.exists():
+            return None
+        try:
+            chat.session.load(path)  # refused: the session stays empty and reads the whole chat
+        except XQError as e:
+            return CacheNote(
+                f"Reading the chat again from the start: its saved cache was not used ({e})."
+            )
+        return None
+
+    def _save(self, chat: ChatSession, chat_id: int) -> CacheNote | None:
+        try:
+            self.saved_dir.mkdir(parents=True, exist_ok=True)
+            chat.session.save(self.saved_cache(chat_id))
+        except (XQError, OSError) as e:
+            return CacheNote(f"Could not save the chat's cache ({e}); reopening it reads it again.")
+        return None
 
     async def reply(
         self, chat_id: int, messages: list[dict], settings: Settings
-    ) -> AsyncIterator[list[str] | TokenEvent | CacheMemory]:
+    ) -> AsyncIterator[list[str] | TokenEvent | CacheMemory | CacheNote]:
         """Answer `messages` (the chat as the store holds it). Yields the context policy's notices
-        (a list, first), each TokenEvent, then the cache's memory once the reply is done."""
+        (a list, first), each TokenEvent, then the cache's memory once the reply is done, and a
+        CacheNote whenever the chat's saved cache could not be loaded or saved. The cache is saved
+        before the reply counts as done."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
@@ -110,13 +156,17 @@ class ChatEngine:
             try:
                 if self.model is None:
                     raise RuntimeError("no model is loaded")
-                chat = self._session(chat_id, settings)
+                chat, note = self._session(chat_id, settings)
+                if note:
+                    put(note)
                 chat.messages = messages
                 for i, event in enumerate(chat.reply(settings.generation(), self.cancel)):
                     if i == 0:
                         put(list(chat.notices))
                     put(event)
                 put(chat.session.memory())
+                if note := self._save(chat, chat_id):
+                    put(note)
             except BaseException as e:  # handed to the UI, which shows it as a notification
                 put(e)
             finally:
@@ -133,6 +183,8 @@ class ChatEngine:
         chat = self.sessions.get(chat_id)
         return None if chat is None else await self._run(chat.session.memory)
 
-    def forget(self, chat_id: int) -> None:
-        """Drop a chat's cache (its system prompt changed, or it was deleted)."""
+    def delete(self, chat_id: int) -> None:
+        """Drop a deleted chat's cache, on disk and in memory. The engine thread drops the session
+        before it runs any later reply, so a new chat that takes over the id starts empty."""
+        self.saved_cache(chat_id).unlink(missing_ok=True)
         self.thread.submit(self.sessions.pop, chat_id, None)

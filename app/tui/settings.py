@@ -21,21 +21,15 @@ from xqchat.backends.base import (
     GenerationConfig,
 )
 from xqchat.backends.chat import OVERFLOW_POLICIES, ContextPolicy
-from xqchat.models.errors import XQError
+from xqchat.models import hub
 from xqchat.models.paths import config_dir
-from xqchat.models.registry import BUILTIN, DEFAULT_MODEL, resolve
+from xqchat.models.registry import DEFAULT_MODEL
 
 
 def installed_models() -> list[str]:
-    """The models the picker offers: those the registry can resolve on this machine."""
-    names = []
-    for name in BUILTIN:
-        try:
-            resolve(name)
-        except XQError:
-            continue
-        names.append(name)
-    return names
+    """The models the picker offers: those `xqchat list` lists (the default model when it is
+    installed, then every pulled one), found without opening their weights."""
+    return [model.files.name for model in hub.installed_models()]
 
 
 @dataclass(frozen=True)
@@ -57,7 +51,7 @@ class Settings:
     model: str = setting(
         DEFAULT_MODEL,
         "Model",
-        "A model name, a model directory or a .gguf file.",
+        "A model name (F4 pulls one from the hub), a model directory or a .gguf file.",
         suggest=installed_models,
     )
     backend: str = setting(

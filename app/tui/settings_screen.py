@@ -10,7 +10,8 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Select, Switch
 
-from .settings import Settings, option
+from .pull_screen import PullScreen, pulled_line
+from .settings import Settings, installed_models, option
 
 
 class SettingsScreen(Screen):
@@ -22,6 +23,7 @@ class SettingsScreen(Screen):
         Binding(
             "ctrl+s", "save", "Save", priority=True, tooltip="Save the settings and apply them."
         ),
+        Binding("f4", "pull", "Pull model", tooltip="Download a model and pick it."),
     ]
 
     def __init__(self, settings: Settings):
@@ -40,6 +42,7 @@ class SettingsScreen(Screen):
             with Horizontal(classes="buttons"):
                 yield Button("Save (Ctrl+S)", variant="primary", id="save")
                 yield Button("Cancel (Esc)", id="cancel")
+                yield Button("Pull a model (F4)", id="pull")
         yield Footer()
 
     @staticmethod
@@ -85,8 +88,21 @@ class SettingsScreen(Screen):
             return
         self.dismiss(settings)
 
+    def action_pull(self) -> None:
+        def pick(pulled) -> None:
+            if pulled is not None:
+                self.notify(pulled_line(pulled) + " Save to chat with it.", timeout=10)
+                name = pulled.files.name
+                picker = self.query_one("#model", Select)
+                picker.set_options((n, n) for n in dict.fromkeys([*installed_models(), name]))
+                picker.value = name
+
+        self.app.push_screen(PullScreen(), pick)
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":
             self.action_save()
+        elif event.button.id == "pull":
+            self.action_pull()
         else:
             self.dismiss(None)
