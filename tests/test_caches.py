@@ -64,15 +64,17 @@ def wikitext_ids(default_tokenizer):
     return default_tokenizer.encode(text[:20000])[:320]
 
 
-def test_eight_bit_kv_quant_is_within_a_tenth_of_a_percent(default_fp32, wikitext_ids):
-    exact, _ = perplexity(default_fp32, wikitext_ids, CacheSpec())
-    quant, session = perplexity(
-        default_fp32, wikitext_ids, CacheSpec(kind="kv-quant", bits=8, residual=128)
-    )
-    assert (
-        session.memory().residual_tokens < 256
-    )  # most of the window really went through the quantizer
-    assert abs(quant / exact - 1) < 1e-3
+@pytest.fixture(scope="module")
+def exact_ppl(default_fp32, wikitext_ids):
+    return perplexity(default_fp32, wikitext_ids, CacheSpec())[0]
+
+
+@pytest.mark.parametrize("kind", ["kv-quant", "xquant", "xquant-cl"])
+def test_eight_bits_are_within_a_tenth_of_a_percent(default_fp32, wikitext_ids, exact_ppl, kind):
+    quant, session = perplexity(default_fp32, wikitext_ids, CacheSpec(kind=kind, bits=8))
+    # most of the window really went through the quantizer
+    assert session.memory().residual_tokens < 256
+    assert abs(quant / exact_ppl - 1) < 1e-3
 
 
 def test_backends_agree_on_kv_quant_perplexity(default_files, wikitext_ids):
@@ -365,14 +367,6 @@ def test_backends_agree_on_latents_and_cross_layer(tiny_models):
             for b in BACKENDS
         )
         assert np.abs(torch_logits - mlx_logits).max() <= 1e-3 * np.abs(torch_logits).max()
-
-
-@pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
-def test_eight_bit_latents_are_within_a_tenth_of_a_percent(default_fp32, wikitext_ids, kind):
-    exact, _ = perplexity(default_fp32, wikitext_ids, CacheSpec())
-    quant, session = perplexity(default_fp32, wikitext_ids, CacheSpec(kind=kind, bits=8))
-    assert session.memory().residual_tokens < 256
-    assert abs(quant / exact - 1) < 1e-3
 
 
 def test_svd_factors_are_computed_once_and_kept(tiny_models, backend):

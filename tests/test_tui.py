@@ -70,15 +70,20 @@ async def test_gauge_warns_near_the_limit(default_tokenizer):
             assert {"-warning", "-full"} & set(gauge.classes) == classes
 
 
+async def send_until_held(pilot, app, model, text):
+    """Send `text` and wait until the fake model holds its reply mid-way."""
+    await settle(pilot)
+    app.screen.query_one(PromptInput).text = text
+    await pilot.press("enter")
+    while not model.held.is_set():
+        await pilot.pause(0.05)
+
+
 async def test_escape_cancels_and_keeps_the_partial_reply_marked(default_tokenizer):
     reply = "One two three four five six seven eight."
     app, model = app_with(default_tokenizer, [reply], hold_after=3)
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        app.screen.query_one(PromptInput).text = "Count."
-        await pilot.press("enter")
-        while not model.held.is_set():
-            await pilot.pause(0.05)
+        await send_until_held(pilot, app, model, "Count.")
         await pilot.press("escape")
         await settle(pilot)
         partial = default_tokenizer.decode(default_tokenizer.encode(reply)[:4])
@@ -93,11 +98,7 @@ async def test_quitting_mid_reply_keeps_the_partial_reply(default_tokenizer):
     reply = "One two three four five six seven eight."
     app, model = app_with(default_tokenizer, [reply], hold_after=3)
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        app.screen.query_one(PromptInput).text = "Count."
-        await pilot.press("enter")
-        while not model.held.is_set():
-            await pilot.pause(0.05)
+        await send_until_held(pilot, app, model, "Count.")
         chat_id = app.chat_screen.chat_id
         await pilot.press("ctrl+q")
     store = Store()
