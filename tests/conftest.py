@@ -4,9 +4,11 @@ default model, and a guard that keeps the suite off the network."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import shutil
 import socket
+import sys
 import tempfile
 
 import pytest
@@ -202,3 +204,14 @@ def mt_bench_prompts():
 
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench_questions.jsonl"
     return [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def cli(capsys, *args, stdin=None, monkeypatch=None):
+    """Run the xqchat command line in-process: (exit code, stdout, stderr)."""
+    from xqchat.app.cli import main
+
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -6,20 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from xqchat.app.cli import main
+from conftest import cli
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def cli(capsys, *args, stdin=None, monkeypatch=None):
-    if stdin is not None:
-        import io
-
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(err: str, fragment: str):

@@ -4,28 +4,18 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import shutil
-import sys
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from conftest import cli
 from hub_server import CHUNK
 
-from xqchat.app.cli import main
 from xqchat.models import XQError, resolve
 from xqchat.models.pull import PullProgress, pull
-
-
-def cli(capsys, *args, stdin=None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(err: str, *fragments: str):
