@@ -106,11 +106,13 @@ def test_trim_inside_the_exact_window_reproduces_the_run(tiny_fp32):
 
 
 def stored_rows(store, backend):
-    """A TokenStore's rows as numpy, read on the thread its backend requires."""
+    """A TokenStore's rows as numpy (a copy: a chained store reads into its chain's buffer), read
+    as its backend requires."""
     if backend == "torch":
         import torch
 
-        return store.read(torch.float32).numpy()
+        with torch.inference_mode():
+            return store.read(torch.float32).numpy().copy()
     import mlx.core as mx
 
     from xqchat.backends.mlx.session import ENGINE
@@ -218,9 +220,9 @@ def test_hadamard_rotation_contains_an_outlier_channel(backend):
         if backend == "torch":
             import torch
 
-            from xqchat.backends.cuda.cache import TokenStore
+            from xqchat.backends.cuda.cache import Scratch, TokenStore
 
-            store = TokenStore(128, cache, per_channel=False, dtype=torch.float32, device="cpu")
+            store = TokenStore(128, cache, False, torch.float32, "cpu", Scratch())
             store.append(torch.from_numpy(rows @ basis))
             got = store.read(torch.float32).numpy() @ basis.T
         else:

@@ -35,12 +35,50 @@ def test_packed_codes_round_trip_exactly(bits):
     assert torch.equal(unpack(packed, bits), codes)
 
 
-def test_three_bit_layout_is_a_little_endian_bit_stream():
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_torch_codes_are_packed_in_bit_planes(bits):
+    """Byte i of a plane holds code i of each of its segments, low bits first; 3 bits are a
+    2-bit plane of the low bits followed by a 1-bit plane of the high bits."""
     from xqchat.backends.cuda.quant import pack
 
-    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=torch.uint8)
-    stream = sum(int(c) << (3 * i) for i, c in enumerate(codes))
-    assert pack(codes, 3).tolist() == [stream & 0xFF, (stream >> 8) & 0xFF, stream >> 16]
+    codes = torch.randint(0, 1 << bits, (64,), generator=torch.Generator().manual_seed(5))
+    codes = codes.to(torch.uint8)
+
+    def planes(c, width):
+        segments = c.view(8 // width, -1)
+        return [
+            sum(int(s[i]) << (width * j) for j, s in enumerate(segments))
+            for i in range(len(c) * width // 8)
+        ]
+
+    expected = planes(codes & 3, 2) + planes(codes >> 2, 1) if bits == 3 else planes(codes, bits)
+    assert pack(codes, bits).tolist() == expected
+
+
+def test_unpack_reads_unaligned_slices_and_writes_into_a_buffer():
+    """Stacked blocks are unpacked as 64-bit words when they line up, as bytes when not."""
+    from xqchat.backends.cuda.quant import pack, unpack
+
+    generator = torch.Generator().manual_seed(6)
+    for bits, n in [(2, 40), (3, 40), (4, 24), (3, 512)]:
+        codes = torch.randint(0, 1 << bits, (5, n), generator=generator).to(torch.uint8)
+        packed = pack(codes, bits)
+        out = torch.full((4, n), 255, dtype=torch.uint8)
+        assert unpack(packed[1:], bits, out=out) is out
+        assert torch.equal(out, codes[1:])
+
+
+def test_columns_share_one_scale_over_all_rows():
+    from xqchat.backends.cuda.quant import dequantize, quantize_columns
+
+    x = torch.randn(128, 64, generator=torch.Generator().manual_seed(7))
+    x[:, 3] *= 50  # an outlier channel stays in its own column
+    q = quantize_columns(x, 4)
+    assert q.scale.shape == q.zero.shape == (1, 64)
+    err = (dequantize(q).view(128, 64) - x).abs()
+    step = (x.amax(0) - x.amin(0)) / 15
+    assert (err <= 0.5 * step + 2e-3 * x.abs().amax(0) + 1e-6).all()
+    assert err[:, 4:].max() < err[:, 3].max() / 10
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -72,8 +110,9 @@ def test_bytes_formula_refuses_what_it_cannot_count():
 
 @pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx is not installed")
 @pytest.mark.parametrize("bits", BITS)
-def test_both_backends_store_the_same_bytes(bits):
-    """Same codes, same packing: the PyTorch bytes are the MLX uint32 words' bytes."""
+def test_both_backends_store_the_same_codes(bits):
+    """Same codes, scales and zero points; each backend packs them in the layout its own kernels
+    read (MLX: its affine layout, for mx.quantized_matmul; PyTorch: bit planes)."""
     import mlx.core as mx
 
     from xqchat.backends.cuda import quant as tq
@@ -81,9 +120,9 @@ def test_both_backends_store_the_same_bytes(bits):
 
     x = np.random.default_rng(bits).standard_normal((6, 256)).astype(np.float32)
     a, b = tq.quantize(torch.from_numpy(x), bits, 128), mq.quantize(mx.array(x), bits, 128)
-    assert np.array_equal(a.codes.numpy(), np.array(b.codes).view(np.uint8))
-    assert np.array_equal(a.scale.numpy(), np.array(b.scale)) and np.array_equal(
-        a.zero.numpy(), np.array(b.zero)
+    assert a.nbytes == b.nbytes
+    assert np.array_equal(a.scale.numpy().reshape(6, 2), np.array(b.scale)) and np.array_equal(
+        a.zero.numpy().reshape(6, 2), np.array(b.zero)
     )
     assert np.array_equal(np.array(mq.unpack(b.codes, bits)), tq.unpack(a.codes, bits).numpy())
     np.testing.assert_allclose(

@@ -16,12 +16,17 @@ from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
 from ..latents import LayerLatents, row_group
-from .quant import Quantized, dequantize, quantize
+from .quant import Quantized, dequantize, quantize, quantize_columns
 
 
-def rotate(x, cos, sin):
-    """RoPE on x (B, H, T, D) with tables (T, D); sin's first half is negated (see Rope.table)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+def rotate(x, cos, sin, out=None):
+    """RoPE on x (B, H, T, D) with tables (T, D); sin's first half is negated (see Rope.table).
+    rotate_half(x) * sin is two half-width products added in place: no copy of x is rolled."""
+    half = x.shape[-1] // 2
+    out = torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half])
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 def attention(q, k, v, mask):
@@ -117,12 +122,16 @@ class KVCache:
 class Chain:
     """XQuant-CL's transient accumulator for one stream of a stack of layers. Layers run in order,
     so layer i finds here what layer i-1 reconstructed in this forward: the blocks it flushed
-    (their rows predict the same tokens' rows of layer i, which stores only the difference) and
-    all its flushed rows (to which layer i adds its own dequantized differences)."""
+    (their rows predict the same tokens' rows of layer i, which stores only the difference) and,
+    in `rows`, all its flushed rows, to which layer i adds its own dequantized differences in
+    place: one buffer per stream for the whole stack."""
 
     def __init__(self):
         self.blocks: list[torch.Tensor] = []
-        self.rows: torch.Tensor | None = None
+        self.scratch = Scratch()
+
+    def rows(self, n: int, width: int, dtype, device) -> torch.Tensor:
+        return self.scratch("rows", (n, width), dtype, device)
 
 
 class TokenStore:
@@ -134,18 +143,22 @@ class TokenStore:
     reconstruction of the same tokens (closed loop: errors do not accumulate down the layers)."""
 
     def __init__(
-        self, width, spec: CacheSpec, per_channel: bool, dtype, device, chain=None, delta=False
+        self,
+        width,
+        spec: CacheSpec,
+        per_channel: bool,
+        dtype,
+        device,
+        scratch,
+        chain=None,
+        delta=False,
     ):
-        self.width, self.bits, self.group, self.residual = (
-            width,
-            spec.bits,
-            spec.group,
-            spec.residual,
-        )
-        self.per_channel, self.chain, self.delta = per_channel, chain, delta
+        self.width, self.bits, self.group = width, spec.bits, spec.group
+        self.residual, self.per_channel, self.scratch = spec.residual, per_channel, scratch
+        self.chain, self.delta = chain, delta
         self.row_group = self.group if per_channel else row_group(width, spec.group)
         self.exact = torch.empty(0, width, dtype=dtype, device=device)
-        self.blocks: Quantized | None = None  # stacked: codes (n_blocks, rows, packed bytes)
+        self.blocks: Quantized | None = None  # stacked: codes (n_blocks, packed bytes)
 
     @property
     def n_blocks(self) -> int:
@@ -153,6 +166,11 @@ class TokenStore:
 
     def __len__(self) -> int:
         return self.n_blocks * self.group + self.exact.shape[0]
+
+    def _quantize(self, block: torch.Tensor) -> Quantized:  # (group, width) -> one packed block
+        if self.per_channel:
+            return quantize_columns(block, self.bits)
+        return quantize(block.flatten(), self.bits, self.row_group)
 
     def append(self, rows: torch.Tensor) -> None:
         self.exact = torch.cat([self.exact, rows.to(self.exact.dtype)])
@@ -162,40 +180,36 @@ class TokenStore:
             block, self.exact = self.exact[: self.group].float(), self.exact[self.group :]
             if self.delta:
                 block = block - predictions[len(flushed)]
-            quantized = quantize(block.T if self.per_channel else block, self.bits, self.row_group)
+            quantized = self._quantize(block)
             self.blocks = _append_block(self.blocks, quantized)
-            rebuilt = self._rows(dequantize(quantized))
+            rebuilt = dequantize(quantized).view(self.group, self.width)
             flushed.append(rebuilt + predictions[len(flushed)] if self.delta else rebuilt)
         if self.chain is not None:
             self.chain.blocks = flushed
 
-    def _rows(self, values):  # dequantized block(s) -> rows (..., group, width)
-        return values.transpose(-1, -2) if self.per_channel else values
-
-    def flushed(self) -> torch.Tensor:
-        """The flushed rows, (n_blocks * group, width) float32, dequantized (and accumulated)."""
-        if self.blocks is None:
-            rows = self.exact.new_empty(0, self.width, dtype=torch.float32)
-        else:
-            rows = self._rows(dequantize(self.blocks)).reshape(-1, self.width)
-        if self.delta:
-            rows = rows + self.chain.rows
-        if self.chain is not None:
-            self.chain.rows = rows
-        return rows
-
     def read(self, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """All rows, (len, width) in `dtype`, written into `out` when given (a reused buffer)."""
-        n_old = self.n_blocks * self.group
-        if out is None:
-            out = self.exact.new_empty(len(self), self.width, dtype=dtype)
-        rows = out[: len(self)]
+        """All rows, (len, width) in `dtype`, written into `out` when given (a reused buffer).
+        In a chain, the rows are the chain's: the flushed ones accumulate layer by layer."""
+        n, n_old = len(self), self.n_blocks * self.group
         if self.chain is not None:
-            rows[:n_old] = self.flushed()
-        elif self.blocks is not None:  # dequantized straight into place
-            dequantize(
-                self.blocks, dtype, out=self._rows(rows[:n_old].view(-1, self.group, self.width))
+            out = self.chain.rows(n, self.width, dtype, self.exact.device)
+        elif out is None:
+            out = self.exact.new_empty(n, self.width, dtype=dtype)
+        rows = out[:n]
+        if self.blocks is not None:
+            codes = self.scratch(
+                "codes", (self.n_blocks, self.group * self.width), torch.uint8, out.device
             )
+            flushed = rows[:n_old].view(self.n_blocks, -1)
+            if self.delta:
+                flushed += dequantize(
+                    self.blocks,
+                    dtype,
+                    self.scratch("delta", flushed.shape, dtype, out.device),
+                    codes,
+                )
+            else:
+                dequantize(self.blocks, dtype, flushed, codes)
         rows[n_old:] = self.exact
         return rows
 
@@ -207,7 +221,7 @@ class TokenStore:
         # Rows of a partly kept block go back to the exact window as their reconstruction: the
         # kept tokens keep exactly the values attention saw before.
         keep_blocks = n_keep // self.group
-        rows = self.read(self.exact.dtype)[keep_blocks * self.group : n_keep]
+        rows = self.read(self.exact.dtype)[keep_blocks * self.group : n_keep].clone()
         self.blocks = None if keep_blocks == 0 else _take(self.blocks, keep_blocks)
         self.exact = rows
 
@@ -220,9 +234,8 @@ class TokenStore:
     def load_state_dict(self, state: dict) -> None:
         self.exact, self.blocks = state["exact"], None
         if "codes" in state:
-            self.blocks = Quantized(
-                state["codes"], state["scale"], state["zero"], self.bits, self.row_group
-            )
+            shape = self._quantize(self.exact.new_zeros(self.group, self.width)).shape
+            self.blocks = Quantized(state["codes"], state["scale"], state["zero"], self.bits, shape)
 
     @property
     def residual_nbytes(self) -> int:
@@ -241,11 +254,11 @@ def _append_block(blocks: Quantized | None, block: Quantized) -> Quantized:
             torch.cat([a, b])
             for a, b in zip((blocks.codes, blocks.scale, blocks.zero), parts, strict=True)
         ]
-    return Quantized(*parts, block.bits, block.group)
+    return Quantized(*parts, block.bits, block.shape)
 
 
 def _take(blocks: Quantized, n: int) -> Quantized:
-    return Quantized(blocks.codes[:n], blocks.scale[:n], blocks.zero[:n], blocks.bits, blocks.group)
+    return Quantized(blocks.codes[:n], blocks.scale[:n], blocks.zero[:n], blocks.bits, blocks.shape)
 
 
 def nested_state(parts: dict) -> dict:
@@ -268,11 +281,11 @@ class QuantKVCache:
 
     kind = "kv-quant"
 
-    def __init__(self, n_kv_heads: int, head_dim: int, spec: CacheSpec, dtype, device):
+    def __init__(self, n_kv_heads: int, head_dim: int, spec: CacheSpec, dtype, device, scratch):
         width = n_kv_heads * head_dim
-        self.heads, self.head_dim = n_kv_heads, head_dim
-        self.keys = TokenStore(width, spec, per_channel=True, dtype=dtype, device=device)
-        self.values = TokenStore(width, spec, per_channel=False, dtype=dtype, device=device)
+        self.heads, self.head_dim, self.scratch = n_kv_heads, head_dim, scratch
+        self.keys = TokenStore(width, spec, True, dtype, device, scratch)
+        self.values = TokenStore(width, spec, False, dtype, device, scratch)
 
     @property
     def offset(self) -> int:
@@ -282,9 +295,20 @@ class QuantKVCache:
         start, end = self.offset, self.offset + k.shape[2]
         self.keys.append(_rows(k))
         self.values.append(_rows(v))
-        keys = rotate(self._heads(self.keys.read(q.dtype)), cos[:end], sin[:end])
+        keys = self.keys.read(
+            q.dtype, self.scratch("keys", (end, self.keys.width), q.dtype, q.device)
+        )
+        keys = rotate(
+            self._heads(keys),
+            cos[:end],
+            sin[:end],
+            out=self.scratch("rotated", (1, self.heads, end, self.head_dim), q.dtype, q.device),
+        )
+        values = self.values.read(
+            q.dtype, self.scratch("values", (end, self.values.width), q.dtype, q.device)
+        )
         q = rotate(q, cos[start:end], sin[start:end])
-        return attention(q, keys, self._heads(self.values.read(q.dtype)), mask)
+        return attention(q, keys, self._heads(values), mask)
 
     def _heads(self, rows):  # (S, H * D) -> (1, H, S, D)
         return rows.view(1, -1, self.heads, self.head_dim).transpose(1, 2)
@@ -319,18 +343,21 @@ def _rows(x):  # (1, H, T, D) -> (T, H * D)
 
 
 class Latents:
-    """One layer's XQuant streams and rebuild matrices (backends/latents.py) as tensors."""
+    """One layer's XQuant streams and rebuild matrices (backends/latents.py) as tensors. The
+    products over every cached token (encode, rebuild K) run through `linear(matrix)`, the
+    model's fastest x @ matrix in the weights' dtype; the per-head V projection, applied once per
+    query, is a plain matrix in the activation dtype."""
 
-    def __init__(self, layer: LayerLatents, dtype, device):
-        def tensor(a):
-            return torch.from_numpy(a).to(device=device, dtype=dtype)
-
-        self.encode = tensor(np.concatenate([s.encode for s in layer.streams], axis=1))
+    def __init__(self, layer: LayerLatents, linear, act_dtype, device):
+        self.encode = linear(np.concatenate([s.encode for s in layer.streams], axis=1))
         self.widths = [s.encode.shape[1] for s in layer.streams]
         self.per_channel = [s.per_channel for s in layer.streams]
-        self.keys, self.values = ((i, tensor(matrix)) for i, matrix in (layer.keys, layer.values))
+        self.key_stream, self.value_stream = layer.keys[0], layer.values[0]
+        self.to_keys = linear(layer.keys[1])
+        self.to_values = torch.from_numpy(layer.values[1]).to(device=device, dtype=act_dtype)
         self.nbytes = sum(
-            t.numel() * t.element_size() for t in (self.encode, self.keys[1], self.values[1])
+            t.numel() * t.element_size()
+            for t in (self.encode.weight, self.to_keys.weight, self.to_values)
         )
 
 
@@ -347,9 +374,7 @@ class XQuantCache:
     ):
         self.kind, self.latents, self.scratch = cache.kind, latents, scratch
         self.stores = [
-            TokenStore(
-                w, cache, pc, dtype, device, chain=chains[i] if chains else None, delta=delta
-            )
+            TokenStore(w, cache, pc, dtype, device, scratch, chains[i] if chains else None, delta)
             for i, (w, pc) in enumerate(zip(latents.widths, latents.per_channel, strict=True))
         ]
 
@@ -359,30 +384,31 @@ class XQuantCache:
 
     def attend(self, layer, x, q, k, v, cos, sin, mask):
         start, end = self.offset, self.offset + x.shape[1]
-        encode = self.latents.encode
-        rows = (x[0].to(encode.dtype) @ encode).split(self.latents.widths, dim=-1)
-        for store, new in zip(self.stores, rows, strict=True):
+        latents, dtype, device = self.latents, q.dtype, q.device
+        for store, new in zip(
+            self.stores, latents.encode(x[0]).split(latents.widths, -1), strict=True
+        ):
             store.append(new)
         cached = [
-            store.read(encode.dtype, self.scratch(i, (end, store.width), encode.dtype, q.device))
+            store.read(dtype, self.scratch(i, (end, store.width), dtype, device))
             for i, store in enumerate(self.stores)
         ]
-        (ki, to_keys), (vi, to_values) = self.latents.keys, self.latents.values
-        keys = layer.finish_keys((cached[ki] @ to_keys)[None].to(q.dtype))
+        keys = layer.finish_keys(latents.to_keys(cached[latents.key_stream])[None].to(dtype))
+        keys = rotate(
+            keys, cos[:end], sin[:end], out=self.scratch("rotated", keys.shape, dtype, device)
+        )
         q = rotate(q, cos[start:end], sin[start:end])
-        scores = q.reshape(keys.shape[1], -1, q.shape[-1]) @ rotate(keys, cos[:end], sin[:end])[
-            0
-        ].transpose(1, 2)
-        n_rep, t = q.shape[1] // keys.shape[1], q.shape[2]
+        n_kv, t = keys.shape[1], q.shape[2]
+        scores = q.reshape(n_kv, -1, q.shape[-1]) @ keys[0].transpose(1, 2)
         if mask is None and t > 1:
-            mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(end - t)
+            mask = torch.ones(t, end, dtype=torch.bool, device=device).tril(end - t)
         if mask is not None:
-            scores.masked_fill_(~mask.repeat(n_rep, 1), float("-inf"))
-        weights = torch.softmax(scores.float() * q.shape[-1] ** -0.5, dim=-1)
-        mixed = weights.to(to_values.dtype) @ cached[vi]  # (H_kv, n_rep * T, width)
-        heads = to_values.view(to_values.shape[0], keys.shape[1], -1).transpose(0, 1)
-        out = (mixed @ heads).view(1, q.shape[1], t, -1).to(q.dtype)
-        return layer.finish_values(out)
+            scores.masked_fill_(~mask.repeat(q.shape[1] // n_kv, 1), float("-inf"))
+        weights = torch.softmax(scores.float() * q.shape[-1] ** -0.5, dim=-1).to(dtype)
+        mixed = weights @ cached[latents.value_stream]  # (H_kv, n_rep * T, width)
+        to_values = latents.to_values
+        heads = to_values.view(to_values.shape[0], n_kv, -1).transpose(0, 1)
+        return layer.finish_values((mixed @ heads).view(1, q.shape[1], t, -1))
 
     def trim(self, n_keep: int) -> None:
         for store in self.stores:
@@ -426,7 +452,8 @@ def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, device, scratch, latent
         ]
     if cache.kind == "kv-quant":
         return [
-            QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype, device) for _ in range(n)
+            QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype, device, scratch)
+            for _ in range(n)
         ]
     layers = latents(cache.group, cross_layer=cache.kind == "xquant-cl")
     if cache.kind == "xquant":

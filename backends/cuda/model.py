@@ -217,6 +217,16 @@ class Transformer(nn.Module):
         device = self.embed.weight.device
         return new_caches(cache, self.spec, self.kv_dtype, device, self.scratch, self.latents)
 
+    def linear(self, matrix: np.ndarray) -> Linear:
+        """x @ matrix as a Linear in the weights' dtype and layout (packed where they are)."""
+        linear = Linear(*matrix.shape, bias=False, device=self.embed.weight.device)
+        linear.weight = nn.Parameter(
+            torch.from_numpy(matrix.T).to(linear.weight.device, self.kv_dtype), requires_grad=False
+        )
+        if self.layers[0].attention.wq.packed:
+            linear.pack()
+        return linear
+
     def latents(self, group: int, cross_layer: bool) -> list[Latents]:
         """XQuant's per-layer streams (backends/latents.py), from the weights as the engine
         holds them; the SVDs are computed once per model and kept with it."""
@@ -233,8 +243,10 @@ class Transformer(nn.Module):
                 self.derived,
                 cross_layer,
             )
-            device = self.embed.weight.device
-            self.latent_layers[key] = [Latents(layer, self.kv_dtype, device) for layer in layers]
+            device, act_dtype = self.embed.weight.device, self.norm.weight.dtype
+            self.latent_layers[key] = [
+                Latents(layer, self.linear, act_dtype, device) for layer in layers
+            ]
         return self.latent_layers[key]
 
 

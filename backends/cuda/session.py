@@ -36,6 +36,10 @@ class EngineSession(DecodingSession):
         self._next_logits = logits[-1]
         return logits
 
+    @torch.inference_mode()  # a trim may rebuild rows in the caches' reused (inference) buffers
+    def trim(self, n_keep: int) -> None:
+        super().trim(n_keep)
+
     def _sample(self, cfg: GenerationConfig, rng) -> int:
         return sample(self._next_logits, cfg, rng)
 
