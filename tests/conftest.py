@@ -25,6 +25,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 
+# Off a GPU, Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen before
+# any kernel is defined (tests/test_kernels.py compiles them for real GPUs in a subprocess).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 _connect = socket.socket.connect
 
 
@@ -50,6 +55,16 @@ TINY = dict(
 )
 
 WIDE = {**TINY, "hidden_size": 128, "num_attention_heads": 8}
+
+
+def load_tiny(tiny_models, name, backend, **options):
+    """One of the tiny models (see tiny_configs), in fp32."""
+    from xqchat.backends.base import EngineOptions, load_model
+    from xqchat.models import resolve
+
+    return load_model(
+        resolve(str(tiny_models[name])), EngineOptions(backend=backend, weights="fp32", **options)
+    )
 
 
 def tiny_configs():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tiny
 
 from xqchat.backends.base import CacheSpec
 from xqchat.backends.quant import quantized_nbytes
@@ -239,15 +240,6 @@ def test_hadamard_rotation_contains_an_outlier_channel(backend):
 
 
 # -- XQuant on GQA layers (SVD latents) and XQuant-CL ------------------------------------------
-
-
-def load_tiny(tiny_models, name, backend, **options):
-    from xqchat.backends.base import EngineOptions, load_model
-    from xqchat.models import resolve
-
-    return load_model(
-        resolve(str(tiny_models[name])), EngineOptions(backend=backend, weights="fp32", **options)
-    )
 
 
 @pytest.fixture(scope="module", params=["gqa-qwen2", "gqa-qwen3"])

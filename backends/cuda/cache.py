@@ -16,6 +16,7 @@ from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
 from ..latents import LayerLatents, row_group
+from . import kernels
 from .quant import Quantized, dequantize, quantize, quantize_columns
 
 
@@ -213,6 +214,21 @@ class TokenStore:
         rows[n_old:] = self.exact
         return rows
 
+    def segments(self, dtype) -> list[kernels.Rows]:
+        """The rows as the fused kernel reads them: the quantized blocks as they are stored and
+        the exact rows; in a chain, all rows as its accumulator holds them."""
+        if self.chain is not None:
+            return [kernels.Rows(self.width, rows=self.read(dtype))]
+        parts = [kernels.Rows(self.width, rows=self.exact)] if len(self.exact) else []
+        if self.blocks is None:
+            return parts
+        b = self.blocks
+        quantized = kernels.Rows(
+            self.width, codes=b.codes, scale=b.scale, zero=b.zero, bits=self.bits,
+            group=self.group, row_group=self.row_group, columns=self.per_channel,
+        )  # fmt: skip
+        return [quantized, *parts]
+
     def trim(self, n_keep: int) -> None:
         flushed = self.n_blocks * self.group
         if n_keep >= flushed:
@@ -378,26 +394,45 @@ class XQuantCache:
             for i, (w, pc) in enumerate(zip(latents.widths, latents.per_channel, strict=True))
         ]
 
+    # Decode through the Triton kernel: on CUDA by default; the tests force it on CPU tensors,
+    # which Triton's interpreter runs.
+    fused_decode: bool | None = None
+
+    def _fused(self, q) -> bool:
+        if kernels.triton is None:
+            return False
+        return q.is_cuda if self.fused_decode is None else self.fused_decode
+
     @property
     def offset(self) -> int:
         return len(self.stores[0])
 
     def attend(self, layer, x, q, k, v, cos, sin, mask):
         start, end = self.offset, self.offset + x.shape[1]
-        latents, dtype, device = self.latents, q.dtype, q.device
+        latents = self.latents
         for store, new in zip(
             self.stores, latents.encode(x[0]).split(latents.widths, -1), strict=True
         ):
             store.append(new)
+        q = rotate(q, cos[start:end], sin[start:end])
+        if q.shape[2] == 1 and self._fused(q):
+            mixed = self._fused_mixed(layer, q, cos[:end], sin[:end])
+        else:
+            mixed = self._mixed(layer, q, cos[:end], sin[:end], mask)
+        n_kv, to_values = mixed.shape[0], latents.to_values
+        heads = to_values.view(to_values.shape[0], n_kv, -1).transpose(0, 1)
+        return layer.finish_values((mixed @ heads).view(1, q.shape[1], q.shape[2], -1))
+
+    def _mixed(self, layer, q, cos, sin, mask):
+        """The attention-weighted sums of the value stream's rows, (H_kv, n_rep * T, width):
+        every cached row read into a reused buffer, K rebuilt and rotated whole."""
+        latents, dtype, device, end = self.latents, q.dtype, q.device, cos.shape[0]
         cached = [
             store.read(dtype, self.scratch(i, (end, store.width), dtype, device))
             for i, store in enumerate(self.stores)
         ]
         keys = layer.finish_keys(latents.to_keys(cached[latents.key_stream])[None].to(dtype))
-        keys = rotate(
-            keys, cos[:end], sin[:end], out=self.scratch("rotated", keys.shape, dtype, device)
-        )
-        q = rotate(q, cos[start:end], sin[start:end])
+        keys = rotate(keys, cos, sin, out=self.scratch("rotated", keys.shape, dtype, device))
         n_kv, t = keys.shape[1], q.shape[2]
         scores = q.reshape(n_kv, -1, q.shape[-1]) @ keys[0].transpose(1, 2)
         if mask is None and t > 1:
@@ -405,10 +440,37 @@ class XQuantCache:
         if mask is not None:
             scores.masked_fill_(~mask.repeat(q.shape[1] // n_kv, 1), float("-inf"))
         weights = torch.softmax(scores.float() * q.shape[-1] ** -0.5, dim=-1).to(dtype)
-        mixed = weights @ cached[latents.value_stream]  # (H_kv, n_rep * T, width)
-        to_values = latents.to_values
-        heads = to_values.view(to_values.shape[0], n_kv, -1).transpose(0, 1)
-        return layer.finish_values((mixed @ heads).view(1, q.shape[1], t, -1))
+        return weights @ cached[latents.value_stream]
+
+    def _fused_mixed(self, layer, q, cos, sin):
+        """The same for one new token, in the Triton kernel (backends/cuda/kernels.py): keys are
+        rebuilt chunk by chunk in registers, straight from the packed codes."""
+        half = q.shape[-1] // 2
+        bias = layer.wkv.bias
+        norm = layer.k_norm if layer.qk_norm else None
+        keys, values = (
+            self.stores[i] for i in (self.latents.key_stream, self.latents.value_stream)
+        )
+        parts, start = [], 0
+        for key_rows, value_rows in zip(
+            keys.segments(q.dtype), values.segments(q.dtype), strict=True
+        ):
+            end = start + len(key_rows)
+            parts.append(
+                kernels.latent_attention_partials(
+                    q[0, :, 0].contiguous(),
+                    key_rows,
+                    value_rows,
+                    self.latents.to_keys.weight,
+                    None if bias is None else bias[: layer.kv_dim],
+                    None if norm is None else norm.weight,
+                    norm.eps if norm is not None else 0.0,
+                    cos[start:end, :half].contiguous(),
+                    sin[start:end, half:].contiguous(),
+                )
+            )
+            start = end
+        return kernels.merge_partials(parts).to(q.dtype)
 
     def trim(self, n_keep: int) -> None:
         for store in self.stores:

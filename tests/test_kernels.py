@@ -1,0 +1,169 @@
+"""The PyTorch backend's Triton kernels against their plain-torch references, run on CPU tensors
+in Triton's interpreter (conftest sets TRITON_INTERPRET off a GPU), and compiled ahead of time
+for the GPUs we ship for (sm_80, sm_90) without one."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import load_tiny
+
+from xqchat.backends.base import CacheSpec
+
+triton = pytest.importorskip("triton")
+
+from xqchat.backends.cuda import kernels  # noqa: E402
+from xqchat.backends.cuda.cache import Scratch, TokenStore  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM = 6, 2, 64  # n_rep 3, as in the default model's head groups
+
+
+def stream(width, per_channel, bits, n, group=32, residual=0, seed=0):
+    """A TokenStore holding n random rows (one outlier channel), as a cache fills it."""
+    store = TokenStore(
+        width,
+        CacheSpec(kind="xquant", bits=bits, group=group, residual=residual),
+        per_channel,
+        torch.float32,
+        "cpu",
+        Scratch(),
+    )
+    rows = torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+    rows[:, 1] *= 8
+    store.append(rows)
+    return store
+
+
+def segments(store):
+    """The store as the kernel reads it: its quantized blocks, and its exact rows."""
+    blocks = store.blocks
+    quantized = kernels.Rows(
+        store.width,
+        codes=blocks.codes,
+        scale=blocks.scale,
+        zero=blocks.zero,
+        bits=store.bits,
+        group=store.group,
+        row_group=store.row_group,
+        columns=store.per_channel,
+    )
+    return quantized, kernels.Rows(store.width, rows=store.exact)
+
+
+def inputs(n, key_width, seed=1, bias=True, norm=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(HEADS, HEAD_DIM, generator=g)
+    to_keys = torch.randn(KV_HEADS * HEAD_DIM, key_width, generator=g) / math.sqrt(key_width)
+    angles = torch.arange(n)[:, None] * 0.3 ** torch.arange(HEAD_DIM // 2)[None]
+    return dict(
+        q=q,
+        to_keys=to_keys,
+        bias=torch.randn(KV_HEADS * HEAD_DIM, generator=g) if bias else None,
+        norm=1 + 0.1 * torch.randn(HEAD_DIM, generator=g) if norm else None,
+        eps=1e-6,
+        cos=angles.cos(),
+        sin=angles.sin(),
+    )
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("layout", ["gqa", "mha"])
+def test_latent_attention_kernel_equals_its_reference(bits, layout):
+    """Quantized blocks and exact rows, merged: the kernel equals the reference on the same rows
+    (GQA: per-channel key latent and per-token value latent; MHA: one per-token stream of X)."""
+    n = 64 + 40  # two blocks of 32 flushed, 40 rows exact (not a whole chunk)
+    if layout == "gqa":
+        keys = stream(128, True, bits, n, residual=40)
+        values = stream(96, False, bits, n, residual=40, seed=3)
+    else:
+        keys = values = stream(128, False, bits, n, residual=40)
+    args = inputs(n, keys.width, bias=layout == "gqa", norm=layout == "gqa")
+    (key_blocks, key_exact), (value_blocks, value_exact) = segments(keys), segments(values)
+    old = key_blocks.codes.shape[0] * key_blocks.group
+    half = {k: v for k, v in args.items() if k not in ("cos", "sin")}
+    parts = [
+        kernels.latent_attention_partials(
+            keys=k, values=v, cos=args["cos"][a:b], sin=args["sin"][a:b], **half
+        )
+        for k, v, a, b in [(key_blocks, value_blocks, 0, old), (key_exact, value_exact, old, n)]
+    ]
+    got = kernels.merge_partials(parts)
+    every_key = kernels.Rows(keys.width, rows=torch.cat([kernels.dense(key_blocks), keys.exact]))
+    every_value = kernels.Rows(
+        values.width, rows=torch.cat([kernels.dense(value_blocks), values.exact])
+    )
+    want = kernels.latent_attention_reference(keys=every_key, values=every_value, **args)
+    assert got.shape == want.shape == (KV_HEADS, HEADS // KV_HEADS, values.width)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_float_rows_in_several_chunks_equal_one_softmax():
+    """The merge of per-chunk maxima and sums is the softmax over every token (XQuant-CL reads
+    its accumulated rows as floats: 150 rows are three chunks, the last one partial)."""
+    n = 150
+    rows = torch.randn(n, 96, generator=torch.Generator().manual_seed(4))
+    keys = values = kernels.Rows(96, rows=rows)
+    args = inputs(n, 96, norm=False)
+    got = kernels.merge_partials(
+        [kernels.latent_attention_partials(keys=keys, values=values, **args)]
+    )
+    want = kernels.latent_attention_reference(keys=keys, values=values, **args)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
+@pytest.mark.parametrize("model", ["gqa-qwen3", "llama"])
+def test_decoding_through_the_kernel_equals_the_torch_path(tiny_models, kind, model, monkeypatch):
+    """The cache's fused decode (blocks + exact rows, or a chain's accumulated rows; k-norm on
+    Qwen3; MHA X on Llama) gives the logits of its plain-torch path."""
+    from xqchat.backends.cuda.cache import XQuantCache
+
+    engine = load_tiny(tiny_models, model, "torch")
+    cache = CacheSpec(kind=kind, bits=4, group=32, residual=8)
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(XQuantCache, "fused_decode", fused)
+        session = engine.new_session(cache)
+        session.prefill(list(range(400, 480)))  # two blocks flushed, 16 rows exact
+        runs.append(session.logits([7, 8, 9]))  # fed one at a time below
+    torch.testing.assert_close(
+        torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4
+    )
+
+
+COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from xqchat.backends.cuda import kernels
+
+signature = {name: "*fp32" for name in ("q", "key_rows", "value_rows", "bias", "norm",
+                                        "cos", "sin", "out", "out_max", "out_sum")}
+signature["to_keys"] = "*bf16"
+signature.update({name: "*u8" for name in ("key_codes", "value_codes")})
+signature.update({name: "*fp16" for name in ("key_scale", "key_zero", "value_scale", "value_zero")})
+signature.update(n="i32", eps="fp32", sm_scale="fp32")
+constants = dict(N_REP=3, HEAD_DIM=64, KEY_WIDTH=64, VALUE_WIDTH=64, QUANT=True, BITS=3,
+                 GROUP=64, KEY_ROW_GROUP=64, KEY_COLUMNS=True, VALUE_ROW_GROUP=64,
+                 HAS_BIAS=False, HAS_NORM=False, BLOCK_W=32, BLOCK_Q=16)
+signature.update({name: "constexpr" for name in constants})
+for arch in (80, 90):
+    source = ASTSource(fn=kernels._latent_attention, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    assert len(compiled.asm["cubin"]) > 1000, arch
+    print(arch, "ok")
+"""
+
+
+def test_kernels_compile_ahead_of_time_for_sm80_and_sm90():
+    """The kernel's own code in a small configuration: the default model's (width 192, blocks of
+    128 tokens) takes minutes of ptxas for sm_90 on this CPU, too long for the suite."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["80", "ok", "90", "ok"]
