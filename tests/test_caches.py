@@ -440,3 +440,35 @@ def test_pull_prepares_the_xquant_factors(tiny_models):
     directory = line.rsplit(": ", 1)[1]
     assert {p.name.split("-")[0] for p in Path(directory).glob("*.npz")} == {"svd"}
     assert prepare_xquant(resolve(str(tiny_models["llama"]))) == []  # X itself: no SVD needed
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_mlx_products_read_the_packed_blocks_in_place(bits):
+    """mx.quantized_matmul on the stored blocks (per channel: transposed, packed along tokens)
+    equals the product with the dequantized rows."""
+    pytest.importorskip("mlx.core")
+    import mlx.core as mx
+
+    from xqchat.backends.mlx.cache import TokenStore
+    from xqchat.backends.mlx.session import ENGINE
+
+    def check():
+        g = np.random.default_rng(bits)
+        cache = CacheSpec(kind="xquant", bits=bits, group=32, residual=8)
+        rows = mx.array(g.standard_normal((80, 64)).astype(np.float32))
+        m = mx.array(g.standard_normal((64, 48)).astype(np.float32))
+        a = mx.array(g.standard_normal((3, 2, 80)).astype(np.float32))
+        for per_channel in (True, False):
+            store = TokenStore(64, cache, per_channel=per_channel, dtype=mx.float32)
+            store.append(rows)
+            assert store.n_blocks == 2
+            dense = store.read(mx.float32)
+            np.testing.assert_allclose(
+                np.array(store.rows_times(m)), np.array(dense @ m), rtol=1e-4, atol=1e-4
+            )
+            if not per_channel:
+                np.testing.assert_allclose(
+                    np.array(store.times_rows(a)), np.array(a @ dense), rtol=1e-4, atol=1e-4
+                )
+
+    ENGINE.call(check)

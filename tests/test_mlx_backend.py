@@ -99,6 +99,69 @@ def test_swiglu_kernel_matches_reference_on_metal(shape, dtype, tol):
     )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rope_scores_kernel_call_contract(tmp_path, dtype):
+    """Traced without running: the kernel's declared output matches its reference's."""
+    import mlx.core as mx
+
+    from xqchat.backends.mlx.kernels import rope_scores_metal, rope_scores_reference
+
+    q, keys = mx.zeros((6, 64)), mx.zeros((2, 50, 64), dtype=getattr(mx, dtype))
+    inv_freq = mx.ones((32,))
+    traced = {}
+
+    def call(q, keys, inv_freq):
+        out = rope_scores_metal(q, keys, inv_freq, 0.125)
+        traced["shape"], traced["dtype"] = out.shape, out.dtype
+        return out
+
+    mx.export_function(str(tmp_path / "rope_scores.mlxfn"), call, q, keys, inv_freq)
+    expected = rope_scores_reference(q, keys, inv_freq, 0.125)
+    assert (
+        (traced["shape"], traced["dtype"])
+        == (expected.shape, expected.dtype)
+        == ((6, 50), mx.float32)
+    )
+
+
+def rope_scores_case():
+    import mlx.core as mx
+
+    g = np.random.default_rng(3)
+    q = mx.array(g.standard_normal((6, 64)).astype(np.float32))
+    keys = mx.array(g.standard_normal((2, 300, 64)).astype(np.float32))
+    inv_freq = mx.array((10000.0 ** (-np.arange(32) / 32)).astype(np.float32))
+    return q, keys, inv_freq
+
+
+def test_rope_scores_reference_is_rope_then_scores():
+    """Against mx.fast.rope on the keys (what the prefill path does) and a plain product."""
+    import mlx.core as mx
+
+    from xqchat.backends.mlx.kernels import rope_scores_reference
+
+    q, keys, inv_freq = rope_scores_case()
+    rotated = mx.fast.rope(
+        keys[None], 64, traditional=False, base=None, scale=1.0, offset=0, freqs=1 / inv_freq
+    )[0]
+    expected = (q.reshape(2, 3, 64) @ rotated.swapaxes(1, 2)).reshape(6, -1) * 0.125
+    np.testing.assert_allclose(
+        np.array(rope_scores_reference(q, keys, inv_freq, 0.125)), np.array(expected), atol=2e-4
+    )
+
+
+@pytest.mark.metal
+def test_rope_scores_kernel_matches_reference_on_metal():
+    from xqchat.backends.mlx.kernels import rope_scores_metal, rope_scores_reference
+
+    q, keys, inv_freq = rope_scores_case()
+    np.testing.assert_allclose(
+        np.array(rope_scores_metal(q, keys, inv_freq, 0.125)),
+        np.array(rope_scores_reference(q, keys, inv_freq, 0.125)),
+        atol=2e-4,
+    )
+
+
 def test_mlx_lm_baseline_is_the_same_model(tiny_models, default_tokenizer, tmp_path):
     """`bench speed --compare mlx-lm` times mlx-lm on a folder we write: it must hold our weights."""
     import mlx.core as mx

@@ -14,6 +14,7 @@ from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
 from ..latents import LayerLatents, row_group
+from .kernels import rope_scores
 from .quant import Quantized, dequantize, quantize
 
 
@@ -151,6 +152,41 @@ class TokenStore:
     def read(self, dtype) -> mx.array:
         """All rows, (len, width)."""
         return mx.concatenate([self.flushed().astype(dtype), self.exact.astype(dtype)])
+
+    def rows_times(self, m: mx.array) -> mx.array:
+        """rows @ m, (len, m columns). The quantized blocks go to mx.quantized_matmul as the
+        quantized operand, so they are dequantized inside the product, never as an array: a
+        per-token block is rows packed along the width (m on the left, transposed), a
+        per-channel one is stored transposed, channels packed along tokens."""
+        if self.chain is not None or self.blocks is None:
+            return self.read(m.dtype) @ m
+        codes, scale, zero = self._operand()
+        old = mx.quantized_matmul(
+            m.T.astype(mx.float32), codes, scale, zero, transpose=not self.per_channel,
+            group_size=self.row_group, bits=self.bits,
+        )  # fmt: skip
+        return mx.concatenate([old.T.astype(m.dtype), self.exact.astype(m.dtype) @ m])
+
+    def times_rows(self, a: mx.array) -> mx.array:
+        """a @ rows for a (..., len) over a per-token store, the same way."""
+        if self.chain is not None or self.blocks is None:
+            return a @ self.read(a.dtype)
+        n_old = self.n_blocks * self.group
+        codes, scale, zero = self._operand()
+        old = mx.quantized_matmul(
+            a[..., :n_old].astype(mx.float32), codes, scale, zero, transpose=False,
+            group_size=self.row_group, bits=self.bits,
+        )  # fmt: skip
+        return old.astype(a.dtype) + a[..., n_old:] @ self.exact.astype(a.dtype)
+
+    def _operand(self):
+        """The blocks as one quantized matrix: (tokens, width) per token, (width, tokens) per
+        channel; scales and zero points in float32, as dequantize uses them."""
+        b = self.blocks
+        parts = (b.codes, b.scale.astype(mx.float32), b.zero.astype(mx.float32))
+        if self.per_channel:  # (blocks, width, packed) -> (width, blocks * packed)
+            return tuple(p.transpose(1, 0, 2).reshape(self.width, -1) for p in parts)
+        return tuple(p.reshape(self.n_blocks * self.group, -1) for p in parts)
 
     def trim(self, n_keep: int) -> None:
         flushed = self.n_blocks * self.group
@@ -309,17 +345,22 @@ class XQuantCache:
         rows = mx.split(x[0].astype(encode.dtype) @ encode, _cuts(self.latents.widths), axis=-1)
         for store, new in zip(self.stores, rows, strict=True):
             store.append(new)
-        cached = [store.read(encode.dtype) for store in self.stores]
         (ki, to_keys), (vi, to_values) = self.latents.keys, self.latents.values
-        keys = rope(layer.finish_keys((cached[ki] @ to_keys)[None].astype(q.dtype)), 0)
+        keys = layer.finish_keys(self.stores[ki].rows_times(to_keys)[None].astype(q.dtype))
         h_kv, n_rep = keys.shape[1], q.shape[1] // keys.shape[1]
-        q = rope(q, start).reshape(h_kv, n_rep * t, -1)
-        scores = (q @ keys[0].swapaxes(1, 2)).astype(mx.float32) * q.shape[-1] ** -0.5
+        q = rope(q, start)
+        if t == 1:  # decode: RoPE on the keys inside the scores, no rotated copy of K
+            scores = rope_scores(q[0, :, 0], keys[0], rope.inv_freq, q.shape[-1] ** -0.5)
+            scores = scores.reshape(h_kv, n_rep, end)
+        else:
+            keys = rope(keys, 0)
+            q = q.reshape(h_kv, n_rep * t, -1)
+            scores = (q @ keys[0].swapaxes(1, 2)).astype(mx.float32) * q.shape[-1] ** -0.5
         if mask is not None:  # "causal": new tokens see the cache and each other causally
             visible = mx.tril(mx.ones((t, end), dtype=mx.bool_), k=end - t)
             scores = mx.where(mx.tile(visible, (n_rep, 1)), scores, -mx.inf)
         weights = mx.softmax(scores, axis=-1)
-        mixed = weights.astype(to_values.dtype) @ cached[vi]  # (H_kv, n_rep * T, width)
+        mixed = self.stores[vi].times_rows(weights.astype(to_values.dtype))
         heads = to_values.reshape(to_values.shape[0], h_kv, -1).swapaxes(0, 1)
         out = (mixed @ heads).reshape(1, h_kv * n_rep, t, -1).astype(q.dtype)
         return layer.finish_values(out)

@@ -53,3 +53,56 @@ def swiglu_metal(gate_up: mx.array) -> mx.array:
 
 def swiglu(gate_up: mx.array) -> mx.array:
     return swiglu_metal(gate_up) if METAL else swiglu_reference(gate_up)
+
+
+# Decode scores with RoPE applied to each key as it is read: q (H, D) rotated, keys (H_kv, S, D)
+# before RoPE (as XQuant rebuilds them) -> scores (H, S). No rotated copy of K is written. One
+# thread per (head, token); the angle of token t is t * inv_freq, as in mx.fast.rope.
+_ROPE_SCORES = mx.fast.metal_kernel(
+    name="xqchat_rope_scores",
+    input_names=["q", "keys", "inv_freq", "scale"],
+    output_names=["scores"],
+    source="""
+        uint t = thread_position_in_grid.x;
+        uint h = thread_position_in_grid.y;
+        if (t >= S) return;
+        uint half_dim = D / 2;
+        const device T* k = keys + ((h / N_REP) * S + t) * D;
+        const device float* qh = q + h * D;
+        float acc = 0.0f;
+        for (uint d = 0; d < half_dim; ++d) {
+            float angle = float(t) * inv_freq[d];
+            float c = metal::cos(angle), s = metal::sin(angle);
+            float k1 = float(k[d]), k2 = float(k[d + half_dim]);
+            acc += qh[d] * (k1 * c - k2 * s) + qh[d + half_dim] * (k2 * c + k1 * s);
+        }
+        scores[h * S + t] = acc * scale[0];
+    """,
+)
+
+
+def rope_scores_reference(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: float):
+    angle = mx.arange(keys.shape[1], dtype=mx.float32)[:, None] * inv_freq[None]
+    cos, sin = mx.cos(angle), mx.sin(angle)
+    k1, k2 = mx.split(keys.astype(mx.float32), 2, axis=-1)
+    rotated = mx.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
+    n_rep = q.shape[0] // keys.shape[0]
+    grouped = q.astype(mx.float32).reshape(keys.shape[0], n_rep, -1)
+    return (grouped @ rotated.swapaxes(1, 2)).reshape(q.shape[0], -1) * scale
+
+
+def rope_scores_metal(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: float):
+    """q (H, D), keys (H_kv, S, D), inv_freq (D/2,) -> scores (H, S) float32."""
+    heads, (kv_heads, length, dim) = q.shape[0], keys.shape
+    return _ROPE_SCORES(
+        inputs=[q.astype(mx.float32), keys, inv_freq, mx.array([scale], dtype=mx.float32)],
+        template=[("T", keys.dtype), ("S", length), ("D", dim), ("N_REP", heads // kv_heads)],
+        grid=(length, heads, 1),
+        threadgroup=(min(256, length), 1, 1),
+        output_shapes=[(heads, length)],
+        output_dtypes=[mx.float32],
+    )[0]
+
+
+def rope_scores(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: float) -> mx.array:
+    return (rope_scores_metal if METAL else rope_scores_reference)(q, keys, inv_freq, scale)

@@ -72,6 +72,11 @@ class Rope(nn.Module):
         super().__init__()
         self.dims = spec.head_dim
         self._periods = mx.array(1.0 / spec.rope.inv_freq(spec.head_dim), dtype=mx.float32)
+        self._inv_freq = mx.array(spec.rope.inv_freq(spec.head_dim), dtype=mx.float32)
+
+    @property
+    def inv_freq(self) -> mx.array:  # (D/2,): the angle of position p is p * inv_freq
+        return self._inv_freq
 
     def __call__(self, x, offset: int):  # x: (B, H, T, D)
         return mx.fast.rope(
