@@ -472,3 +472,25 @@ def test_mlx_products_read_the_packed_blocks_in_place(bits):
                 )
 
     ENGINE.call(check)
+
+
+@pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
+def test_torch_path_reads_long_caches_in_spans(tiny_models, kind, monkeypatch):
+    """Keys rebuilt 32 tokens at a time, spans merged by their softmax statistics: the logits
+    of prefill chunks (masked) and decode steps are those of one span over the whole cache."""
+    import torch
+
+    from xqchat.backends.cuda import cache as torch_cache
+
+    engine = load_tiny(tiny_models, "gqa-qwen2", "torch")
+    spec = CacheSpec(kind=kind, bits=4, group=32, residual=8)
+    runs = []
+    for span in (4096, 32):
+        monkeypatch.setattr(torch_cache, "SPAN", span)
+        session = engine.new_session(spec)
+        session.prefill(list(range(500, 560)))
+        chunk = session.logits(list(range(600, 620)))  # 20 new tokens over 3 spans, masked
+        runs.append(np.concatenate([chunk, session.logits([5]), session.logits([6])]))
+    torch.testing.assert_close(
+        torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4
+    )

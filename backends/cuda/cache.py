@@ -188,30 +188,32 @@ class TokenStore:
         if self.chain is not None:
             self.chain.blocks = flushed
 
-    def read(self, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """All rows, (len, width) in `dtype`, written into `out` when given (a reused buffer).
-        In a chain, the rows are the chain's: the flushed ones accumulate layer by layer."""
-        n, n_old = len(self), self.n_blocks * self.group
+    def read(self, dtype, out=None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start..stop (default: all), (stop - start, width) in `dtype`, written into `out`
+        when given (a reused buffer); `start` falls on a block boundary. In a chain, all rows
+        are read, into the chain's buffer: the flushed ones accumulate layer by layer."""
+        stop = len(self) if stop is None else stop
         if self.chain is not None:
-            out = self.chain.rows(n, self.width, dtype, self.exact.device)
+            assert (start, stop) == (0, len(self)), "a chain's rows are read whole"
+            out = self.chain.rows(stop, self.width, dtype, self.exact.device)
         elif out is None:
-            out = self.exact.new_empty(n, self.width, dtype=dtype)
-        rows = out[:n]
-        if self.blocks is not None:
+            out = self.exact.new_empty(stop - start, self.width, dtype=dtype)
+        rows = out[: stop - start]
+        n_old = self.n_blocks * self.group
+        first, last = start // self.group, min(self.n_blocks, -(-stop // self.group))
+        if first < last:
+            blocks = _take(self.blocks, first, last)
             codes = self.scratch(
-                "codes", (self.n_blocks, self.group * self.width), torch.uint8, out.device
+                "codes", (last - first, self.group * self.width), torch.uint8, out.device
             )
-            flushed = rows[:n_old].view(self.n_blocks, -1)
+            flushed = rows[: (last - first) * self.group].view(last - first, -1)
             if self.delta:
-                flushed += dequantize(
-                    self.blocks,
-                    dtype,
-                    self.scratch("delta", flushed.shape, dtype, out.device),
-                    codes,
-                )
+                delta = self.scratch("delta", flushed.shape, dtype, out.device)
+                flushed += dequantize(blocks, dtype, delta, codes)
             else:
-                dequantize(self.blocks, dtype, flushed, codes)
-        rows[n_old:] = self.exact
+                dequantize(blocks, dtype, flushed, codes)
+        if stop > n_old:
+            rows[max(0, n_old - start) :] = self.exact[max(0, start - n_old) : stop - n_old]
         return rows
 
     def segments(self, dtype) -> list[kernels.Rows]:
@@ -238,7 +240,7 @@ class TokenStore:
         # kept tokens keep exactly the values attention saw before.
         keep_blocks = n_keep // self.group
         rows = self.read(self.exact.dtype)[keep_blocks * self.group : n_keep].clone()
-        self.blocks = None if keep_blocks == 0 else _take(self.blocks, keep_blocks)
+        self.blocks = None if keep_blocks == 0 else _take(self.blocks, 0, keep_blocks)
         self.exact = rows
 
     def state_dict(self) -> dict:
@@ -273,8 +275,9 @@ def _append_block(blocks: Quantized | None, block: Quantized) -> Quantized:
     return Quantized(*parts, block.bits, block.shape)
 
 
-def _take(blocks: Quantized, n: int) -> Quantized:
-    return Quantized(blocks.codes[:n], blocks.scale[:n], blocks.zero[:n], blocks.bits, blocks.shape)
+def _take(blocks: Quantized, first: int, last: int) -> Quantized:
+    parts = (blocks.codes[first:last], blocks.scale[first:last], blocks.zero[first:last])
+    return Quantized(*parts, blocks.bits, blocks.shape)
 
 
 def nested_state(parts: dict) -> dict:
@@ -425,22 +428,40 @@ class XQuantCache:
 
     def _mixed(self, layer, q, cos, sin, mask):
         """The attention-weighted sums of the value stream's rows, (H_kv, n_rep * T, width):
-        every cached row read into a reused buffer, K rebuilt and rotated whole."""
+        the cache is read SPAN tokens at a time into reused buffers (K rebuilt and rotated for
+        that span only; spans merged by their softmax maxima and sums), so the transient memory
+        stays bounded however long the chat. A chain's accumulated rows are whole by nature."""
         latents, dtype, device, end = self.latents, q.dtype, q.device, cos.shape[0]
-        cached = [
-            store.read(dtype, self.scratch(i, (end, store.width), dtype, device))
-            for i, store in enumerate(self.stores)
-        ]
-        keys = layer.finish_keys(latents.to_keys(cached[latents.key_stream])[None].to(dtype))
-        keys = rotate(keys, cos, sin, out=self.scratch("rotated", keys.shape, dtype, device))
-        n_kv, t = keys.shape[1], q.shape[2]
-        scores = q.reshape(n_kv, -1, q.shape[-1]) @ keys[0].transpose(1, 2)
+        n_kv, t = layer.n_kv_heads, q.shape[2]
+        q = q.reshape(n_kv, -1, q.shape[-1])
         if mask is None and t > 1:
             mask = torch.ones(t, end, dtype=torch.bool, device=device).tril(end - t)
         if mask is not None:
-            scores.masked_fill_(~mask.repeat(q.shape[1] // n_kv, 1), float("-inf"))
-        weights = torch.softmax(scores.float() * q.shape[-1] ** -0.5, dim=-1).to(dtype)
-        return weights @ cached[latents.value_stream]
+            mask = mask.repeat(q.shape[1] // t, 1)
+        chained = [store.read(dtype) if store.chain else None for store in self.stores]
+        parts = []
+        for start in range(0, end, SPAN):
+            stop = min(end, start + SPAN)
+            cached = [
+                rows[start:stop] if rows is not None
+                else store.read(dtype, self.scratch(i, (stop - start, store.width), dtype, device), start, stop)
+                for i, (store, rows) in enumerate(zip(self.stores, chained, strict=True))
+            ]  # fmt: skip
+            keys = layer.finish_keys(latents.to_keys(cached[latents.key_stream])[None].to(dtype))
+            rotated = self.scratch("rotated", keys.shape, dtype, device)
+            keys = rotate(keys, cos[start:stop], sin[start:stop], out=rotated)
+            scores = (q @ keys[0].transpose(1, 2)).float() * q.shape[-1] ** -0.5
+            if mask is not None:
+                scores.masked_fill_(~mask[:, start:stop], float("-inf"))
+            values = cached[latents.value_stream]
+            if stop - start == end:  # one span: a plain softmax
+                return torch.softmax(scores, dim=-1).to(dtype) @ values
+            top = scores.amax(-1)
+            weights = torch.exp(scores - top.nan_to_num(neginf=0.0)[..., None])
+            parts.append(
+                ((weights.to(dtype) @ values)[:, None], top[:, None], weights.sum(-1)[:, None])
+            )
+        return kernels.merge_partials(parts).to(dtype)
 
     def _fused_mixed(self, layer, q, cos, sin):
         """The same for one new token, in the Triton kernel (backends/cuda/kernels.py): keys are
@@ -501,6 +522,7 @@ class XQuantCache:
     reserved_bytes = nbytes
 
 
+SPAN = 4096  # cached tokens whose keys the torch path rebuilds at once
 BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant and seed the chain
 
 
