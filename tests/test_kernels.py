@@ -18,6 +18,8 @@ triton = pytest.importorskip("triton")
 from xqchat.backends.cuda import kernels  # noqa: E402
 from xqchat.backends.cuda.cache import Scratch, TokenStore  # noqa: E402
 
+# The same tests run the compiled kernels on a GPU, and the interpreter on CPU tensors elsewhere.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 64  # n_rep 3, as in the default model's head groups
 
 
@@ -28,12 +30,12 @@ def stream(width, per_channel, bits, n, group=32, residual=0, seed=0):
         CacheSpec(kind="xquant", bits=bits, group=group, residual=residual),
         per_channel,
         torch.float32,
-        "cpu",
+        DEVICE,
         Scratch(),
     )
     rows = torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
     rows[:, 1] *= 8
-    store.append(rows)
+    store.append(rows.to(DEVICE))
     return store
 
 
@@ -58,7 +60,7 @@ def inputs(n, key_width, seed=1, bias=True, norm=True):
     q = torch.randn(HEADS, HEAD_DIM, generator=g)
     to_keys = torch.randn(KV_HEADS * HEAD_DIM, key_width, generator=g) / math.sqrt(key_width)
     angles = torch.arange(n)[:, None] * 0.3 ** torch.arange(HEAD_DIM // 2)[None]
-    return dict(
+    args = dict(
         q=q,
         to_keys=to_keys,
         bias=torch.randn(KV_HEADS * HEAD_DIM, generator=g) if bias else None,
@@ -67,6 +69,7 @@ def inputs(n, key_width, seed=1, bias=True, norm=True):
         cos=angles.cos(),
         sin=angles.sin(),
     )
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -104,7 +107,7 @@ def test_float_rows_in_several_chunks_equal_one_softmax():
     """The merge of per-chunk maxima and sums is the softmax over every token (XQuant-CL reads
     its accumulated rows as floats: 150 rows are three chunks, the last one partial)."""
     n = 150
-    rows = torch.randn(n, 96, generator=torch.Generator().manual_seed(4))
+    rows = torch.randn(n, 96, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     keys = values = kernels.Rows(96, rows=rows)
     args = inputs(n, 96, norm=False)
     got = kernels.merge_partials(
@@ -121,7 +124,7 @@ def test_decoding_through_the_kernel_equals_the_torch_path(tiny_models, kind, mo
     Qwen3; MHA X on Llama) gives the logits of its plain-torch path."""
     from xqchat.backends.cuda.cache import XQuantCache
 
-    engine = load_tiny(tiny_models, model, "torch")
+    engine = load_tiny(tiny_models, model, "torch", device=DEVICE)
     cache = CacheSpec(kind=kind, bits=4, group=32, residual=8)
     runs = []
     for fused in (False, True):

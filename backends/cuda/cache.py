@@ -190,8 +190,9 @@ class TokenStore:
 
     def read(self, dtype, out=None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start..stop (default: all), (stop - start, width) in `dtype`, written into `out`
-        when given (a reused buffer); `start` falls on a block boundary. In a chain, all rows
-        are read, into the chain's buffer: the flushed ones accumulate layer by layer."""
+        when given (a reused buffer); both bounds fall on block boundaries or among the exact
+        rows. In a chain, all rows are read, into the chain's buffer: the flushed ones
+        accumulate layer by layer."""
         stop = len(self) if stop is None else stop
         if self.chain is not None:
             assert (start, stop) == (0, len(self)), "a chain's rows are read whole"
