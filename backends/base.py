@@ -17,7 +17,7 @@ from xqchat.models.spec import ModelSpec
 
 CacheKind = Literal["kv", "kv-quant", "xquant", "xquant-cl"]
 CACHE_KINDS: tuple[str, ...] = ("kv", "kv-quant", "xquant", "xquant-cl")
-WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
+WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class CacheSpec:
 class EngineOptions:
     backend: str = "auto"  # auto | torch | mlx
     device: str = "auto"  # auto | cpu | cuda
-    weights: str = "auto"  # auto | fp32 | bf16 | fp16
+    weights: str = "auto"  # auto | fp32 | bf16 | fp16 | int8
+    int8_threshold: float = 6.0  # int8 weights: input features beyond it are multiplied in float
     cache: CacheSpec = field(default_factory=CacheSpec)
     mha: bool = False  # run a GQA model in its exact MHA form (K/V heads repeated)
 

@@ -25,6 +25,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen
+# before triton.language is first imported.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 _connect = socket.socket.connect
 
 
