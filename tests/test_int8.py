@@ -4,6 +4,7 @@ every cache kind, and the kernels (Triton under its interpreter and compiled ahe
 sm_80/sm_90; Metal traced for its call contract, run where Metal exists)."""
 
 import importlib.util
+import json
 import math
 
 import numpy as np
@@ -309,3 +310,50 @@ def test_metal_int8_kernel_matches_reference_on_metal(m):
     np.testing.assert_allclose(
         np.array(got), integer_reference(x, codes, scale), rtol=1e-4, atol=1e-4
     )
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def test_bench_ppl_and_speed_report_int8_weight_bytes(capsys, tiny_models, backend):
+    from conftest import cli
+    from test_cli import DATA
+
+    model = ["--backend", backend, "-m", str(tiny_models["qwen2"]), "--json"]
+    weights = ["--weights", "int8", "--int8-threshold", "5"]
+    text = ["--text", str(DATA / "wikitext2_test.txt"), "--window", "64", "--windows", "1"]
+    code, out, err = cli(capsys, "bench", "ppl", *model, *weights, *text)
+    assert code == 0, err
+    ppl = json.loads(out)
+    code, out, err = cli(capsys, "bench", "speed", *model, *weights, "--new-tokens", "3")
+    assert code == 0, err
+    speed = json.loads(out)
+    expected = int8_model(resolve(str(tiny_models["qwen2"])), backend).weight_bytes()
+    assert ppl["weight_bytes"] == speed["weight_bytes"] == expected
+    assert ppl["weights"] == speed["weights"] == "int8" and 1 < ppl["ppl"] < 1e6
+
+
+def test_show_int8_stats_lists_outlier_features(capsys, tiny_models, backend, tmp_path):
+    from conftest import cli
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    model = str(tiny_models["llama"])
+    args = ["show", model, "--int8-stats", "--backend", backend, "--text", str(text)]
+    code, out, err = cli(capsys, *args, "--tokens", "40", "--int8-threshold", "1.5", "--json")
+    assert code == 0, err
+    stats = json.loads(out)
+    assert stats["tokens"] == 40 and stats["threshold"] == 1.5
+    names = [m["matrix"] for m in stats["matrices"]]
+    per_layer = ("attention.wq", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+    expected = [f"layers.{i}.{n}" for i in range(2) for n in per_layer] + ["lm_head"]  # untied
+    assert names == expected
+    assert any(m["features"] > 0 for m in stats["matrices"])
+    for m in stats["matrices"]:
+        counts = [n for _, n in m["tokens_per_feature"]]
+        assert len(counts) == m["features"] and counts == sorted(counts, reverse=True)
+        assert all(1 <= n <= 40 for n in counts)
+    code, out, err = cli(capsys, *args, "--tokens", "40")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("outlier features (|x| > 6) in 40 tokens")
+    assert len(out.splitlines()) == 1 + len(names)

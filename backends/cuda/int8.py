@@ -37,6 +37,8 @@ def int8_product(codes: torch.Tensor, row_scale, weight: torch.Tensor, scale) ->
 class Int8Linear(nn.Module):
     """y = x Wᵀ + b with W as int8 codes (out, in) and one float32 scale per output channel."""
 
+    observe = None  # set by Engine.int8_outliers: called with each input
+
     def __init__(self, in_features: int, out_features: int, bias: bool, threshold=THRESHOLD):
         super().__init__()
         self.in_features, self.out_features, self.threshold = in_features, out_features, threshold
@@ -49,6 +51,8 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observe is not None:
+            self.observe(x)
         shape = x.shape
         x = x.reshape(-1, self.in_features)
         absmax = row_absmax(x)

@@ -289,6 +289,13 @@ class Engine(EngineBase):
 
         return profile_decode(self, prompt, steps)
 
+    def int8_layers(self) -> dict:
+        return {n: m for n, m in self.module.named_modules() if type(m) is Int8Linear}
+
+    @staticmethod
+    def to_numpy(x):
+        return x.detach().float().cpu().numpy()
+
     def weight_bytes(self) -> int:
         tensors = [*self.module.parameters(), *self.module.buffers()]
         return sum(

@@ -13,6 +13,8 @@ from .kernels import int8_matmul
 
 
 class Int8Linear(nn.Module):
+    observe = None  # set by Engine.int8_outliers: called with each input
+
     def __init__(self, d_in: int, d_out: int, bias: bool = False, threshold=THRESHOLD):
         super().__init__()
         self.weight = mx.zeros((d_in, d_out), dtype=mx.int8)  # (in, out)
@@ -26,6 +28,8 @@ class Int8Linear(nn.Module):
         return self.weight.astype(mx.float32) * self.scale
 
     def __call__(self, x):
+        if self.observe is not None:
+            self.observe(x)
         shape = x.shape
         y = int8_matmul(x.reshape(-1, shape[-1]), self.weight, self.scale, self.threshold)
         y = y.reshape(*shape[:-1], -1)

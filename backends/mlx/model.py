@@ -264,6 +264,13 @@ class Engine(EngineBase):
 
         return profile_decode(self, prompt, steps)
 
+    def int8_layers(self) -> dict:
+        return {n: m for n, m in self.module.named_modules() if type(m) is Int8Linear}
+
+    @staticmethod
+    def to_numpy(x):
+        return np.array(x.astype(mx.float32))
+
     def weight_bytes(self) -> int:
         return sum(w.nbytes for _, w in nn.utils.tree_flatten(self.module.parameters()))
 
