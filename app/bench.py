@@ -136,3 +136,39 @@ def perplexity(
         # XQuant's encode/rebuild matrices: held once per model, whatever the chat's length
         "factor_bytes": memory.factor_bytes,
     }
+
+
+INT8_SAMPLE = (
+    "The river rises in the hills to the north and reaches the sea after four hundred "
+    "kilometres. In 1850 the town council built a stone bridge; it was rebuilt in 1923 after a "
+    "flood. Question: how long is the river? Answer: about 400 km, according to the survey."
+)
+
+
+def int8_outliers(
+    tokenizer: Tokenizer, model: Model, text: str, n_tokens: int, threshold: float
+) -> dict:
+    """LLM.int8's outlier features of `model` on up to `n_tokens` tokens of `text`: for each
+    layer's input to each int8 matrix, the features beyond the threshold and in how many tokens."""
+    ids = tokenizer.encode(text)[:n_tokens]
+    counts = model.int8_outliers(ids)
+    layers = []
+    for name, hits in counts.items():
+        if name.endswith("attention.wkv"):
+            continue  # the same input as wq
+        columns = sorted(((int(c), int(hits[c])) for c in hits.nonzero()[0]), key=lambda h: -h[1])
+        layers.append({"matrix": name, "features": len(columns), "tokens_per_feature": columns})
+    return {"tokens": len(ids), "threshold": threshold, "matrices": layers}
+
+
+def format_int8_outliers(stats: dict) -> list[str]:
+    lines = [
+        f"outlier features (|x| > {stats['threshold']:g}) in {stats['tokens']} tokens: "
+        "feature:share of tokens, most frequent first"
+    ]
+    width = max(len(m["matrix"]) for m in stats["matrices"])
+    for m in stats["matrices"]:
+        shares = " ".join(f"{c}:{n / stats['tokens']:.0%}" for c, n in m["tokens_per_feature"][:8])
+        more = f" (+{m['features'] - 8} more)" if m["features"] > 8 else ""
+        lines.append(f"{m['matrix'] + ' input':<{width + 6}}  {m['features']:>4}  {shares}{more}")
+    return lines

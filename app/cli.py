@@ -54,7 +54,16 @@ ENGINE_OPTIONS = [
         type=click.Choice(WEIGHT_DTYPES),
         default="auto",
         show_default=True,
-        help="Working dtype of the weights; auto = the fastest on this hardware.",
+        help="Working dtype of the weights; auto = the fastest on this hardware; int8 = LLM.int8() "
+        "(int8 matrices with float outlier features: half the memory of bf16).",
+    ),
+    click.option(
+        "--int8-threshold",
+        type=click.FloatRange(min=0),
+        default=6.0,
+        show_default=True,
+        help="--weights int8: input features with any |x| above this are multiplied in floating "
+        "point (the outlier threshold of LLM.int8).",
     ),
     click.option(
         "--cache",
@@ -101,9 +110,18 @@ def model_options(f):
     return f
 
 
-def engine_options(backend, device, weights, cache, bits, group, residual, mha) -> EngineOptions:
+def engine_options(
+    backend, device, weights, int8_threshold, cache, bits, group, residual, mha
+) -> EngineOptions:
     cache = CacheSpec(kind=cache, bits=int(bits), group=int(group), residual=residual)
-    return EngineOptions(backend=backend, device=device, weights=weights, cache=cache, mha=mha)
+    return EngineOptions(
+        backend=backend,
+        device=device,
+        weights=weights,
+        int8_threshold=int8_threshold,
+        cache=cache,
+        mha=mha,
+    )
 
 
 def status(message: str) -> None:
@@ -388,11 +406,32 @@ def list_command(as_json):
 Examples:
   xqchat show default
   xqchat show HuggingFaceTB/SmolLM2-360M-Instruct --json
+  xqchat show default --int8-stats --text ../shared/data/wikitext2_test.txt
 """,
 )
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-def show_command(model, as_json):
+@click.option(
+    "--int8-stats",
+    is_flag=True,
+    help="Load MODEL with int8 weights, run a text through it and print, per layer, the input "
+    "features that LLM.int8 multiplies in floating point (the outliers).",
+)
+@click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="--int8-stats: the text to run (default: a built-in paragraph).",
+)
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="--int8-stats: tokens of the text to run.",
+)
+@click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto")
+@click.option("--int8-threshold", type=click.FloatRange(min=0), default=6.0, show_default=True)
+def show_command(model, as_json, int8_stats, text, tokens, backend, int8_threshold):
     """MODEL's spec, files, chat template and derived artefacts.
 
     MODEL is anything --model takes: default, a pulled NAMESPACE/REPO, a directory or a .gguf.
@@ -400,6 +439,18 @@ def show_command(model, as_json):
     from xqchat.models import resolve
     from xqchat.models.catalog import details, format_bytes, format_count
 
+    if int8_stats:
+        opts = EngineOptions(backend=backend, weights="int8", int8_threshold=int8_threshold)
+        source = text.read_text() if text else benchmarks.INT8_SAMPLE
+        _, tokenizer, engine = open_model(model, opts)
+        stats = benchmarks.int8_outliers(tokenizer, engine, source, tokens, int8_threshold)
+        status("")
+        if as_json:
+            click.echo(json.dumps(stats, indent=2))
+        else:
+            for line in benchmarks.format_int8_outliers(stats):
+                click.echo(line)
+        return
     info = details(resolve(model))
     if as_json:
         click.echo(json.dumps(info, indent=2))

@@ -17,7 +17,7 @@ from xqchat.models.spec import ModelSpec
 
 CacheKind = Literal["kv", "kv-quant", "xquant", "xquant-cl"]
 CACHE_KINDS: tuple[str, ...] = ("kv", "kv-quant", "xquant", "xquant-cl")
-WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
+WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class CacheSpec:
 class EngineOptions:
     backend: str = "auto"  # auto | torch | mlx
     device: str = "auto"  # auto | cpu | cuda
-    weights: str = "auto"  # auto | fp32 | bf16 | fp16
+    weights: str = "auto"  # auto | fp32 | bf16 | fp16 | int8
+    int8_threshold: float = 6.0  # int8 weights: input features beyond it are multiplied in float
     cache: CacheSpec = field(default_factory=CacheSpec)
     mha: bool = False  # run a GQA model in its exact MHA form (K/V heads repeated)
 
@@ -128,6 +129,33 @@ class EngineBase:
     def new_session(self, cache: CacheSpec | None = None):
         """A new conversation; `cache` overrides the engine's cache kind for this one."""
         return self.session_class(self, cache)
+
+    def int8_outliers(self, tokens: list[int]) -> dict:
+        """With int8 weights: for each int8 matrix (engine name) the count, per input feature, of
+        the tokens in which that feature went the floating-point way (|x| > threshold), after
+        running `tokens` through a new session. Each backend names its int8 layers."""
+        import numpy as np
+
+        counts = {}
+        layers = self.int8_layers()
+        if not layers:
+            raise XQError("the model holds no int8 weights: load it with --weights int8")
+
+        def observer(name, threshold):
+            def observe(x):
+                x = np.asarray(self.to_numpy(x), dtype=np.float32).reshape(-1, x.shape[-1])
+                counts[name] = counts.get(name, 0) + (np.abs(x) > threshold).sum(0)
+
+            return observe
+
+        for name, layer in layers.items():
+            layer.observe = observer(name, layer.threshold)
+        try:
+            self.new_session().logits(tokens)
+        finally:
+            for layer in layers.values():
+                layer.observe = None
+        return counts
 
 
 def engine_checkpoint(files: ModelFiles, opts: EngineOptions):

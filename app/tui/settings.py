@@ -66,8 +66,15 @@ class Settings:
     weights: str = setting(
         "auto",
         "Weights",
-        "Working dtype of the weights; auto = the fastest here.",
+        "Working dtype of the weights; auto = the fastest here; int8 = LLM.int8() (half of "
+        "bf16's memory).",
         choices=lambda: WEIGHT_DTYPES,
+    )
+    int8_threshold: float = setting(
+        6.0,
+        "int8 outliers",
+        "int8 weights: input features with any |x| above this are multiplied in floating point.",
+        low=0,
     )
     mha: bool = setting(
         False,
@@ -125,6 +132,7 @@ class Settings:
             backend=self.backend,
             device=self.device,
             weights=self.weights,
+            int8_threshold=self.int8_threshold,
             cache=cache,
             mha=self.mha,
         )

@@ -26,9 +26,11 @@ from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import to_engine_layout
 
+from .. import int8
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
 from ..latents import layer_latents
 from .cache import Latents, Scratch, new_caches
+from .int8 import Int8Embedding, Int8Linear
 from .session import EngineSession
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -188,6 +190,7 @@ class Transformer(nn.Module):
         if not spec.tied_embeddings:
             self.lm_head = Linear(spec.dim, spec.vocab_size, bias=False)
         self.scratch = Scratch()
+        self.pack = False  # bf16 matmuls in oneDNN's packed layout (CPU; see load)
         self.latent_layers: dict = {}  # (group, cross_layer) -> per-layer Latents, built on demand
 
     def forward(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
@@ -206,6 +209,8 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, Int8Embedding):
+            return self.embed.logits(hidden)
         if not self.spec.tied_embeddings:
             return self.lm_head(hidden)
         table = self.embed.weight
@@ -223,7 +228,7 @@ class Transformer(nn.Module):
         linear.weight = nn.Parameter(
             torch.from_numpy(matrix.T).to(linear.weight.device, self.kv_dtype), requires_grad=False
         )
-        if self.layers[0].attention.wq.packed:
+        if self.pack:
             linear.pack()
         return linear
 
@@ -266,9 +271,24 @@ def pick_dtype(weights: str, device: str) -> str:
         # plain matrix-vector product but PyTorch's fp16 matrix-matrix product is ~10x slower than
         # bf16's (prompts, drafter verification); packed bf16 is fast at every width.
         return "bf16"
-    if weights not in DTYPES:
-        raise XQError(f"unknown weights '{weights}' (use auto, fp32, bf16 or fp16)")
+    if weights not in (*DTYPES, "int8"):
+        raise XQError(f"unknown weights '{weights}' (use auto, fp32, bf16, fp16 or int8)")
     return weights
+
+
+def as_int8(module: Transformer, names, threshold: float) -> None:
+    """Replace the Linear (and tied Embedding) modules whose weights are `names` by their int8
+    forms, still on the meta device: load_state_dict then assigns codes and scales."""
+    for name in names:
+        path, _ = name.rsplit(".", 1)
+        parent, _, child = path.rpartition(".")
+        owner = module.get_submodule(parent)
+        old = getattr(owner, child)
+        if isinstance(old, nn.Embedding):
+            new = Int8Embedding(old.num_embeddings, old.embedding_dim, threshold)
+        else:
+            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, threshold)
+        setattr(owner, child, new)
 
 
 class Engine(EngineBase):
@@ -282,6 +302,13 @@ class Engine(EngineBase):
 
         return profile_decode(self, prompt, steps)
 
+    def int8_layers(self) -> dict:
+        return {n: m for n, m in self.module.named_modules() if type(m) is Int8Linear}
+
+    @staticmethod
+    def to_numpy(x):
+        return x.detach().float().cpu().numpy()
+
     def weight_bytes(self) -> int:
         tensors = [*self.module.parameters(), *self.module.buffers()]
         return sum(
@@ -293,7 +320,11 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.weights, device)
     spec, tensors = engine_checkpoint(files, opts)
-    torch_dtype = DTYPES[dtype]
+    derived = derived_dir(files)
+    if dtype == "int8":  # converted once, then read from the cache next to the model
+        tensors, _ = int8.cached(spec, tensors, derived / "int8", "mha" if opts.mha else "model")
+    # int8: what stays in floating point (norms, biases, an untied embedding table, the K/V cache)
+    torch_dtype = torch.bfloat16 if dtype == "int8" else DTYPES[dtype]
     act_dtype = torch_dtype if device == "cuda" else torch.float32
     # A tied table on CPU is held in fp16 when its values fit: the one-row head product (every
     # decode step) runs ~2.4x faster in fp16 than in bf16 (1.7 vs 4.1 ms here), and is closer to
@@ -301,7 +332,9 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     half_table = device == "cpu" and dtype == "bf16" and spec.tied_embeddings
 
     def working_dtype(name, array):
-        if name.endswith("norm.weight"):
+        if array.dtype == np.int8 or name.endswith(int8.SCALE_SUFFIX):
+            return None  # int8 codes and their float32 scales stay as they are
+        if name.endswith("norm.weight") or (dtype == "int8" and name.endswith("bias")):
             return act_dtype
         if half_table and name == "model.embed_tokens.weight" and np.abs(array).max() < 6e4:
             return torch.float16
@@ -313,9 +346,12 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
             name: torch.from_numpy(array).to(device=device, dtype=working_dtype(name, array))
             for name, array in tensors
         }
+    scales = int8.engine_scales(int8.split_scales(weights), spec, torch.cat)
     state = to_engine_layout(weights, spec, torch.cat)
+    state |= {name.removesuffix("weight") + "scale": s for name, s in scales.items()}
     with torch.device("meta"):
         module = Transformer(spec)
+        as_int8(module, scales, opts.int8_threshold)
     try:
         module.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as e:
@@ -324,11 +360,12 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         ) from None
     module.rope = Rope(spec).to(device)  # its table was built on the meta device
     module.kv_dtype = torch_dtype
-    module.derived = derived_dir(files) / "xquant"  # SVD factors, kept with the model
+    module.derived = derived / "xquant"  # SVD factors, kept with the model
     module.eval().requires_grad_(False)
     notes = []
-    if device == "cpu" and dtype == "bf16":
-        if onednn_packing() and not os.environ.get("XQCHAT_NO_ONEDNN_PACK"):
+    if device == "cpu" and torch_dtype == torch.bfloat16:
+        module.pack = onednn_packing() and not os.environ.get("XQCHAT_NO_ONEDNN_PACK")
+        if module.pack:
             for linear in module.modules():
                 if isinstance(linear, Linear):
                     linear.pack()

@@ -81,6 +81,35 @@ _ROPE_SCORES = mx.fast.metal_kernel(
 )
 
 
+# LLM.int8 (backends/mlx/int8.py): out[m, n] = int32(Σ_k q[m, k]·w[k, n]) · rs[m] · cs[n]
+# + cs[n] · Σ_k x[m, k]·w[k, n] over the outlier columns k (mask[k]), where q = rint(x / rs) on
+# the others. Quantizing X inside the kernel keeps the whole layer lazy (no host sync to learn
+# which columns are outliers). One thread per output element; neighbouring threads read
+# neighbouring bytes of the (in, out) weight.
+_INT8_MATMUL = mx.fast.metal_kernel(
+    name="xqchat_int8_matmul",
+    input_names=["x", "outlier", "row_scale", "w", "col_scale"],
+    output_names=["out"],
+    source="""
+        uint n = thread_position_in_grid.x;
+        uint m = thread_position_in_grid.y;
+        float rs = row_scale[m];
+        int acc = 0;
+        float outliers = 0.0f;
+        for (uint k = 0; k < K; k++) {
+            float x_mk = float(x[m * K + k]);
+            int w_kn = int(w[k * N + n]);
+            if (outlier[k]) {
+                outliers += x_mk * float(w_kn);
+            } else {
+                acc += int(metal::rint(x_mk / rs)) * w_kn;
+            }
+        }
+        out[m * N + n] = T((float(acc) * rs + outliers) * col_scale[n]);
+    """,
+)
+
+
 def rope_scores_reference(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: float):
     angle = mx.arange(keys.shape[1], dtype=mx.float32)[:, None] * inv_freq[None]
     cos, sin = mx.cos(angle), mx.sin(angle)
@@ -106,3 +135,55 @@ def rope_scores_metal(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: fl
 
 def rope_scores(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: float) -> mx.array:
     return (rope_scores_metal if METAL else rope_scores_reference)(q, keys, inv_freq, scale)
+
+
+def int8_quantize_reference(x: mx.array, threshold: float):
+    """x (M, K) -> (outlier column mask (K,), the regular part's codes as float (M, K), row scales
+    (M, 1)). Codes are integers in [-127, 127]."""
+    x = x.astype(mx.float32)
+    outlier = mx.any(mx.abs(x) > threshold, axis=0)
+    regular = mx.where(outlier, 0.0, x)
+    row_scale = mx.maximum(mx.max(mx.abs(regular), axis=-1, keepdims=True), 1e-12) / 127
+    return outlier, mx.round(regular / row_scale), row_scale
+
+
+EXACT_K = 1024  # 1024 · 127² < 2^24: float32 sums of this many int8 products are exact
+
+
+def int8_matmul_reference(x, w, col_scale, threshold: float) -> mx.array:
+    """What `int8_matmul_metal` computes, in plain mx. mx.matmul refuses integer types, so the
+    int8 weights are cast to float32 a slice of EXACT_K rows at a time (they stay int8 in memory)
+    and the int32 sum is assembled from exact partial products."""
+    outlier, codes, row_scale = int8_quantize_reference(x, threshold)
+    x_outlier = mx.where(outlier, x.astype(mx.float32), 0.0)
+    m = x.shape[0]
+    acc = mx.zeros((m, w.shape[1]), dtype=mx.int32)
+    outliers = mx.zeros((m, w.shape[1]), dtype=mx.float32)
+    for k in range(0, w.shape[0], EXACT_K):
+        w_slice = w[k : k + EXACT_K].astype(mx.float32)
+        both = mx.concatenate([codes[:, k : k + EXACT_K], x_outlier[:, k : k + EXACT_K]]) @ w_slice
+        acc = acc + both[:m].astype(mx.int32)
+        outliers = outliers + both[m:]
+    return ((acc.astype(mx.float32) * row_scale + outliers) * col_scale).astype(x.dtype)
+
+
+def int8_matmul_metal(x, w, col_scale, threshold: float) -> mx.array:
+    """x (M, K) float, w (K, N) int8, col_scale (N,) float32 -> (M, N) in x's dtype."""
+    outlier = mx.any(mx.abs(x) > threshold, axis=0)
+    regular = mx.where(outlier, 0.0, x.astype(mx.float32))
+    row_scale = mx.maximum(mx.max(mx.abs(regular), axis=-1), 1e-12) / 127
+    (m, k), n = x.shape, w.shape[1]
+    return _INT8_MATMUL(
+        inputs=[x, outlier, row_scale, w, col_scale],
+        template=[("T", x.dtype), ("K", k), ("N", n)],
+        grid=(n, m, 1),
+        threadgroup=(min(256, n), 1, 1),
+        output_shapes=[(m, n)],
+        output_dtypes=[x.dtype],
+    )[0]
+
+
+def int8_matmul(x, w, col_scale, threshold: float) -> mx.array:
+    if METAL:
+        return int8_matmul_metal(x, w, col_scale, threshold)
+    return int8_matmul_reference(x, w, col_scale, threshold)

@@ -21,9 +21,11 @@ from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
 from xqchat.models.weights import to_engine_layout
 
+from .. import int8
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
 from ..latents import layer_latents
 from .cache import Latents, new_caches
+from .int8 import Int8Embedding, Int8Linear
 from .kernels import swiglu
 from .session import EngineSession
 
@@ -200,7 +202,7 @@ class Transformer(nn.Module):
         key = (group, cross_layer)
         if key not in self.latent_layers:
             kv_dim = self.spec.kv_dim
-            w = [np.array(layer.attention.wkv.weight.astype(mx.float32)) for layer in self.layers]
+            w = [np.array(dense_weight(layer.attention.wkv)) for layer in self.layers]
             layers, self.svd_seconds = layer_latents(
                 [a[:, :kv_dim] for a in w],
                 [a[:, kv_dim:] for a in w],
@@ -210,6 +212,29 @@ class Transformer(nn.Module):
             )
             self.latent_layers[key] = [Latents(layer, self.kv_dtype) for layer in layers]
         return self.latent_layers[key]
+
+
+def dense_weight(linear) -> mx.array:
+    """A Linear's (in, out) weight in float32, dequantised when it is int8."""
+    if isinstance(linear, Int8Linear):
+        return linear.dense_weight()
+    return linear.weight.astype(mx.float32)
+
+
+def as_int8(module: Transformer, names, dtype: mx.Dtype, threshold: float) -> None:
+    """Replace the Linear (and tied Embedding) modules whose weights are `names` by their int8
+    forms; load_weights then assigns codes and scales."""
+    for name in names:
+        *path, child, _ = name.split(".")
+        owner = module
+        for part in path:
+            owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+        d_in, d_out = getattr(owner, child).weight.shape
+        if isinstance(getattr(owner, child), Embedding):
+            new = Int8Embedding(d_out, d_in, dtype, threshold)
+        else:
+            new = Int8Linear(d_in, d_out, "bias" in getattr(owner, child), threshold)
+        setattr(owner, child, new)
 
 
 def pick_device(device: str) -> str:
@@ -228,8 +253,8 @@ def pick_dtype(weights: str, device: str) -> str:
     if weights == "auto":
         # MLX's CPU kernels for half types are no faster than fp32 (bf16) or ~4x slower (fp16).
         return "bf16" if device == "metal" else "fp32"
-    if weights not in DTYPES:
-        raise XQError(f"unknown weights '{weights}' (use auto, fp32, bf16 or fp16)")
+    if weights not in (*DTYPES, "int8"):
+        raise XQError(f"unknown weights '{weights}' (use auto, fp32, bf16, fp16 or int8)")
     return weights
 
 
@@ -244,6 +269,13 @@ class Engine(EngineBase):
 
         return profile_decode(self, prompt, steps)
 
+    def int8_layers(self) -> dict:
+        return {n: m for n, m in self.module.named_modules() if type(m) is Int8Linear}
+
+    @staticmethod
+    def to_numpy(x):
+        return np.array(x.astype(mx.float32))
+
     def weight_bytes(self) -> int:
         return sum(w.nbytes for _, w in nn.utils.tree_flatten(self.module.parameters()))
 
@@ -252,20 +284,30 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.weights, device)
     spec, tensors = engine_checkpoint(files, opts)
-    mx_dtype = DTYPES[dtype]
+    derived = derived_dir(files)
+    if dtype == "int8":  # converted once, then read from the cache next to the model
+        tensors, _ = int8.cached(spec, tensors, derived / "int8", "mha" if opts.mha else "model")
+    # int8: what stays in floating point (norms, biases, an untied table, the cache, activations)
+    mx_dtype = DTYPES[pick_dtype("auto", device) if dtype == "int8" else dtype]
     weights = {}
     for name, array in tensors:
         array = np.ascontiguousarray(array.T) if array.ndim == 2 else array  # (in, out)
-        weights[name] = mx.array(array).astype(mx_dtype)
+        keep = array.dtype == np.int8 or name.endswith(int8.SCALE_SUFFIX)  # codes and scales
+        weights[name] = mx.array(array) if keep else mx.array(array).astype(mx_dtype)
         mx.eval(weights[name])
-    # parts were transposed, so q/k/v and gate/up join along the last axis
-    state = to_engine_layout(weights, spec, lambda parts: mx.concatenate(parts, axis=-1))
+    # parts were transposed, so q/k/v and gate/up (and their scales) join along the last axis
+    scales = int8.split_scales(weights)
+    join = lambda parts: mx.concatenate(parts, axis=-1)  # noqa: E731
+    scales = int8.engine_scales(scales, spec, join)
+    state = to_engine_layout(weights, spec, join)
+    state |= {name.removesuffix("weight") + "scale": s for name, s in scales.items()}
     module = Transformer(spec)
+    as_int8(module, scales, mx_dtype, opts.int8_threshold)
     try:
         module.load_weights(list(state.items()), strict=True)
     except ValueError as e:
         raise XQError(f"the checkpoint does not match its config: {e}") from None
     module.kv_dtype = mx_dtype
-    module.derived = derived_dir(files) / "xquant"  # SVD factors, kept with the model
+    module.derived = derived / "xquant"  # SVD factors, kept with the model
     mx.eval(module.parameters())
     return Engine(module, device, dtype, opts.cache)

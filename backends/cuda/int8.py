@@ -1,0 +1,88 @@
+"""LLM.int8() linear layers in PyTorch (backends/int8.py has the method and the conversion).
+
+The int8 product: on a CPU `torch._int_mm` (oneDNN, exact int32 accumulation; VNNI where the CPU
+has it); on CUDA a Triton GEMM/GEMV with the scales applied in its epilogue (kernels.py), since
+`torch._int_mm` there needs more than 16 rows and decode has one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..int8 import THRESHOLD
+from .kernels import int8_matmul
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, math.inf, dim=-1, keepdim=True)
+
+
+def quantize_rows(x: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float and its row_absmax -> int8 codes (M, K), float32 row scales (M, 1)."""
+    scale = absmax.float().clamp_min(1e-12) / 127
+    return torch.round(x / scale).to(torch.int8), scale
+
+
+def int8_product(codes: torch.Tensor, row_scale, weight: torch.Tensor, scale) -> torch.Tensor:
+    """int32(codes · weightᵀ) * (row_scale ⊗ scale) in float32, (M, N)."""
+    if codes.is_cuda:
+        return int8_matmul(codes, row_scale, weight, scale)
+    return torch.mul(torch._int_mm(codes, weight.t()), scale).mul_(row_scale)
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ + b with W as int8 codes (out, in) and one float32 scale per output channel."""
+
+    observe = None  # set by Engine.int8_outliers: called with each input
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, threshold=THRESHOLD):
+        super().__init__()
+        self.in_features, self.out_features, self.threshold = in_features, out_features, threshold
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dequantised (out, in) weight, float32."""
+        return self.weight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observe is not None:
+            self.observe(x)
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        absmax = row_absmax(x)
+        # the row absmax says whether any outlier exists: in the usual case that costs nothing more
+        peak = float(absmax) if len(x) == 1 else float(absmax.max())
+        columns = None
+        regular = x
+        if peak > self.threshold:
+            columns = (x.abs() > self.threshold).any(0).nonzero().squeeze(1)
+            regular = x.index_fill(1, columns, 0)
+            absmax = row_absmax(regular)
+        codes, row_scale = quantize_rows(regular, absmax)
+        y = int8_product(codes, row_scale, self.weight, self.scale)
+        if columns is not None:  # the outlier features in float, against the dequantised columns
+            w = self.weight[:, columns].float() * self.scale[:, None]
+            y = torch.addmm(y, x[:, columns].float(), w.T)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+class Int8Embedding(Int8Linear):
+    """A tied table (vocab, dim) in int8: rows are gathered for tokens and dequantised, and the same
+    codes serve as the LM head (each vocabulary row is one output channel)."""
+
+    def __init__(self, vocab_size: int, dim: int, threshold=THRESHOLD):
+        super().__init__(dim, vocab_size, bias=False, threshold=threshold)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight).float() * self.scale[tokens, None]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden)
