@@ -27,6 +27,7 @@ Examples:
   echo "Summarise: ..." | xqchat run - --max-tokens 200
   xqchat run --temperature 0.7 --top-p 0.9 --seed 1 "Write a haiku"
   xqchat run --json "Hi"          # stats object instead of streamed text
+  xqchat run --drafter auto "Hi"  # speculative decoding: same text, fewer model steps
 """
 
 
@@ -95,15 +96,68 @@ ENGINE_OPTIONS = [
 ]
 
 
+DRAFTER_OPTIONS = [
+    click.option(
+        "--drafter",
+        default="none",
+        show_default=True,
+        help="Speculative decoding with a recurrent drafter: none, auto (the one trained for "
+        "this model by `xqchat train-drafter`, or shipped with xqchat), or a drafter folder. "
+        "Greedy text is unchanged; sampling keeps the model's distribution.",
+    ),
+    click.option(
+        "--beam-width",
+        type=click.IntRange(min=1),
+        default=4,
+        show_default=True,
+        help="Drafter beams per step.",
+    ),
+    click.option(
+        "--beam-length",
+        type=click.IntRange(min=1),
+        default=4,
+        show_default=True,
+        help="Tokens per drafter beam, the model's own next token included.",
+    ),
+]
+
+
 def model_options(f):
     for option in reversed(ENGINE_OPTIONS):
         f = option(f)
     return f
 
 
-def engine_options(backend, device, weights, cache, bits, group, residual, mha) -> EngineOptions:
+def drafter_options(f):
+    for option in reversed(DRAFTER_OPTIONS):
+        f = option(f)
+    return f
+
+
+def engine_options(
+    backend,
+    device,
+    weights,
+    cache,
+    bits,
+    group,
+    residual,
+    mha,
+    drafter="none",
+    beam_width=4,
+    beam_length=4,
+) -> EngineOptions:
     cache = CacheSpec(kind=cache, bits=int(bits), group=int(group), residual=residual)
-    return EngineOptions(backend=backend, device=device, weights=weights, cache=cache, mha=mha)
+    return EngineOptions(
+        backend=backend,
+        device=device,
+        weights=weights,
+        cache=cache,
+        mha=mha,
+        drafter=None if drafter == "none" else drafter,
+        beam_width=beam_width,
+        beam_length=beam_length,
+    )
 
 
 def status(message: str) -> None:
@@ -196,6 +250,7 @@ def chat(ctx, **options):
 @cli.command(epilog=EXAMPLES_RUN)
 @click.argument("prompt")
 @model_options
+@drafter_options
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
@@ -531,9 +586,11 @@ def ppl(text, window, windows, chunk, as_json, **options):
 Examples:
   xqchat bench speed --new-tokens 128 --compare hf
   xqchat bench speed --prompts ../shared/data/mt_bench_questions.jsonl --json
+  xqchat bench speed --drafter auto --beam-width 4 --beam-length 4
 """
 )
 @model_options
+@drafter_options
 @click.option(
     "--prompts",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -568,6 +625,8 @@ def speed(prompts, limit, new_tokens, context, compare, profile, as_json, **opti
     files, tokenizer, engine = load_engine(**options)
     rendered = benchmarks.render_prompts(tokenizer, texts, context)
     result = benchmarks.speed(engine, rendered, new_tokens, status)
+    if engine.drafter is not None:
+        result["beam_width"], result["beam_length"] = engine.beams
     if profile:
         status("profiling decode steps …")
         result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))

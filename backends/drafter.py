@@ -11,9 +11,17 @@ target itself chose last, so the tree has one root.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from xqchat.models.errors import XQError
+from xqchat.models.paths import derived_dir
+from xqchat.models.registry import ModelFiles
+from xqchat.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -134,3 +142,59 @@ def processed_probs(logits: np.ndarray, temperature: float, top_p: float) -> np.
         p[order[outside]] = 0.0
         p /= p.sum()
     return p
+
+
+WEIGHTS, CONFIG = "drafter.safetensors", "drafter.json"
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """A drafter's shape and the target it was trained for (checked when it is loaded)."""
+
+    dim: int  # the target's hidden width: its embeddings, final hidden states and LM head
+    blocks: int = 2  # residual SiLU blocks over [h ; s]
+    draft_vocab: int = 0  # the target's most frequent output tokens it may propose (0 = all)
+    target: dict = field(default_factory=dict)  # arch, n_layers, dim, vocab_size of the target
+
+    @classmethod
+    def read(cls, folder: Path) -> DrafterConfig:
+        try:
+            return cls(**json.loads((Path(folder) / CONFIG).read_text()))
+        except FileNotFoundError:
+            raise XQError(f"no drafter at {folder} (expected {CONFIG} and {WEIGHTS})") from None
+        except (ValueError, TypeError):
+            raise XQError(f"{Path(folder) / CONFIG} is not a drafter config") from None
+
+    def write(self, folder: Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / CONFIG).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    def check(self, spec: ModelSpec, folder) -> None:
+        if self.target != target_key(spec):
+            t = self.target
+            raise XQError(
+                f"the drafter at {folder} was trained for another model ({t.get('arch')}, "
+                f"{t.get('n_layers')} layers, {t.get('dim')}-dim); train one for this model "
+                "with `xqchat train-drafter`"
+            )
+
+
+def target_key(spec: ModelSpec) -> dict:
+    return {"arch": spec.arch, "n_layers": spec.n_layers, "dim": spec.dim, "vocab": spec.vocab_size}
+
+
+SHIPPED = Path(__file__).parent / "drafters"  # trained drafters that come with xqchat, by model
+
+
+def drafter_folder(option: str, files: ModelFiles) -> Path:
+    """--drafter auto|PATH -> the drafter's folder. auto: one trained for this model next to it
+    (`xqchat train-drafter` puts it there), else the one shipped for it."""
+    if option != "auto":
+        return Path(option).expanduser()
+    for folder in (derived_dir(files) / "drafter", SHIPPED / files.name):
+        if (folder / CONFIG).is_file():
+            return folder
+    raise XQError(
+        f"no drafter for {files.name}: train one with `xqchat train-drafter -m {files.name}`, "
+        "or run without --drafter"
+    )
