@@ -98,7 +98,7 @@ def accept_greedy(tree: Tree, argmax: np.ndarray) -> list[int]:
         match = [c for c in tree.children(node) if tree.tokens[c] == argmax[node]]
         if not match:
             return tree.path(node)
-        node = match[0]
+        node = int(match[0])
 
 
 def accept_sampled(tree: Tree, probs, rng: np.random.Generator) -> tuple[list[int], int]:

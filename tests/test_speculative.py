@@ -5,6 +5,8 @@ A drafter with random weights rarely guesses right, so most tests use an oracle 
 proposes what the target itself would choose on some beams and wrong tokens on others: every
 acceptance length, from nothing to whole beams, is exercised."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -12,9 +14,35 @@ from xqchat.backends.base import CacheSpec, EngineOptions, GenerationConfig, loa
 from xqchat.backends.drafter import DrafterConfig, processed_probs, target_key
 from xqchat.models import resolve
 
-KINDS = ["kv", "kv-quant", "xquant", "xquant-cl"]
 SMALL_WINDOWS = dict(bits=4, group=32, residual=8)  # flushes within the tests' lengths
 PROMPTS = [list(range(300, 317)), [5, 9, 77, 1000, 42] * 3, list(range(2000, 2041, 3))]
+
+
+def on_engine(fn):
+    """Run fn where the engine's arrays live (MLX arrays belong to the engine thread)."""
+    if importlib.util.find_spec("mlx") is None:
+        return fn()
+    from xqchat.backends.mlx.session import ENGINE
+
+    return ENGINE.call(fn)
+
+
+def to_numpy(x) -> np.ndarray:
+    if type(x).__module__.startswith("mlx"):
+        import mlx.core as mx
+
+        return on_engine(lambda: np.array(x.astype(mx.float32)))
+    return x.float().numpy()
+
+
+def cache_arrays(session) -> list[dict]:
+    def read():
+        return [
+            {name: to_numpy(array) for name, array in cache.state_dict().items()}
+            for cache in session.caches
+        ]
+
+    return on_engine(read)
 
 
 class OracleDrafter:
@@ -65,7 +93,7 @@ def asks(model):
         if context not in memo:
             probe = model.new_session(CacheSpec())
             probe.prefill(list(context))
-            logits = probe._numpy(probe._next_logits)
+            logits = to_numpy(probe._next_logits)
             top = np.argpartition(-logits, 4)[:4]
             memo[context] = top[np.argsort(-logits[top])]
         return memo[context]
@@ -96,13 +124,17 @@ def plain_run(model, cache, prompt, cfg):
     return session, [e.token for e in session.generate(cfg)]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ["qwen2", "gqa-qwen2"])
+@pytest.mark.parametrize(
+    "arch, kind",
+    # qwen2's xquant caches X itself, gqa-qwen2's the SVD latents
+    [("qwen2", "kv"), ("qwen2", "kv-quant"), ("qwen2", "xquant-cl"), ("gqa-qwen2", "xquant")]
+    + [("gqa-qwen2", "xquant-cl")],
+)
 def test_greedy_text_and_cache_equal_plain_decoding(tiny, arch, kind):
     model = tiny[arch]
     cache = CacheSpec(kind=kind, **SMALL_WINDOWS)
-    cfg = GenerationConfig(max_tokens=70)
-    for seed, prompt in enumerate(PROMPTS):
+    cfg = GenerationConfig(max_tokens=48)  # the prompt and the reply cross a flush
+    for seed, prompt in enumerate(PROMPTS[:2]):
         plain, expected = plain_run(model, cache, prompt, cfg)
         session = model.new_session(cache)
         drafter = oracle(model, session, knows(prompt + expected), seed=seed)
@@ -114,14 +146,12 @@ def test_greedy_text_and_cache_equal_plain_decoding(tiny, arch, kind):
         assert drafter.calls < len(expected) / 1.5
         # the caches hold the same tokens, stored the same way (same blocks flushed, same rows)
         assert session.tokens == plain.tokens
-        a, b = session.caches, plain.caches
-        for layer_a, layer_b in zip(a, b, strict=True):
-            sa, sb = layer_a.state_dict(), layer_b.state_dict()
+        for sa, sb in zip(cache_arrays(session), cache_arrays(plain), strict=True):
             assert sa.keys() == sb.keys()
-            for name in sa:
-                x, y = np.array(sa[name]), np.array(sb[name])
+            for name, x in sa.items():
+                y = sb[name]
                 assert x.shape == y.shape, name
-                if x.dtype.kind in "iu":  # quantized codes: a value on a rounding edge may differ
+                if name.endswith("codes"):  # on a rounding edge, a code may differ
                     assert (x != y).mean() < 1e-3, name
                 else:
                     np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4, err_msg=name)
@@ -155,7 +185,7 @@ def test_residual_zero_and_stops_mid_tree(tiny):
     assert [e.token for e in events] == expected and events[-1].finish_reason == "stop"
     assert session.tokens == plain.tokens
     np.testing.assert_allclose(
-        np.array(session._next_logits), np.array(plain._next_logits), atol=1e-4, rtol=1e-4
+        to_numpy(session._next_logits), to_numpy(plain._next_logits), atol=1e-4, rtol=1e-4
     )
 
 
@@ -165,7 +195,7 @@ def exact_distribution(model, prompt, cfg, n_tokens, prefix=(), p=1.0) -> dict:
         return {prefix: p}
     session = model.new_session()
     session.prefill(prompt + list(prefix))
-    probs = processed_probs(session._numpy(session._next_logits), cfg.temperature, cfg.top_p)
+    probs = processed_probs(to_numpy(session._next_logits), cfg.temperature, cfg.top_p)
     out = {}
     for token in np.flatnonzero(probs > 0):
         extended = (*prefix, int(token))
@@ -184,7 +214,7 @@ def test_sampling_keeps_the_target_distribution(tiny):
     drafter = oracle(model, session, asks(model), wrong=0.2)
     session.prefill(prompt)
     counts: dict[tuple, int] = {}
-    runs, accepted = 1200, 0
+    runs, accepted = 400, 0
     for seed in range(runs):
         session.trim(len(prompt) - 1)
         session.prefill(prompt[-1:])
@@ -216,7 +246,7 @@ def test_drafter_checkpoint_round_trip_and_refusals(tmp_path, tiny, backend, tin
     else:
         from xqchat.backends.mlx.drafter import RecurrentDrafter
 
-        RecurrentDrafter(config).save(tmp_path / "d")
+        on_engine(lambda: RecurrentDrafter(config).save(tmp_path / "d"))
     engine = load_model(
         resolve(str(tiny_models["qwen2"])),
         EngineOptions(backend=backend, weights="fp32", drafter=str(tmp_path / "d")),
@@ -224,7 +254,7 @@ def test_drafter_checkpoint_round_trip_and_refusals(tmp_path, tiny, backend, tin
     assert engine.drafter is not None and engine.beams == (4, 4)
     session = engine.new_session()
     session.prefill([1, 2, 3])
-    beams = engine.drafter.draft(session._next_hidden, 11, 3, 5)
+    beams = on_engine(lambda: engine.drafter.draft(session._next_hidden, 11, 3, 5))
     assert beams.shape == (3, 5) and (beams[:, 0] == 11).all()
     assert len({tuple(b) for b in beams}) == 3  # distinct beams, best first
     with pytest.raises(XQError, match="trained for another model"):
