@@ -210,4 +210,3 @@ def train(
         "examples": len(data),
         "folder": str(out),
     }
-
