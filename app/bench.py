@@ -61,7 +61,7 @@ def speed(
 ) -> dict:
     """Greedy, exactly `new_tokens` per prompt (stop tokens ignored), totals over all prompts."""
     cfg = GenerationConfig(max_tokens=new_tokens)
-    prefill_tokens = prefill_s = decode_tokens = decode_s = 0.0
+    prefill_tokens = prefill_s = decode_tokens = decode_s = steps = 0.0
     cache_bytes = 0
     for i, ids in enumerate(rendered, 1):
         progress(f"prompt {i}/{len(rendered)}: {len(ids)} prompt tokens")
@@ -77,11 +77,13 @@ def speed(
         if event.new_tokens > 1:
             decode_tokens += event.new_tokens - 1
             decode_s += (event.new_tokens - 1) / event.decode_tok_s
+            if event.accepted_per_step:
+                steps += (event.new_tokens - 1) / event.accepted_per_step
         cache_bytes = max(cache_bytes, event.cache_bytes)
     return {
         "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0,
         "prefill_tok_s": prefill_tokens / prefill_s,
-        "accepted_per_step": None,
+        "accepted_per_step": decode_tokens / steps if steps else None,
         "cache_bytes": cache_bytes,
         "prompts": len(rendered),
         "prompt_tokens": int(prefill_tokens),

@@ -27,6 +27,7 @@ Examples:
   echo "Summarise: ..." | xqchat run - --max-tokens 200
   xqchat run --temperature 0.7 --top-p 0.9 --seed 1 "Write a haiku"
   xqchat run --json "Hi"          # stats object instead of streamed text
+  xqchat run --drafter auto "Hi"  # speculative decoding: same text, fewer model steps
 """
 
 
@@ -104,14 +105,57 @@ ENGINE_OPTIONS = [
 ]
 
 
+DRAFTER_OPTIONS = [
+    click.option(
+        "--drafter",
+        default="none",
+        show_default=True,
+        help="Speculative decoding with a recurrent drafter: none, auto (the one trained for "
+        "this model by `xqchat train-drafter`, or shipped with xqchat), or a drafter folder. "
+        "Greedy text is unchanged; sampling keeps the model's distribution.",
+    ),
+    click.option(
+        "--beam-width",
+        type=click.IntRange(min=1),
+        default=4,
+        show_default=True,
+        help="Drafter beams per step.",
+    ),
+    click.option(
+        "--beam-length",
+        type=click.IntRange(min=1),
+        default=4,
+        show_default=True,
+        help="Tokens per drafter beam, the model's own next token included.",
+    ),
+]
+
+
 def model_options(f):
     for option in reversed(ENGINE_OPTIONS):
         f = option(f)
     return f
 
 
+def drafter_options(f):
+    for option in reversed(DRAFTER_OPTIONS):
+        f = option(f)
+    return f
+
+
 def engine_options(
-    backend, device, weights, int8_threshold, cache, bits, group, residual, mha
+    backend,
+    device,
+    weights,
+    int8_threshold,
+    cache,
+    bits,
+    group,
+    residual,
+    mha,
+    drafter="none",
+    beam_width=4,
+    beam_length=4,
 ) -> EngineOptions:
     cache = CacheSpec(kind=cache, bits=int(bits), group=int(group), residual=residual)
     return EngineOptions(
@@ -121,6 +165,9 @@ def engine_options(
         int8_threshold=int8_threshold,
         cache=cache,
         mha=mha,
+        drafter=None if drafter == "none" else drafter,
+        beam_width=beam_width,
+        beam_length=beam_length,
     )
 
 
@@ -168,6 +215,7 @@ def cli(ctx, debug):
     xqchat show MODEL        a model's spec, files and derived artefacts
     xqchat rm MODEL          delete a pulled model
     xqchat bench ppl|speed   measure quality and speed on this machine
+    xqchat train-drafter     train a drafter for faster replies (--drafter auto)
     """
     if ctx.invoked_subcommand is None:
         from .tui.app import run as run_tui
@@ -214,6 +262,7 @@ def chat(ctx, **options):
 @cli.command(epilog=EXAMPLES_RUN)
 @click.argument("prompt")
 @model_options
+@drafter_options
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
@@ -582,9 +631,11 @@ def ppl(text, window, windows, chunk, as_json, **options):
 Examples:
   xqchat bench speed --new-tokens 128 --compare hf
   xqchat bench speed --prompts ../shared/data/mt_bench_questions.jsonl --json
+  xqchat bench speed --drafter auto --beam-width 4 --beam-length 4
 """
 )
 @model_options
+@drafter_options
 @click.option(
     "--prompts",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -619,6 +670,8 @@ def speed(prompts, limit, new_tokens, context, compare, profile, as_json, **opti
     files, tokenizer, engine = load_engine(**options)
     rendered = benchmarks.render_prompts(tokenizer, texts, context)
     result = benchmarks.speed(engine, rendered, new_tokens, status)
+    if engine.drafter is not None:
+        result["beam_width"], result["beam_length"] = engine.beams
     if profile:
         status("profiling decode steps …")
         result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))
@@ -649,6 +702,87 @@ def baseline_speed(name: str, files, tokenizer, dtype: str, rendered, new_tokens
     from xqchat.backends.mlx.reference import mlx_lm_speed
 
     return mlx_lm_speed(files, tokenizer, dtype, rendered, new_tokens)
+
+
+@cli.command(
+    "train-drafter",
+    epilog="""
+\b
+The model answers the prompts (greedy) once; its answers are saved in the output folder, so a
+run that is stopped (Ctrl+C) resumes where it was, answers and checkpoints included.
+Examples:
+  xqchat train-drafter                          # the default model, built-in prompts
+  xqchat train-drafter --steps 500 --prompts my_prompts.jsonl
+  xqchat run --drafter auto "Hello"             # use it
+""",
+)
+@click.option("--model", "-m", default="default", show_default=True, help="The model to draft for.")
+@click.option(
+    "--prompts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSONL with {"turns": [...]} per line; default: built-in chat-style requests.',
+)
+@click.option(
+    "--limit", type=click.IntRange(min=2), default=240, show_default=True, help="Prompts to use."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the drafter (default: next to the model, where --drafter auto looks).",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=8), default=160, show_default=True)
+@click.option("--beam-length", type=click.IntRange(min=2), default=4, show_default=True)
+@click.option(
+    "--draft-vocab",
+    type=click.IntRange(min=0),
+    default=8192,
+    show_default=True,
+    help="Proposes only the model's N most frequent output tokens (0: the whole vocabulary).",
+)
+def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, draft_vocab):
+    """Train a recurrent drafter for MODEL by self-distillation (the model itself is frozen)."""
+    from tqdm import tqdm
+
+    from xqchat.backends.cuda.train_drafter import TrainConfig, train
+    from xqchat.models.paths import derived_dir
+
+    from .drafter_prompts import default_prompts
+
+    texts = benchmarks.read_prompts(prompts)[:limit] if prompts else default_prompts(limit)
+    options = dict(backend="torch", device="auto", weights="auto", cache="kv", bits="4")
+    options.update(group="128", residual=128, mha=False)
+    files, tokenizer, engine = load_engine(model, **options)
+    out = out or derived_dir(files) / "drafter"
+    rendered = benchmarks.render_prompts(tokenizer, texts, 0)
+    cfg = TrainConfig(
+        steps=steps,
+        length=beam_length,
+        draft_vocab=draft_vocab,
+        new_tokens=new_tokens,
+        held_out=max(1, min(8, len(texts) // 10)),
+    )
+    bars: dict = {}
+
+    def answering(i, n):
+        bar = bars.setdefault("answers", tqdm(total=n, desc="answering", unit="prompt"))
+        bar.update(i - bar.n)
+
+    def training(step, loss, accepted):
+        bar = bars.setdefault("train", tqdm(total=steps, desc="training", unit="step"))
+        bar.update(step - bar.n)
+        held = f"{accepted:.2f}" if accepted is not None else "…"
+        bar.set_postfix_str(f"loss {loss:.3f}, held-out tokens/step {held}")
+
+    result = train(engine, rendered, out, cfg, answering, training)
+    for bar in bars.values():
+        bar.close()
+    click.echo(
+        f"drafter for {files.name}: {result['parameters'] / 1e6:.1f} M parameters, draft "
+        f"vocabulary {result['draft_vocab']}, held-out {result['held_out_tokens_per_step']:.2f} "
+        f"tokens/step (one beam) after {result['steps']} steps: {result['folder']}"
+    )
 
 
 def describe(error: BaseException) -> tuple[str, int]:

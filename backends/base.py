@@ -48,6 +48,13 @@ class EngineOptions:
     int8_threshold: float = 6.0  # int8 weights: input features beyond it are multiplied in float
     cache: CacheSpec = field(default_factory=CacheSpec)
     mha: bool = False  # run a GQA model in its exact MHA form (K/V heads repeated)
+    drafter: str | None = None  # None | "auto" | a drafter folder: speculative decoding
+    beam_width: int = 4  # drafter beams per step
+    beam_length: int = 4  # tokens per beam, the target's own next token included
+
+    def __post_init__(self):
+        if self.beam_width < 1 or self.beam_length < 1:
+            raise XQError("--beam-width and --beam-length must be 1 or more")
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,9 @@ class EngineBase:
     backend: str
     session_class: type
 
+    drafter = None  # the backend's Drafter, bound to this model, when speculating
+    beams = (1, 1)  # (width, length) of the drafter's beam search
+
     def __init__(
         self, module, device: str, dtype: str, cache: CacheSpec, notes: tuple[str, ...] = ()
     ):
@@ -157,6 +167,12 @@ class EngineBase:
                 layer.observe = None
         return counts
 
+    def use_drafter(self, folder, width: int = 4, length: int = 4) -> None:
+        """Speculate with the drafter in `folder` (a DrafterConfig and its weights), `width` beams
+        of `length` tokens per step; None: decode one token per step."""
+        self.drafter = None if folder is None else self.load_drafter(folder)
+        self.beams = (width, length)
+
 
 def engine_checkpoint(files: ModelFiles, opts: EngineOptions):
     """(spec, tensors) as an engine will hold them: in the exact MHA form when asked. Tensors are
@@ -191,7 +207,14 @@ def load_model(files: ModelFiles, opts: EngineOptions) -> Model:
         from xqchat.backends.mlx.model import load
         from xqchat.backends.mlx.session import ENGINE
 
-        return ENGINE.call(load, files, opts)
-    from xqchat.backends.cuda.model import load
+        model = ENGINE.call(load, files, opts)
+    else:
+        from xqchat.backends.cuda.model import load
 
-    return load(files, opts)
+        model = load(files, opts)
+    if opts.drafter not in (None, "none"):
+        from .drafter import drafter_folder
+
+        folder = drafter_folder(opts.drafter, files)
+        model.use_drafter(folder, opts.beam_width, opts.beam_length)
+    return model

@@ -12,9 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from xqchat.models.errors import XQError
 
 from .base import CacheMemory, CacheSpec, GenerationConfig, TokenEvent
+from .drafter import accept_greedy, accept_sampled, build_tree, processed_probs
 
 CACHE_FORMAT = "xqchat-cache/1"
 
@@ -29,6 +32,8 @@ class DecodingSession:
         self.caches = self._new_caches()
         self.tokens: list[int] = []
         self._next_logits = None  # (V,) after the last token held
+        self._next_hidden = None  # (dim,) the final hidden state of the last token held
+        self._path = None  # the last speculative step: (start, logits, hidden, accepted path)
         self._prefilled = (0, 0, 0.0)  # (tokens fed, tokens reused, seconds) of the last prefill
 
     # -- supplied by each backend --------------------------------------------------------------
@@ -38,6 +43,13 @@ class DecodingSession:
         self._next_logits, and return the logits: of every token if all_logits, else the last."""
 
     def _sample(self, cfg: GenerationConfig, rng) -> int: ...
+    def _verify(self, tree, start: int):
+        """Feed a drafter's tree (backends/drafter.py) at positions start + depth, each node
+        seeing the cache and its ancestors; return its (logits, final hidden states), (N, V) and
+        (N, dim). The caches hold the tree's rows after it; self.tokens is left as it was."""
+
+    def _argmax(self, logits) -> np.ndarray: ...  # (N, V) -> (N,) int
+    def _numpy(self, logits) -> np.ndarray: ...  # one row of logits, (V,) float
     def _rng(self, seed: int | None): ...
     def _write(self, path: Path, arrays: dict, metadata: dict) -> None: ...
     def _read(self, path: Path) -> tuple[dict, dict]: ...
@@ -55,7 +67,7 @@ class DecodingSession:
         for cache in self.caches:
             cache.trim(n_keep)
         del self.tokens[n_keep:]
-        self._next_logits = None
+        self._next_logits = self._next_hidden = None
 
     def save(self, path) -> None:
         """Write what the caches hold (and the tokens they hold) to `path`, a safetensors file,
@@ -143,39 +155,103 @@ class DecodingSession:
     def generate(
         self, cfg: GenerationConfig, cancel: threading.Event | None = None
     ) -> Iterator[TokenEvent]:
+        """Stream tokens. With a drafter, each target forward verifies a tree of drafted tokens and
+        decides one or more tokens (`accepted_per_step`); the tokens are those a plain run would
+        choose (greedy) or distributed as its choices are (sampling)."""
         assert self._next_logits is not None, "prefill before generate"
-        rng = self._rng(cfg.seed)
+        speculate = self.model.drafter is not None
+        rng = np.random.default_rng(cfg.seed) if speculate else self._rng(cfg.seed)
+        step = self._speculative_step if speculate else self._plain_step
         fed, reused, prefill_s = self._prefilled
         prefill_tok_s = fed / prefill_s if prefill_s > 0 else 0.0
         first = time.perf_counter()
-        n = 0
+        n = steps = decided = 0
+        pending = [self._choose(cfg, rng) if speculate else self._sample(cfg, rng)]
         while True:
-            token = self._sample(cfg, rng)
-            n += 1
-            if token in cfg.stop_tokens:
-                finish = "stop"
-            elif cancel is not None and cancel.is_set():
-                finish = "cancelled"
-            elif n >= cfg.max_tokens:
-                finish = "length"
-            elif len(self.tokens) + 1 >= self.spec.max_context:
-                finish = "context"
-            else:
-                finish = None
-            elapsed = time.perf_counter() - first
-            mem = self.memory()
-            yield TokenEvent(
-                token=token,
-                text="",
-                prompt_tokens=fed,
-                cached_tokens=reused,
-                new_tokens=n,
-                prefill_tok_s=prefill_tok_s,
-                decode_tok_s=(n - 1) / elapsed if n > 1 else 0.0,
-                cache_bytes=mem.cache_bytes,
-                fp16_kv_bytes=mem.fp16_kv_bytes,
-                finish_reason=finish,
-            )
-            if finish:
-                return
+            # the cache holds everything before pending[-1]; a plain run's, everything before token
+            for i, token in enumerate(pending):
+                n += 1
+                held = len(self.tokens) - (len(pending) - 1 - i)
+                if token in cfg.stop_tokens:
+                    finish = "stop"
+                elif cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                elif n >= cfg.max_tokens:
+                    finish = "length"
+                elif held + 1 >= self.spec.max_context:
+                    finish = "context"
+                else:
+                    finish = None
+                if finish and held < len(self.tokens):
+                    self._rewind(i)
+                elapsed = time.perf_counter() - first
+                mem = self.memory()
+                yield TokenEvent(
+                    token=token,
+                    text="",
+                    prompt_tokens=fed,
+                    cached_tokens=reused,
+                    new_tokens=n,
+                    prefill_tok_s=prefill_tok_s,
+                    decode_tok_s=(n - 1) / elapsed if n > 1 else 0.0,
+                    cache_bytes=mem.cache_bytes,
+                    fp16_kv_bytes=mem.fp16_kv_bytes,
+                    accepted_per_step=decided / steps if speculate and steps else None,
+                    finish_reason=finish,
+                )
+                if finish:
+                    return
+            pending = step(pending[-1], cfg, rng)
+            steps += 1
+            decided += len(pending)
+
+    def _plain_step(self, token: int, cfg: GenerationConfig, rng) -> list[int]:
+        self._forward([token])
+        return [self._sample(cfg, rng)]
+
+    def _choose(self, cfg: GenerationConfig, rng: np.random.Generator) -> int:
+        """The next token from self._next_logits, drawn with the drafter's numpy generator."""
+        if cfg.temperature <= 0:
+            return int(self._argmax(self._next_logits[None])[0])
+        p = processed_probs(self._numpy(self._next_logits), cfg.temperature, cfg.top_p)
+        return int(rng.choice(len(p), p=p))
+
+    def _speculative_step(self, token: int, cfg: GenerationConfig, rng) -> list[int]:
+        """Draft beams after `token`, verify their tree in one target forward, keep the accepted
+        path in the cache. Returns the tokens decided: the accepted drafts and the next token."""
+        width, length = self.model.beams
+        # a tree must fit where nothing held would be flushed (see TokenStore.room) and in context
+        room = min(min(c.room for c in self.caches), self.spec.max_context - len(self.tokens) - 1)
+        if room < 2 or length < 2 or self._next_hidden is None:  # e.g. a cache just loaded
+            self._path = None
             self._forward([token])
+            return [self._choose(cfg, rng)]
+        beams = self.model.drafter.draft(self._next_hidden, token, width, length)
+        tree = build_tree(beams).prune(room)
+        start = len(self.tokens)
+        logits, hidden = self._verify(tree, start)
+        if cfg.temperature <= 0:
+            argmax = self._argmax(logits)
+            path = accept_greedy(tree, argmax)
+            next_token = int(argmax[path[-1]])
+        else:
+            path, next_token = accept_sampled(
+                tree,
+                lambda node: processed_probs(self._numpy(logits[node]), cfg.temperature, cfg.top_p),
+                rng,
+            )
+        for cache in self.caches:
+            cache.keep(start, path)
+        self.tokens.extend(tree.tokens[path].tolist())
+        self._path = (start, logits, hidden, path)
+        self._next_logits, self._next_hidden = logits[path[-1]], hidden[path[-1]]
+        return [*tree.tokens[path[1:]].tolist(), next_token]
+
+    def _rewind(self, i: int) -> None:
+        """Generation ended at the i-th token the last step decided, before the last one: hold
+        only what a plain run would (the tokens before it), as if it had run token by token."""
+        start, logits, hidden, path = self._path
+        for cache in self.caches:
+            cache.trim(start + i + 1)
+        del self.tokens[start + i + 1 :]
+        self._next_logits, self._next_hidden = logits[path[i]], hidden[path[i]]

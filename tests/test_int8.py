@@ -6,6 +6,9 @@ sm_80/sm_90; Metal traced for its call contract, run where Metal exists)."""
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -231,27 +234,29 @@ def test_triton_int8_matmul_equals_reference(m, n, k):
 
 @pytest.mark.skipif(triton_missing, reason="triton is not installed")
 @pytest.mark.parametrize("capability", [80, 90])
-def test_triton_int8_matmul_compiles_for_tensor_cores(capability, monkeypatch):
-    """Compiled ahead of time without a GPU: the product runs on int8 tensor cores (s8 x s8 -> s32)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def test_triton_int8_matmul_compiles_for_tensor_cores(capability):
+    """Compiled ahead of time without a GPU: the product runs on int8 tensor cores (s8 x s8 -> s32).
+    In a subprocess: this one has Triton's interpreter patched in (see conftest)."""
+    script = f"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from xqchat.backends.cuda.kernels import INT8_BLOCKS, _int8_matmul_kernel
 
-    from xqchat.backends.cuda.kernels import INT8_BLOCKS, _int8_matmul_kernel
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a compilable kernel, not interpreted
-    _int8_matmul_kernel.cache_clear()
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
-
-    pointers = {"a_ptr": "*i8", "w_ptr": "*i8", "row_scale_ptr": "*fp32"}
-    pointers |= {"col_scale_ptr": "*fp32", "out_ptr": "*fp32"}
-    ints = {name: "i32" for name in ["M", "N", "K", "stride_am", "stride_wn", "stride_om"]}
-    signature = pointers | ints | {name: "constexpr" for name in INT8_BLOCKS}
-    source = ASTSource(_int8_matmul_kernel(), signature, constexprs=dict(INT8_BLOCKS))
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
-    _int8_matmul_kernel.cache_clear()
-    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in compiled.asm["ptx"]
-    assert len(compiled.asm["cubin"]) > 0
+pointers = {{"a_ptr": "*i8", "w_ptr": "*i8", "row_scale_ptr": "*fp32"}}
+pointers |= {{"col_scale_ptr": "*fp32", "out_ptr": "*fp32"}}
+ints = {{name: "i32" for name in ["M", "N", "K", "stride_am", "stride_wn", "stride_om"]}}
+signature = pointers | ints | {{name: "constexpr" for name in INT8_BLOCKS}}
+source = ASTSource(_int8_matmul_kernel(), signature, constexprs=dict(INT8_BLOCKS))
+compiled = triton.compile(source, target=GPUTarget("cuda", {capability}, 32))
+assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in compiled.asm["ptx"]
+assert len(compiled.asm["cubin"]) > 0
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.cuda

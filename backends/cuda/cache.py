@@ -102,6 +102,20 @@ class KVCache:
     def trim(self, n_keep: int) -> None:
         self.offset = min(self.offset, n_keep)
 
+    @property
+    def room(self) -> int:
+        """New rows that fit before anything already held would change (here: the context)."""
+        return self.max_len - self.offset
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        """Of the rows from `start` on (a drafter's tree), keep `rows` (ascending) as the rows
+        start, start + 1, ...; drop the rest."""
+        index = torch.tensor(rows, device=self.device) + start
+        end = start + len(rows)
+        self.keys[:, :, start:end] = self.keys[:, :, index]
+        self.values[:, :, start:end] = self.values[:, :, index]
+        self.offset = end
+
     def state_dict(self) -> dict:
         return {"keys": self.keys[:, :, : self.offset], "values": self.values[:, :, : self.offset]}
 
@@ -244,6 +258,20 @@ class TokenStore:
         self.blocks = None if keep_blocks == 0 else _take(self.blocks, 0, keep_blocks)
         self.exact = rows
 
+    @property
+    def room(self) -> int:
+        """Rows that can be appended before a flush: a drafter's tree that fits stays exact, and
+        nothing is flushed earlier than in a token-by-token run."""
+        return self.residual + self.group - 1 - self.exact.shape[0]
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        """Of the rows from `start` on (all in the exact window), keep `rows` (ascending) as the
+        rows start, start + 1, ...; drop the rest."""
+        first = start - self.n_blocks * self.group
+        assert first >= 0, "the rows to keep were flushed"
+        index = torch.tensor(rows, device=self.exact.device) + first
+        self.exact = torch.cat([self.exact[:first], self.exact[index]])
+
     def state_dict(self) -> dict:
         state = {"exact": self.exact}
         if self.blocks is not None:
@@ -336,6 +364,14 @@ class QuantKVCache:
     def trim(self, n_keep: int) -> None:
         self.keys.trim(n_keep)
         self.values.trim(n_keep)
+
+    @property
+    def room(self) -> int:
+        return min(self.keys.room, self.values.room)
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        self.keys.keep(start, rows)
+        self.values.keep(start, rows)
 
     def state_dict(self) -> dict:
         return nested_state({"keys": self.keys, "values": self.values})
@@ -497,6 +533,14 @@ class XQuantCache:
     def trim(self, n_keep: int) -> None:
         for store in self.stores:
             store.trim(n_keep)
+
+    @property
+    def room(self) -> int:
+        return min(store.room for store in self.stores)
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        for store in self.stores:
+            store.keep(start, rows)
 
     def state_dict(self) -> dict:
         return nested_state({str(i): s for i, s in enumerate(self.stores)})

@@ -193,17 +193,28 @@ class Transformer(nn.Module):
         self.pack = False  # bf16 matmuls in oneDNN's packed layout (CPU; see load)
         self.latent_layers: dict = {}  # (group, cross_layer) -> per-layer Latents, built on demand
 
-    def forward(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
-        """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim)."""
+    def forward(self, tokens: torch.Tensor, caches: list, tree=None) -> torch.Tensor:
+        """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim).
+        With `tree` = (positions (T,), mask (T, T) bool), the new tokens are a drafter's tree:
+        each sits at its own position and sees the cache and the new tokens its mask allows."""
         start = caches[0].offset
         end = start + tokens.shape[1]
         x = self.embed(tokens).to(self.norm.weight.dtype)
-        cos, sin = self.rope.table(end, x.dtype)
         mask = None
-        if (
-            start > 0 and tokens.shape[1] > 1
-        ):  # new tokens see the whole cache and each other causally
-            mask = torch.ones(end - start, end, dtype=torch.bool, device=x.device).tril(start)
+        if tree is not None:
+            positions, tree_mask = tree
+            cos, sin = self.rope.table(int(positions.max()) + 1, x.dtype)
+            # caches index the tables by row: row i of the cache is at position rows[i]
+            rows = torch.cat([torch.arange(start, device=x.device), positions])
+            cos, sin = cos[rows], sin[rows]
+            past = torch.ones(len(positions), start, dtype=torch.bool, device=x.device)
+            mask = torch.cat([past, tree_mask], dim=1)
+        else:
+            cos, sin = self.rope.table(end, x.dtype)
+            if (
+                start > 0 and tokens.shape[1] > 1
+            ):  # new tokens see the cache and each other causally
+                mask = torch.ones(end - start, end, dtype=torch.bool, device=x.device).tril(start)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, cos, sin, cache, mask)
         return self.norm(x)
@@ -308,6 +319,11 @@ class Engine(EngineBase):
     @staticmethod
     def to_numpy(x):
         return x.detach().float().cpu().numpy()
+
+    def load_drafter(self, folder):
+        from .drafter import load_drafter
+
+        return load_drafter(folder, self.module)
 
     def weight_bytes(self) -> int:
         tensors = [*self.module.parameters(), *self.module.buffers()]

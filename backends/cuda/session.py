@@ -33,12 +33,35 @@ class EngineSession(DecodingSession):
         hidden = module(torch.tensor([tokens], device=self.model.device), self.caches)
         self.tokens.extend(tokens)
         logits = module.logits(hidden[0] if all_logits else hidden[0, -1:])
-        self._next_logits = logits[-1]
+        self._next_logits, self._next_hidden = logits[-1], hidden[0, -1]
         return logits
 
     @torch.inference_mode()  # a trim may rebuild rows in the caches' reused (inference) buffers
     def trim(self, n_keep: int) -> None:
         super().trim(n_keep)
+
+    @torch.inference_mode()
+    def _speculative_step(self, token, cfg, rng) -> list[int]:
+        return super()._speculative_step(token, cfg, rng)  # caches are written in place
+
+    @torch.inference_mode()
+    def _rewind(self, i: int) -> None:
+        super()._rewind(i)
+
+    @torch.inference_mode()
+    def _verify(self, tree, start: int):
+        device = self.model.device
+        positions = torch.from_numpy(tree.depths).to(device) + start
+        mask = torch.from_numpy(tree.mask()).to(device)
+        tokens = torch.from_numpy(tree.tokens).to(device)[None]
+        hidden = self.model.module(tokens, self.caches, tree=(positions, mask))[0]
+        return self.model.module.logits(hidden), hidden
+
+    def _argmax(self, logits) -> np.ndarray:
+        return logits.argmax(-1).cpu().numpy()
+
+    def _numpy(self, logits) -> np.ndarray:
+        return logits.float().cpu().numpy()
 
     def _sample(self, cfg: GenerationConfig, rng) -> int:
         return sample(self._next_logits, cfg, rng)

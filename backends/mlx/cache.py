@@ -62,6 +62,20 @@ class KVCache:
     def trim(self, n_keep: int) -> None:
         self.offset = min(self.offset, n_keep)
 
+    @property
+    def room(self) -> int:
+        """New rows that fit before anything already held would change (here: the context)."""
+        return self.max_len - self.offset
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        """Of the rows from `start` on (a drafter's tree), keep `rows` (ascending) as the rows
+        start, start + 1, ...; drop the rest."""
+        index = mx.array(rows) + start
+        end = start + len(rows)
+        self.keys[:, :, start:end] = self.keys[:, :, index]
+        self.values[:, :, start:end] = self.values[:, :, index]
+        self.offset = end
+
     def state_dict(self) -> dict:
         return {"keys": self.keys[:, :, : self.offset], "values": self.values[:, :, : self.offset]}
 
@@ -200,6 +214,19 @@ class TokenStore:
         self.blocks = None if keep_blocks == 0 else _take(self.blocks, keep_blocks)
         self.exact = rows
 
+    @property
+    def room(self) -> int:
+        """Rows that can be appended before a flush: a drafter's tree that fits stays exact, and
+        nothing is flushed earlier than in a token-by-token run."""
+        return self.residual + self.group - 1 - self.exact.shape[0]
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        """Of the rows from `start` on (all in the exact window), keep `rows` (ascending) as the
+        rows start, start + 1, ...; drop the rest."""
+        first = start - self.n_blocks * self.group
+        assert first >= 0, "the rows to keep were flushed"
+        self.exact = mx.concatenate([self.exact[:first], self.exact[mx.array(rows) + first]])
+
     def state_dict(self) -> dict:
         state = {"exact": self.exact}
         if self.blocks is not None:
@@ -281,6 +308,14 @@ class QuantKVCache:
         self.keys.trim(n_keep)
         self.values.trim(n_keep)
 
+    @property
+    def room(self) -> int:
+        return min(self.keys.room, self.values.room)
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        self.keys.keep(start, rows)
+        self.values.keep(start, rows)
+
     def state_dict(self) -> dict:
         return nested_state({"keys": self.keys, "values": self.values})
 
@@ -357,7 +392,8 @@ class XQuantCache:
             q = q.reshape(h_kv, n_rep * t, -1)
             scores = (q @ keys[0].swapaxes(1, 2)).astype(mx.float32) * q.shape[-1] ** -0.5
         if mask is not None:  # "causal": new tokens see the cache and each other causally
-            visible = mx.tril(mx.ones((t, end), dtype=mx.bool_), k=end - t)
+            causal = isinstance(mask, str)
+            visible = mx.tril(mx.ones((t, end), dtype=mx.bool_), k=end - t) if causal else mask
             scores = mx.where(mx.tile(visible, (n_rep, 1)), scores, -mx.inf)
         weights = mx.softmax(scores, axis=-1)
         mixed = self.stores[vi].times_rows(weights.astype(to_values.dtype))
@@ -368,6 +404,14 @@ class XQuantCache:
     def trim(self, n_keep: int) -> None:
         for store in self.stores:
             store.trim(n_keep)
+
+    @property
+    def room(self) -> int:
+        return min(store.room for store in self.stores)
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        for store in self.stores:
+            store.keep(start, rows)
 
     def state_dict(self) -> dict:
         return nested_state({str(i): s for i, s in enumerate(self.stores)})

@@ -27,7 +27,7 @@ from ..latents import layer_latents
 from .cache import Latents, new_caches
 from .int8 import Int8Embedding, Int8Linear
 from .kernels import swiglu
-from .session import EngineSession
+from .session import ENGINE, EngineSession
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 
@@ -92,6 +92,31 @@ class Rope(nn.Module):
         )
 
 
+class TreeRope:
+    """RoPE for a drafter's tree: cache rows from `start` on are at `positions` (start + depth),
+    the rows before at their index. Caches call it as they call Rope, with a row offset."""
+
+    def __init__(self, rope: Rope, start: int, positions: mx.array):
+        self.rope, self.start = rope, start
+        self.positions = positions.astype(mx.float32)
+
+    def __call__(self, x, offset: int):  # x: (B, H, T, D), rows offset .. offset + T
+        split = max(0, min(self.start - offset, x.shape[2]))
+        parts = [self.rope(x[:, :, :split], offset)] if split else []
+        if split < x.shape[2]:
+            first = offset + split - self.start
+            positions = self.positions[first : first + x.shape[2] - split]
+            parts.append(self._rotate(x[:, :, split:], positions))
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+    def _rotate(self, x, positions):  # rotate-half RoPE at explicit positions
+        angles = positions[:, None] / self.rope._periods[None, :]  # (T, D/2)
+        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -107,13 +132,14 @@ class Attention(nn.Module):
         self.qk_norm = spec.qk_norm
         self.rope = Rope(spec)
 
-    def __call__(self, x, cache, mask):
+    def __call__(self, x, cache, mask, tree_rope=None):
         b, t, _ = x.shape
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
         k, v = self.keys_values(x)
-        out = cache.attend(self, x, q.transpose(0, 2, 1, 3), k, v, self.rope, mask)
+        rope = self.rope if tree_rope is None else tree_rope
+        out = cache.attend(self, x, q.transpose(0, 2, 1, 3), k, v, rope, mask)
         return self.wo(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
 
     def keys_values(self, x):
@@ -161,8 +187,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.feed_forward = FeedForward(spec)
 
-    def __call__(self, x, cache, mask):
-        h = x + self.attention(self.attention_norm(x), cache, mask)
+    def __call__(self, x, cache, mask, tree_rope=None):
+        h = x + self.attention(self.attention_norm(x), cache, mask, tree_rope)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -179,13 +205,22 @@ class Transformer(nn.Module):
         # child module (nn.Module keeps dict attributes in its parameter tree)
         object.__setattr__(self, "latent_layers", {})
 
-    def __call__(self, tokens: mx.array, caches: list) -> mx.array:
-        """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim)."""
+    def __call__(self, tokens: mx.array, caches: list, tree=None) -> mx.array:
+        """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim).
+        With `tree` = (positions (T,), mask (T, T) bool), the new tokens are a drafter's tree:
+        each sits at its own position and sees the cache and the new tokens its mask allows."""
         x = self.embed(tokens)
         # new tokens see the whole cache and each other causally (MLX aligns "causal" bottom-right)
         mask = "causal" if tokens.shape[1] > 1 else None
+        tree_rope = None
+        if tree is not None:
+            positions, tree_mask = tree
+            start = caches[0].offset
+            past = mx.ones((tree_mask.shape[0], start), dtype=mx.bool_)
+            mask = mx.concatenate([past, tree_mask], axis=1)
+            tree_rope = TreeRope(self.layers[0].attention.rope, start, positions)
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cache, mask)
+            x = layer(x, cache, mask, tree_rope)
         return self.norm(x)
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -275,6 +310,14 @@ class Engine(EngineBase):
     @staticmethod
     def to_numpy(x):
         return np.array(x.astype(mx.float32))
+
+    def load_drafter(self, folder):
+        from .drafter import load_drafter
+
+        return load_drafter(folder, self.module)
+
+    def use_drafter(self, folder, width: int = 4, length: int = 4) -> None:
+        ENGINE.call(super().use_drafter, folder, width, length)
 
     def weight_bytes(self) -> int:
         return sum(w.nbytes for _, w in nn.utils.tree_flatten(self.module.parameters()))

@@ -42,9 +42,28 @@ class EngineSession(DecodingSession):
         hidden = module(mx.array([tokens]), self.caches)
         self.tokens.extend(tokens)
         logits = module.logits(hidden[0] if all_logits else hidden[0, -1:])
-        self._next_logits = logits[-1]
-        mx.eval(logits, [c.state_dict() for c in self.caches])  # keep each step's graph small
+        self._next_logits, self._next_hidden = logits[-1], hidden[0, -1]
+        mx.eval(logits, hidden, [c.state_dict() for c in self.caches])  # keep graphs small
         return logits
+
+    def _verify(self, tree, start: int):
+        module = self.model.module
+        tree_args = (mx.array(tree.depths + start), mx.array(tree.mask()))
+        hidden = module(mx.array(tree.tokens)[None], self.caches, tree=tree_args)[0]
+        logits = module.logits(hidden)
+        mx.eval(logits, hidden)
+        return logits, hidden
+
+    def _speculative_step(self, token, cfg, rng) -> list[int]:
+        decided = super()._speculative_step(token, cfg, rng)
+        mx.eval([c.state_dict() for c in self.caches])
+        return decided
+
+    def _argmax(self, logits) -> np.ndarray:
+        return np.array(mx.argmax(logits, axis=-1))
+
+    def _numpy(self, logits) -> np.ndarray:
+        return np.array(logits.astype(mx.float32))
 
     def _sample(self, cfg: GenerationConfig, rng) -> int:
         token, rng[0] = sample(self._next_logits, cfg, rng[0])

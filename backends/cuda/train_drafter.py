@@ -1,0 +1,212 @@
+"""Training a recurrent drafter by self-distillation (ReDrafter, arXiv 2403.09919, §3.3), PyTorch.
+
+The target is frozen. It answers the training prompts greedily; its answers are the labels and its
+final hidden states the drafter's conditioning, so the drafter learns to predict what this target
+says, not what some corpus says. At each answer position t (h = the target's hidden state at t,
+the target's next token x_{t+1} given), the drafter predicts x_{t+2} .. x_{t+L} from its RNN over
+x_{t+1} .. x_{t+L-1}; the loss is the sum of the L-1 cross-entropies. AdamW, cosine schedule with
+linear warmup. Everything lands in the output folder as it is made (the answers, then checkpoints),
+so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..base import GenerationConfig
+from ..drafter import DrafterConfig, target_key
+from .drafter import RecurrentDrafter
+
+DATA, STATE = "answers.safetensors", "training-state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch: int = 256  # answer positions per step
+    lr: float = 1e-3
+    warmup: float = 0.1  # fraction of the steps
+    length: int = 4  # beam length the drafter is trained for (L, the target's own token included)
+    blocks: int = 1
+    draft_vocab: int = 8192
+    new_tokens: int = 160  # answer length per prompt
+    held_out: int = 8  # prompts kept for measuring acceptance
+    seed: int = 0
+
+
+def answer(engine, prompts: list[list[int]], new_tokens: int, progress) -> list[dict]:
+    """Each rendered prompt with the target's greedy answer and its final hidden states."""
+    records = []
+    for i, ids in enumerate(prompts):
+        progress(i, len(prompts))
+        session = engine.new_session()
+        session.prefill(ids)
+        reply = [e.token for e in session.generate(GenerationConfig(max_tokens=new_tokens))]
+        tokens = torch.tensor([ids + reply])
+        with torch.inference_mode():
+            hidden = engine.module(tokens, engine.module.new_caches(session.cache))[0]
+        records.append({"tokens": tokens[0], "hidden": hidden.half(), "start": len(ids) - 1})
+    progress(len(prompts), len(prompts))
+    return records
+
+
+def save_answers(records: list[dict], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    arrays = {}
+    for i, r in enumerate(records):
+        arrays[f"{i}.tokens"], arrays[f"{i}.hidden"] = r["tokens"], r["hidden"].contiguous()
+        arrays[f"{i}.start"] = torch.tensor([r["start"]])
+    save_file(arrays, path)
+
+
+def load_answers(path: Path) -> list[dict]:
+    from safetensors.torch import load_file
+
+    arrays = load_file(path)
+    n = len({k.split(".")[0] for k in arrays})
+    return [
+        {
+            "tokens": arrays[f"{i}.tokens"],
+            "hidden": arrays[f"{i}.hidden"],
+            "start": int(arrays[f"{i}.start"]),
+        }
+        for i in range(n)
+    ]
+
+
+class Examples:
+    """Answer positions as training examples: (hidden (B, d), inputs (B, L-1), labels (B, L-1))
+    with labels outside the draft vocabulary ignored."""
+
+    def __init__(self, records: list[dict], length: int, to_draft: torch.Tensor):
+        hidden, inputs, labels = [], [], []
+        for r in records:
+            tokens, start = r["tokens"], r["start"]
+            ends = range(start, len(tokens) - length)
+            if not ends:
+                continue
+            t = torch.tensor(list(ends))
+            steps = t[:, None] + torch.arange(1, length)[None]  # x_{t+1} .. x_{t+L-1}
+            hidden.append(r["hidden"][t])
+            inputs.append(tokens[steps])
+            labels.append(to_draft[tokens[steps + 1]])
+        self.hidden, self.inputs, self.labels = (
+            torch.cat(hidden).float(),
+            torch.cat(inputs),
+            torch.cat(labels),
+        )
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batch(self, index):
+        return self.hidden[index], self.inputs[index], self.labels[index]
+
+
+def drafter_logits(net, embed, head, hidden, inputs) -> torch.Tensor:
+    """Teacher-forced drafter logits (B, L-1, V_draft) for inputs (B, L-1)."""
+    state = torch.zeros_like(hidden)
+    out = []
+    for k in range(inputs.shape[1]):
+        state = net.step(embed[inputs[:, k]], state)
+        out.append(net.features(hidden, state) @ head.T)
+    return torch.stack(out, dim=1)
+
+
+def acceptance(net, embed, head, examples: Examples) -> float:
+    """Tokens per target step a one-beam drafter would reach on these examples: 1 (the target's
+    own token) plus the run of leading draft tokens equal to the target's."""
+    with torch.no_grad():
+        logits = drafter_logits(net, embed, head, examples.hidden, examples.inputs)
+    hits = (logits.argmax(-1) == examples.labels).int()
+    return 1 + hits.cumprod(dim=1).sum(dim=1).float().mean().item()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
+def train(
+    engine,
+    prompts: list[list[int]],
+    out: Path,
+    cfg: TrainConfig,
+    answering: Callable[[int, int], None],
+    training: Callable[[int, float, float | None], None],
+) -> dict:
+    """Train a drafter for `engine` (a loaded torch model) on `prompts` (rendered); write it to
+    `out`. `answering(i, n)` and `training(step, loss, held-out acceptance)` report progress."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if (out / DATA).is_file():
+        records = load_answers(out / DATA)
+    else:
+        records = answer(engine, prompts, cfg.new_tokens, answering)
+        save_answers(records, out / DATA)
+    spec, module = engine.spec, engine.module
+    table = module.embed.weight if spec.tied_embeddings else module.lm_head.dense_weight()
+    embed = module.embed.weight.float()  # the RNN's inputs: the target's own embeddings
+    # the draft vocabulary: the tokens the target itself says most (in the training answers)
+    said = Counter(t for r in records[cfg.held_out :] for t in r["tokens"][r["start"] :].tolist())
+    size = min(cfg.draft_vocab or spec.vocab_size, spec.vocab_size)
+    vocab = torch.tensor(sorted(t for t, _ in said.most_common(size)))
+    to_draft = torch.full((spec.vocab_size,), -100, dtype=torch.long)
+    to_draft[vocab] = torch.arange(len(vocab))
+    head = table[vocab].float()
+    config = DrafterConfig(
+        dim=spec.dim, blocks=cfg.blocks, draft_vocab=len(vocab), target=target_key(spec)
+    )
+    net = RecurrentDrafter(config)
+    net.vocab.copy_(vocab)
+    held = Examples(records[: cfg.held_out], cfg.length, to_draft)
+    data = Examples(records[cfg.held_out :], cfg.length, to_draft)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step = 0
+    if (out / STATE).is_file():
+        state = torch.load(out / STATE, weights_only=True)
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    generator = torch.Generator().manual_seed(cfg.seed + step)
+    accepted = None
+    while step < cfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        index = torch.randint(len(data), (cfg.batch,), generator=generator)
+        hidden, inputs, labels = data.batch(index)
+        logits = drafter_logits(net, embed, head, hidden, inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        loss = loss / cfg.batch  # the sum over the L-1 draft positions, averaged over examples
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 100 == 0 or step == cfg.steps:
+            accepted = acceptance(net, embed, head, held)
+            net.save(out)
+            torch.save(
+                {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+                out / STATE,
+            )
+        training(step, loss.item(), accepted)
+    accepted = acceptance(net, embed, head, held)
+    net.save(out)
+    return {
+        "steps": step,
+        "held_out_tokens_per_step": accepted,
+        "draft_vocab": len(vocab),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "examples": len(data),
+        "folder": str(out),
+    }
