@@ -57,6 +57,25 @@ TINY = dict(
 WIDE = {**TINY, "hidden_size": 128, "num_attention_heads": 8}
 
 
+def assert_metal_contract(path, kernel, reference, *args):
+    """Trace a Metal kernel without running it (mx.export_function; no Metal here) and check that
+    its declared output has the shape and dtype of its reference's on the same inputs."""
+    import mlx.core as mx
+
+    traced = {}
+
+    def call(*args):
+        out = kernel(*args)
+        traced["shape"], traced["dtype"] = out.shape, out.dtype
+        return out
+
+    mx.export_function(str(path), call, *args)
+    expected = reference(*args)
+    assert (traced["shape"], traced["dtype"]) == (expected.shape, expected.dtype)
+    assert path.stat().st_size > 0
+    return expected
+
+
 def load_tiny(tiny_models, name, backend, **options):
     """One of the tiny models (see tiny_configs), in fp32."""
     from xqchat.backends.base import EngineOptions, load_model

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS
+from conftest import BACKENDS, assert_metal_contract
 from test_conformance import pieces
 
 from xqchat.backends import int8
@@ -288,16 +288,14 @@ def test_metal_int8_kernel_call_contract(tmp_path, shape, dtype):
     m, k, n = shape
     x = mx.zeros((m, k), dtype=getattr(mx, dtype))
     w, col_scale = mx.zeros((k, n), dtype=mx.int8), mx.ones((n,))
-    traced = {}
-
-    def call(x, w, col_scale):
-        out = int8_matmul_metal(x, w, col_scale, 6.0)
-        traced["shape"], traced["dtype"] = out.shape, out.dtype
-        return out
-
-    mx.export_function(str(tmp_path / "int8.mlxfn"), call, x, w, col_scale)
-    expected = int8_matmul_reference(x, w, col_scale, 6.0)
-    assert (traced["shape"], traced["dtype"]) == (expected.shape, expected.dtype)
+    assert_metal_contract(
+        tmp_path / "int8.mlxfn",
+        lambda *a: int8_matmul_metal(*a, 6.0),
+        lambda *a: int8_matmul_reference(*a, 6.0),
+        x,
+        w,
+        col_scale,
+    )
 
 
 @pytest.mark.metal

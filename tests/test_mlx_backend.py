@@ -4,7 +4,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import BACKENDS
+from conftest import BACKENDS, assert_metal_contract
 
 pytestmark = pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx is not installed")
 
@@ -57,17 +57,7 @@ def test_swiglu_kernel_call_contract(tmp_path, shape, dtype):
     from xqchat.backends.mlx.kernels import swiglu_metal, swiglu_reference
 
     x = mx.zeros(shape, dtype=getattr(mx, dtype))
-    traced = {}
-
-    def call(gate_up):
-        out = swiglu_metal(gate_up)
-        traced["shape"], traced["dtype"] = out.shape, out.dtype
-        return out
-
-    mx.export_function(str(tmp_path / "swiglu.mlxfn"), call, x)
-    expected = swiglu_reference(x)
-    assert (traced["shape"], traced["dtype"]) == (expected.shape, expected.dtype)
-    assert (tmp_path / "swiglu.mlxfn").stat().st_size > 0
+    assert_metal_contract(tmp_path / "swiglu.mlxfn", swiglu_metal, swiglu_reference, x)
 
 
 def test_swiglu_reference_is_silu_gate_times_up():
@@ -107,21 +97,15 @@ def test_rope_scores_kernel_call_contract(tmp_path, dtype):
     from xqchat.backends.mlx.kernels import rope_scores_metal, rope_scores_reference
 
     q, keys = mx.zeros((6, 64)), mx.zeros((2, 50, 64), dtype=getattr(mx, dtype))
-    inv_freq = mx.ones((32,))
-    traced = {}
-
-    def call(q, keys, inv_freq):
-        out = rope_scores_metal(q, keys, inv_freq, 0.125)
-        traced["shape"], traced["dtype"] = out.shape, out.dtype
-        return out
-
-    mx.export_function(str(tmp_path / "rope_scores.mlxfn"), call, q, keys, inv_freq)
-    expected = rope_scores_reference(q, keys, inv_freq, 0.125)
-    assert (
-        (traced["shape"], traced["dtype"])
-        == (expected.shape, expected.dtype)
-        == ((6, 50), mx.float32)
+    expected = assert_metal_contract(
+        tmp_path / "rope_scores.mlxfn",
+        lambda *a: rope_scores_metal(*a, 0.125),
+        lambda *a: rope_scores_reference(*a, 0.125),
+        q,
+        keys,
+        mx.ones((32,)),
     )
+    assert (expected.shape, expected.dtype) == ((6, 50), mx.float32)
 
 
 def rope_scores_case():
