@@ -751,7 +751,9 @@ def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, dr
     from .drafter_prompts import default_prompts
 
     texts = benchmarks.read_prompts(prompts)[:limit] if prompts else default_prompts(limit)
-    options = dict(backend="torch", device="auto", weights="auto", cache="kv", bits="4")
+    options = dict(backend="torch", device="auto", weights="auto")
+    options.update(int8_threshold=EngineOptions.int8_threshold)
+    options.update(cache="kv", bits="4")
     options.update(group="128", residual=128, mha=False)
     files, tokenizer, engine = load_engine(model, **options)
     out = out or derived_dir(files) / "drafter"
