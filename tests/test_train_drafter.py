@@ -4,6 +4,7 @@ import json
 
 import torch
 from conftest import cli
+from safetensors import safe_open
 
 
 def test_train_drafter_writes_a_drafter_that_runs_and_resumes(tiny_models, tmp_path, capsys):
@@ -19,11 +20,12 @@ def test_train_drafter_writes_a_drafter_that_runs_and_resumes(tiny_models, tmp_p
         "drafter.json",
         "drafter.safetensors",
         "answers.safetensors",
-        "training-state.pt",
+        "training-state.safetensors",
     }
     config = json.loads((out / "drafter.json").read_text())
     assert config["dim"] == 64 and 0 < config["draft_vocab"] <= 64
-    assert torch.load(out / "training-state.pt", weights_only=True)["step"] == 3
+    with safe_open(out / "training-state.safetensors", "pt") as f:
+        assert int(f.metadata()["step"]) == 3
 
     answered = (out / "answers.safetensors").stat().st_mtime_ns
     code, stdout, err = cli(capsys, "train-drafter", *args, "--steps", "5", "--draft-vocab", "64")
@@ -44,3 +46,28 @@ def test_drafter_auto_without_a_trained_drafter_says_how_to_get_one(tiny_models,
     assert code != 0
     assert "no drafter for qwen2: train one with `xqchat train-drafter" in err
     assert "Traceback" not in err
+
+
+def test_training_state_round_trips_weights_and_moments(tmp_path):
+    from xqchat.backends.cuda.train_drafter import load_state, save_state
+
+    def fresh():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.SiLU(), torch.nn.Linear(3, 2))
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-2)
+
+    net, optimizer = fresh()
+    for _ in range(2):
+        optimizer.zero_grad()
+        net(torch.randn(5, 4)).pow(2).sum().backward()
+        optimizer.step()
+    save_state(tmp_path / "state.safetensors", net, optimizer, 2)
+    other, other_optimizer = fresh()
+    assert load_state(tmp_path / "state.safetensors", other, other_optimizer) == 2
+    for a, b in zip(net.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    saved, loaded = optimizer.state_dict()["state"], other_optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys()
+    for i in saved:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(saved[i][name], loaded[i][name])

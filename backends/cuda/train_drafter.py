@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..base import GenerationConfig
 from ..drafter import DrafterConfig, target_key
 from .drafter import RecurrentDrafter
 
-DATA, STATE = "answers.safetensors", "training-state.pt"
+DATA, STATE = "answers.safetensors", "training-state.safetensors"
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
+def save_state(path: Path, net, optimizer, step: int) -> None:
+    """The drafter's weights, AdamW's moments and the step, as safetensors (no pickle)."""
+    tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+    for i, moments in optimizer.state_dict()["state"].items():
+        tensors.update({f"adam.{i}.{k}": v for k, v in moments.items()})
+    save_file({k: v.clone() for k, v in tensors.items()}, path, metadata={"step": str(step)})
+
+
+def load_state(path: Path, net, optimizer) -> int:
+    """Restore what `save_state` wrote into `net` and `optimizer`; the step it was taken at."""
+    with safe_open(path, "pt") as f:
+        tensors, step = {k: f.get_tensor(k) for k in f.keys()}, int(f.metadata()["step"])  # noqa: SIM118
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    state = optimizer.state_dict()
+    state["state"] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            _, i, name = key.split(".", 2)
+            state["state"].setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict(state)
+    return step
+
+
 def train(
     engine,
     prompts: list[list[int]],
@@ -174,10 +199,7 @@ def train(
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = 0
     if (out / STATE).is_file():
-        state = torch.load(out / STATE, weights_only=True)
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step = load_state(out / STATE, net, optimizer)
     generator = torch.Generator().manual_seed(cfg.seed + step)
     accepted = None
     while step < cfg.steps:
@@ -195,10 +217,7 @@ def train(
         if step % 100 == 0 or step == cfg.steps:
             accepted = acceptance(net, embed, head, held)
             net.save(out)
-            torch.save(
-                {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                out / STATE,
-            )
+            save_state(out / STATE, net, optimizer, step)
         training(step, loss.item(), accepted)
     accepted = acceptance(net, embed, head, held)
     net.save(out)
