@@ -475,15 +475,14 @@ class XQuantCache:
             mask = torch.ones(t, end, dtype=torch.bool, device=device).tril(end - t)
         if mask is not None:
             mask = mask.repeat(q.shape[1] // t, 1)
-        chained = [store.read(dtype) if store.chain else None for store in self.stores]
+        chained = [store.read(dtype) if store.chain is not None else None for store in self.stores]
         parts = []
         for start in range(0, end, SPAN):
             stop = min(end, start + SPAN)
             cached = [
-                rows[start:stop] if rows is not None
-                else store.read(dtype, self.scratch(i, (stop - start, store.width), dtype, device), start, stop)
+                rows[start:stop] if rows is not None else self._span(i, store, start, stop, dtype)
                 for i, (store, rows) in enumerate(zip(self.stores, chained, strict=True))
-            ]  # fmt: skip
+            ]
             keys = layer.finish_keys(latents.to_keys(cached[latents.key_stream])[None].to(dtype))
             rotated = self.scratch("rotated", keys.shape, dtype, device)
             keys = rotate(keys, cos[start:stop], sin[start:stop], out=rotated)
@@ -500,12 +499,23 @@ class XQuantCache:
             )
         return kernels.merge_partials(parts).to(dtype)
 
+    def _span(self, i, store, start, stop, dtype):  # stream i's rows start..stop, reused buffer
+        buffer = self.scratch(i, (stop - start, store.width), dtype, store.exact.device)
+        return store.read(dtype, buffer, start, stop)
+
     def _fused_mixed(self, layer, q, cos, sin):
         """The same for one new token, in the Triton kernel (backends/cuda/kernels.py): keys are
         rebuilt chunk by chunk in registers, straight from the packed codes."""
-        half = q.shape[-1] // 2
-        bias = layer.wkv.bias
+        half, bias = q.shape[-1] // 2, layer.wkv.bias
         norm = layer.k_norm if layer.qk_norm else None
+        fixed = dict(
+            q=q[0, :, 0].contiguous(),
+            to_keys=self.latents.to_keys.weight,
+            bias=None if bias is None else bias[: layer.kv_dim],
+            norm=None if norm is None else norm.weight,
+            eps=0.0 if norm is None else norm.eps,
+        )
+        cos, sin = cos[:, :half].contiguous(), sin[:, half:].contiguous()  # rows: positions
         keys, values = (
             self.stores[i] for i in (self.latents.key_stream, self.latents.value_stream)
         )
@@ -516,15 +526,11 @@ class XQuantCache:
             end = start + len(key_rows)
             parts.append(
                 kernels.latent_attention_partials(
-                    q[0, :, 0].contiguous(),
-                    key_rows,
-                    value_rows,
-                    self.latents.to_keys.weight,
-                    None if bias is None else bias[: layer.kv_dim],
-                    None if norm is None else norm.weight,
-                    norm.eps if norm is not None else 0.0,
-                    cos[start:end, :half].contiguous(),
-                    sin[start:end, half:].contiguous(),
+                    keys=key_rows,
+                    values=value_rows,
+                    cos=cos[start:end],
+                    sin=sin[start:end],
+                    **fixed,
                 )
             )
             start = end

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quant import Quantized, dequantize
+
 try:
     import triton
     import triton.language as tl
@@ -79,8 +81,6 @@ def dense(stream: Rows) -> torch.Tensor:
     """The stream's rows as floats (n, width), dequantized when quantized."""
     if not stream.quantized:
         return stream.rows.float()
-    from .quant import Quantized, dequantize
-
     if stream.columns:
         shape = (stream.group, stream.width)
     else:
@@ -135,7 +135,8 @@ if triton is not None:
     def _latent_attention(
         q, key_rows, key_codes, key_scale, key_zero, value_rows, value_codes, value_scale,
         value_zero, to_keys, bias, norm, cos, sin, out, out_max, out_sum, n, eps, sm_scale,
-        N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_WIDTH: tl.constexpr, VALUE_WIDTH: tl.constexpr, QUANT: tl.constexpr,
+        N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_WIDTH: tl.constexpr,
+        VALUE_WIDTH: tl.constexpr, QUANT: tl.constexpr,
         BITS: tl.constexpr, GROUP: tl.constexpr, KEY_ROW_GROUP: tl.constexpr,
         KEY_COLUMNS: tl.constexpr, VALUE_ROW_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -193,6 +194,7 @@ if triton is not None:
 
 BLOCK_W = 32  # channels per tile: every stream width is a multiple of 32 (latents.row_group)
 BLOCK_Q = 16  # queries per head group, padded: tl.dot needs 16 rows
+FLOAT_CHUNK = 64  # float rows (exact window, XQuant-CL's accumulator) per program
 
 
 def latent_attention_partials(q, keys: Rows, values: Rows, to_keys, bias, norm, eps, cos, sin):
@@ -200,7 +202,7 @@ def latent_attention_partials(q, keys: Rows, values: Rows, to_keys, bias, norm, 
     per chunk: mixed rows (H_kv, chunks, BLOCK_Q, width), their softmax maximum and sum."""
     n_kv = to_keys.shape[0] // q.shape[1]
     n_rep, head_dim = q.shape[0] // n_kv, q.shape[1]
-    group = keys.group if keys.quantized else 64
+    group = keys.group if keys.quantized else FLOAT_CHUNK
     chunks = triton.cdiv(len(keys), group)
     out = q.new_empty(n_kv, chunks, BLOCK_Q, values.width, dtype=torch.float32)
     out_max = q.new_empty(n_kv, chunks, BLOCK_Q, dtype=torch.float32)

@@ -150,7 +150,8 @@ def save_state(path: Path, net, optimizer, step: int) -> None:
 def load_state(path: Path, net, optimizer) -> int:
     """Restore what `save_state` wrote into `net` and `optimizer`; the step it was taken at."""
     with safe_open(path, "pt") as f:
-        tensors, step = {k: f.get_tensor(k) for k in f.keys()}, int(f.metadata()["step"])  # noqa: SIM118
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        step = int(f.metadata()["step"])
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     state = optimizer.state_dict()
     state["state"] = {}
