@@ -231,9 +231,11 @@ Examples:
   xqchat chat
   xqchat chat --cache kv-quant --bits 4
   xqchat chat --cache xquant --mha --overflow drop-oldest
+  xqchat chat --drafter auto
 """
 )
 @model_options
+@drafter_options
 @click.option(
     "--max-tokens", type=click.IntRange(min=1), default=512, help="Most tokens in a reply."
 )
@@ -777,7 +779,7 @@ def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, dr
         held = f"{accepted:.2f}" if accepted is not None else "…"
         bar.set_postfix_str(f"loss {loss:.3f}, held-out tokens/step {held}")
 
-    result = train(engine, rendered, out, cfg, answering, training)
+    result = train(engine, files, rendered, out, cfg, answering, training)
     for bar in bars.values():
         bar.close()
     click.echo(

@@ -35,11 +35,11 @@ def test_tied_table_in_fp16_on_cpu_agrees_for_one_and_many_rows(tiny_models):
     assert model.module.embed.weight.dtype == torch.float16  # tied: one fp16 table, no copy
     assert model.new_session().caches[0].dtype == torch.bfloat16
     hidden = torch.randn(5, 64)
+    before = model.weight_bytes()
     with torch.inference_mode():
-        many = model.module.logits(hidden)  # bf16 product
-        ones = torch.cat(
-            [model.module.logits(hidden[i : i + 1]) for i in range(5)]
-        )  # fp16 products
+        many = model.module.logits(hidden)  # bf16 product, through a bf16 copy made once
+        ones = torch.cat([model.module.logits(hidden[i : i + 1]) for i in range(5)])  # fp16
+    assert model.weight_bytes() == before + model.module.embed.weight.numel() * 2
     assert many.dtype == torch.bfloat16 and ones.dtype == torch.float16
     assert torch.allclose(many.float(), ones.float(), atol=3e-2, rtol=0)
 

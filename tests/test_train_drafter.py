@@ -71,3 +71,23 @@ def test_training_state_round_trips_weights_and_moments(tmp_path):
     for i in saved:
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(saved[i][name], loaded[i][name])
+
+
+def test_batched_answers_are_the_engines_greedy_answers(tiny_models, default_tokenizer):
+    """Training labels come from transformers' batched generate (left-padded); they must be what
+    our own engine says greedily, or the drafter learns another model."""
+    from xqchat.app.bench import render_prompts
+    from xqchat.backends.base import EngineOptions, GenerationConfig, load_model
+    from xqchat.backends.cuda.train_drafter import greedy_answers
+    from xqchat.models.registry import resolve
+
+    files = resolve(str(tiny_models["llama"]))
+    engine = load_model(files, EngineOptions(backend="torch", weights="fp32"))
+    texts = ["Hi", "Tell me a long story about the sea, please.", "Why?"]
+    prompts = render_prompts(default_tokenizer, texts, 0)
+    assert len({len(p) for p in prompts}) == 3  # really padded
+    answers = greedy_answers(files, prompts, 10, 2, lambda i, n: None)
+    for ids, answer in zip(prompts, answers, strict=True):
+        session = engine.new_session()
+        session.prefill(ids)
+        assert answer == [e.token for e in session.generate(GenerationConfig(max_tokens=10))]

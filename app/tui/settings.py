@@ -102,6 +102,18 @@ class Settings:
     residual: int = setting(
         128, "Exact window", "Newest tokens kept exact (quantized caches).", low=0
     )
+    drafter: str = setting(
+        "none",
+        "Drafter",
+        "Speculative decoding: none, auto (the drafter trained for this model or shipped with "
+        "xqchat) or a drafter folder. Greedy replies are unchanged; sampled ones keep the model's "
+        "distribution.",
+        suggest=lambda: ("none", "auto"),
+    )
+    beam_width: int = setting(4, "Beam width", "Drafter beams per step.", low=1)
+    beam_length: int = setting(
+        4, "Beam length", "Tokens per drafter beam, the model's own next token included.", low=1
+    )
     temperature: float = setting(0.0, "Temperature", "0 = greedy (deterministic).", low=0, high=2)
     top_p: float = setting(
         1.0, "Top-p", "Nucleus sampling mass (with temperature > 0).", low=0.01, high=1
@@ -135,6 +147,9 @@ class Settings:
             int8_threshold=self.int8_threshold,
             cache=cache,
             mha=self.mha,
+            drafter=None if self.drafter == "none" else self.drafter,
+            beam_width=self.beam_width,
+            beam_length=self.beam_length,
         )
 
     def generation(self) -> GenerationConfig:
