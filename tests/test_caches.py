@@ -463,30 +463,36 @@ def test_mlx_products_read_the_packed_blocks_in_place(bits):
             store.append(rows)
             assert store.n_blocks == 2
             dense = store.read(mx.float32)
-            np.testing.assert_allclose(
-                np.array(store.rows_times(m)), np.array(dense @ m), rtol=1e-4, atol=1e-4
-            )
-            if not per_channel:
+            for start, stop in ((0, 80), (0, 32), (32, 80), (64, 80)):  # blocks, exact, both
+                part = dense[start:stop]
                 np.testing.assert_allclose(
-                    np.array(store.times_rows(a)), np.array(a @ dense), rtol=1e-4, atol=1e-4
+                    np.array(store.rows_times(m, start, stop)), np.array(part @ m), atol=1e-4
                 )
+                if not per_channel:
+                    got = store.times_rows(a[..., start:stop], start, stop)
+                    np.testing.assert_allclose(
+                        np.array(got), np.array(a[..., start:stop] @ part), atol=1e-4
+                    )
 
     ENGINE.call(check)
 
 
 @pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
-def test_torch_path_reads_long_caches_in_spans(tiny_models, kind, monkeypatch):
+def test_long_caches_are_read_in_spans(tiny_models, backend, kind, monkeypatch):
     """Keys rebuilt 32 tokens at a time, spans merged by their softmax statistics: the logits
     of prefill chunks (masked) and decode steps are those of one span over the whole cache."""
+    import importlib
+
     import torch
 
-    from xqchat.backends.cuda import cache as torch_cache
-
-    engine = load_tiny(tiny_models, "gqa-qwen2", "torch")
+    spans = importlib.import_module(
+        f"xqchat.backends.{'cuda' if backend == 'torch' else 'mlx'}.cache"
+    )
+    engine = load_tiny(tiny_models, "gqa-qwen2", backend)
     spec = CacheSpec(kind=kind, bits=4, group=32, residual=8)
     runs = []
     for span in (4096, 32):
-        monkeypatch.setattr(torch_cache, "SPAN", span)
+        monkeypatch.setattr(spans, "SPAN", span)
         session = engine.new_session(spec)
         session.prefill(list(range(500, 560)))
         chunk = session.logits(list(range(600, 620)))  # 20 new tokens over 3 spans, masked

@@ -99,8 +99,8 @@ def test_rope_scores_kernel_call_contract(tmp_path, dtype):
     q, keys = mx.zeros((6, 64)), mx.zeros((2, 50, 64), dtype=getattr(mx, dtype))
     expected = assert_metal_contract(
         tmp_path / "rope_scores.mlxfn",
-        lambda *a: rope_scores_metal(*a, 0.125),
-        lambda *a: rope_scores_reference(*a, 0.125),
+        lambda *a: rope_scores_metal(*a, 0.125, 7),
+        lambda *a: rope_scores_reference(*a, 0.125, 7),
         q,
         keys,
         mx.ones((32,)),
@@ -119,19 +119,21 @@ def rope_scores_case():
 
 
 def test_rope_scores_reference_is_rope_then_scores():
-    """Against mx.fast.rope on the keys (what the prefill path does) and a plain product."""
+    """Against mx.fast.rope on the keys (what the prefill path does) and a plain product, for
+    keys from the start of the cache and for a later span of it."""
     import mlx.core as mx
 
     from xqchat.backends.mlx.kernels import rope_scores_reference
 
     q, keys, inv_freq = rope_scores_case()
-    rotated = mx.fast.rope(
-        keys[None], 64, traditional=False, base=None, scale=1.0, offset=0, freqs=1 / inv_freq
-    )[0]
-    expected = (q.reshape(2, 3, 64) @ rotated.swapaxes(1, 2)).reshape(6, -1) * 0.125
-    np.testing.assert_allclose(
-        np.array(rope_scores_reference(q, keys, inv_freq, 0.125)), np.array(expected), atol=2e-4
-    )
+    for first in (0, 4096):
+        rotated = mx.fast.rope(
+            keys[None], 64, traditional=False, base=None, scale=1.0, offset=first,
+            freqs=1 / inv_freq,
+        )[0]  # fmt: skip
+        expected = (q.reshape(2, 3, 64) @ rotated.swapaxes(1, 2)).reshape(6, -1) * 0.125
+        got = rope_scores_reference(q, keys, inv_freq, 0.125, first)
+        np.testing.assert_allclose(np.array(got), np.array(expected), atol=2e-4)
 
 
 @pytest.mark.metal
@@ -139,11 +141,12 @@ def test_rope_scores_kernel_matches_reference_on_metal():
     from xqchat.backends.mlx.kernels import rope_scores_metal, rope_scores_reference
 
     q, keys, inv_freq = rope_scores_case()
-    np.testing.assert_allclose(
-        np.array(rope_scores_metal(q, keys, inv_freq, 0.125)),
-        np.array(rope_scores_reference(q, keys, inv_freq, 0.125)),
-        atol=2e-4,
-    )
+    for first in (0, 4096):
+        np.testing.assert_allclose(
+            np.array(rope_scores_metal(q, keys, inv_freq, 0.125, first)),
+            np.array(rope_scores_reference(q, keys, inv_freq, 0.125, first)),
+            atol=2e-4,
+        )
 
 
 def test_mlx_lm_baseline_is_the_same_model(tiny_models, default_tokenizer, tmp_path):

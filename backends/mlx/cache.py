@@ -14,7 +14,7 @@ from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
 from ..latents import LayerLatents, row_group
-from .kernels import rope_scores
+from .kernels import merge_partials, rope_scores
 from .quant import Quantized, dequantize, quantize
 
 
@@ -167,40 +167,53 @@ class TokenStore:
         """All rows, (len, width)."""
         return mx.concatenate([self.flushed().astype(dtype), self.exact.astype(dtype)])
 
-    def rows_times(self, m: mx.array) -> mx.array:
-        """rows @ m, (len, m columns). The quantized blocks go to mx.quantized_matmul as the
-        quantized operand, so they are dequantized inside the product, never as an array: a
-        per-token block is rows packed along the width (m on the left, transposed), a
-        per-channel one is stored transposed, channels packed along tokens."""
-        if self.chain is not None or self.blocks is None:
-            return self.read(m.dtype) @ m
-        codes, scale, zero = self._operand()
+    def _split(self, start: int, stop: int):
+        """Rows start..stop (start a multiple of the group) as the block indices they cover and
+        the exact rows they take."""
+        n_old = self.n_blocks * self.group
+        first, last = min(start, n_old) // self.group, min(stop, n_old) // self.group
+        return (first, last), self.exact[max(start, n_old) - n_old : max(stop, n_old) - n_old]
+
+    def rows_times(self, m: mx.array, start: int, stop: int) -> mx.array:
+        """rows[start:stop] @ m, (stop - start, m columns), for a store outside a chain. The
+        quantized blocks go to mx.quantized_matmul as the quantized operand, so they are
+        dequantized inside the product, never as an array: a per-token block is rows packed
+        along the width (m on the left, transposed), a per-channel one is stored transposed,
+        channels packed along tokens."""
+        (first, last), exact = self._split(start, stop)
+        new = exact.astype(m.dtype) @ m
+        if first == last:
+            return new
+        codes, scale, zero = self._operand(first, last)
         old = mx.quantized_matmul(
             m.T.astype(mx.float32), codes, scale, zero, transpose=not self.per_channel,
             group_size=self.row_group, bits=self.bits,
         )  # fmt: skip
-        return mx.concatenate([old.T.astype(m.dtype), self.exact.astype(m.dtype) @ m])
+        return mx.concatenate([old.T.astype(m.dtype), new])
 
-    def times_rows(self, a: mx.array) -> mx.array:
-        """a @ rows for a (..., len) over a per-token store, the same way."""
-        if self.chain is not None or self.blocks is None:
-            return a @ self.read(a.dtype)
-        n_old = self.n_blocks * self.group
-        codes, scale, zero = self._operand()
+    def times_rows(self, a: mx.array, start: int, stop: int) -> mx.array:
+        """a @ rows[start:stop] for a (..., stop - start) over a per-token store, the same way."""
+        (first, last), exact = self._split(start, stop)
+        n_old = (last - first) * self.group
+        new = a[..., n_old:] @ exact.astype(a.dtype)
+        if first == last:
+            return new
+        codes, scale, zero = self._operand(first, last)
         old = mx.quantized_matmul(
             a[..., :n_old].astype(mx.float32), codes, scale, zero, transpose=False,
             group_size=self.row_group, bits=self.bits,
         )  # fmt: skip
-        return old.astype(a.dtype) + a[..., n_old:] @ self.exact.astype(a.dtype)
+        return old.astype(a.dtype) + new
 
-    def _operand(self):
-        """The blocks as one quantized matrix: (tokens, width) per token, (width, tokens) per
-        channel; scales and zero points in float32, as dequantize uses them."""
-        b = self.blocks
+    def _operand(self, first: int, last: int):
+        """Blocks first..last as one quantized matrix: (tokens, width) per token, (width,
+        tokens) per channel; scales and zero points in float32, as dequantize uses them."""
+        b, n = self.blocks, last - first
         parts = (b.codes, b.scale.astype(mx.float32), b.zero.astype(mx.float32))
+        parts = tuple(p[first:last] for p in parts)
         if self.per_channel:  # (blocks, width, packed) -> (width, blocks * packed)
             return tuple(p.transpose(1, 0, 2).reshape(self.width, -1) for p in parts)
-        return tuple(p.reshape(self.n_blocks * self.group, -1) for p in parts)
+        return tuple(p.reshape(n * self.group, -1) for p in parts)
 
     def trim(self, n_keep: int) -> None:
         flushed = self.n_blocks * self.group
@@ -380,26 +393,56 @@ class XQuantCache:
         rows = mx.split(x[0].astype(encode.dtype) @ encode, _cuts(self.latents.widths), axis=-1)
         for store, new in zip(self.stores, rows, strict=True):
             store.append(new)
-        (ki, to_keys), (vi, to_values) = self.latents.keys, self.latents.values
-        keys = layer.finish_keys(self.stores[ki].rows_times(to_keys)[None].astype(q.dtype))
-        h_kv, n_rep = keys.shape[1], q.shape[1] // keys.shape[1]
-        q = rope(q, start)
-        if t == 1:  # decode: RoPE on the keys inside the scores, no rotated copy of K
-            scores = rope_scores(q[0, :, 0], keys[0], rope.inv_freq, q.shape[-1] ** -0.5)
-            scores = scores.reshape(h_kv, n_rep, end)
-        else:
-            keys = rope(keys, 0)
-            q = q.reshape(h_kv, n_rep * t, -1)
-            scores = (q @ keys[0].swapaxes(1, 2)).astype(mx.float32) * q.shape[-1] ** -0.5
+        h_kv = layer.n_kv_heads
+        q = rope(q, start).reshape(h_kv, -1, q.shape[-1])  # (H_kv, n_rep * T, D)
         if mask is not None:  # "causal": new tokens see the cache and each other causally
             causal = isinstance(mask, str)
             visible = mx.tril(mx.ones((t, end), dtype=mx.bool_), k=end - t) if causal else mask
-            scores = mx.where(mx.tile(visible, (n_rep, 1)), scores, -mx.inf)
-        weights = mx.softmax(scores, axis=-1)
-        mixed = self.stores[vi].times_rows(weights.astype(to_values.dtype))
+            mask = mx.tile(visible, (q.shape[1] // t, 1))
+        mixed = self._mixed(layer, q, rope, mask, end)
+        to_values = self.latents.values[1]
         heads = to_values.reshape(to_values.shape[0], h_kv, -1).swapaxes(0, 1)
-        out = (mixed @ heads).reshape(1, h_kv * n_rep, t, -1).astype(q.dtype)
+        out = (mixed @ heads).reshape(1, q.shape[0] * q.shape[1] // t, t, -1).astype(q.dtype)
         return layer.finish_values(out)
+
+    def _mixed(self, layer, q, rope, mask, end):
+        """The attention-weighted sums of the value stream's rows, (H_kv, n_rep * T, width):
+        the cache is read SPAN tokens at a time (K rebuilt for that span only, spans merged by
+        their softmax maxima and sums), so no full-length K is built however long the chat. A
+        chain's accumulated rows are whole by nature."""
+        (ki, to_keys), (vi, to_values) = self.latents.keys, self.latents.values
+        chained = [s.read(to_keys.dtype) if s.chain is not None else None for s in self.stores]
+
+        def times(i, m, start, stop):  # rows[start:stop] @ m of stream i
+            if chained[i] is None:
+                return self.stores[i].rows_times(m, start, stop)
+            return chained[i][start:stop] @ m
+
+        def weighted(i, a, start, stop):  # a @ rows[start:stop] of stream i
+            if chained[i] is None:
+                return self.stores[i].times_rows(a, start, stop)
+            return a @ chained[i][start:stop].astype(a.dtype)
+
+        parts, scale = [], q.shape[-1] ** -0.5
+        for start in range(0, end, SPAN):
+            stop = min(end, start + SPAN)
+            keys = layer.finish_keys(times(ki, to_keys, start, stop)[None].astype(q.dtype))[0]
+            if mask is None:  # decode: RoPE on the keys inside the scores, no rotated copy
+                flat = q.reshape(-1, q.shape[-1])
+                scores = rope_scores(flat, keys, rope.inv_freq, scale, start)
+                scores = scores.reshape(q.shape[0], q.shape[1], -1)
+            else:
+                keys = rope(keys[None], start)[0]
+                scores = (q @ keys.swapaxes(1, 2)).astype(mx.float32) * scale
+                scores = mx.where(mask[:, start:stop], scores, -mx.inf)
+            if stop - start == end:  # one span: a plain softmax
+                weights = mx.softmax(scores, axis=-1).astype(to_values.dtype)
+                return weighted(vi, weights, start, stop)
+            top = mx.max(scores, axis=-1, keepdims=True)
+            weights = mx.exp(scores - mx.where(top == -mx.inf, 0.0, top))
+            mixed = weighted(vi, weights.astype(to_values.dtype), start, stop)
+            parts.append((mixed.astype(mx.float32), top, weights.sum(-1, keepdims=True)))
+        return merge_partials(parts).astype(to_values.dtype)
 
     def trim(self, n_keep: int) -> None:
         for store in self.stores:
@@ -442,6 +485,7 @@ def _cuts(widths):  # split points between consecutive widths
     return [sum(widths[: i + 1]) for i in range(len(widths) - 1)]
 
 
+SPAN = 4096  # cached tokens whose keys are rebuilt at once (a multiple of every group size)
 BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant and seed the chain
 
 

@@ -57,10 +57,11 @@ def swiglu(gate_up: mx.array) -> mx.array:
 
 # Decode scores with RoPE applied to each key as it is read: q (H, D) rotated, keys (H_kv, S, D)
 # before RoPE (as XQuant rebuilds them) -> scores (H, S). No rotated copy of K is written. One
-# thread per (head, token); the angle of token t is t * inv_freq, as in mx.fast.rope.
+# thread per (head, token); key t sits at position first + t (a span of a longer cache), and its
+# angle is that position times inv_freq, as in mx.fast.rope.
 _ROPE_SCORES = mx.fast.metal_kernel(
     name="xqchat_rope_scores",
-    input_names=["q", "keys", "inv_freq", "scale"],
+    input_names=["q", "keys", "inv_freq", "scale", "first"],
     output_names=["scores"],
     source="""
         uint t = thread_position_in_grid.x;
@@ -71,7 +72,7 @@ _ROPE_SCORES = mx.fast.metal_kernel(
         const device float* qh = q + h * D;
         float acc = 0.0f;
         for (uint d = 0; d < half_dim; ++d) {
-            float angle = float(t) * inv_freq[d];
+            float angle = float(first[0] + t) * inv_freq[d];
             float c = metal::cos(angle), s = metal::sin(angle);
             float k1 = float(k[d]), k2 = float(k[d + half_dim]);
             acc += qh[d] * (k1 * c - k2 * s) + qh[d + half_dim] * (k2 * c + k1 * s);
@@ -110,8 +111,9 @@ _INT8_MATMUL = mx.fast.metal_kernel(
 )
 
 
-def rope_scores_reference(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: float):
-    angle = mx.arange(keys.shape[1], dtype=mx.float32)[:, None] * inv_freq[None]
+def rope_scores_reference(q, keys, inv_freq, scale: float, first: int = 0):
+    positions = mx.arange(first, first + keys.shape[1], dtype=mx.float32)
+    angle = positions[:, None] * inv_freq[None]
     cos, sin = mx.cos(angle), mx.sin(angle)
     k1, k2 = mx.split(keys.astype(mx.float32), 2, axis=-1)
     rotated = mx.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
@@ -120,11 +122,13 @@ def rope_scores_reference(q: mx.array, keys: mx.array, inv_freq: mx.array, scale
     return (grouped @ rotated.swapaxes(1, 2)).reshape(q.shape[0], -1) * scale
 
 
-def rope_scores_metal(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: float):
-    """q (H, D), keys (H_kv, S, D), inv_freq (D/2,) -> scores (H, S) float32."""
+def rope_scores_metal(q, keys, inv_freq, scale: float, first: int = 0):
+    """q (H, D), keys (H_kv, S, D) at positions first.., inv_freq (D/2,) -> scores (H, S)
+    float32."""
     heads, (kv_heads, length, dim) = q.shape[0], keys.shape
+    scale, first = mx.array([scale], dtype=mx.float32), mx.array([first], dtype=mx.uint32)
     return _ROPE_SCORES(
-        inputs=[q.astype(mx.float32), keys, inv_freq, mx.array([scale], dtype=mx.float32)],
+        inputs=[q.astype(mx.float32), keys, inv_freq, scale, first],
         template=[("T", keys.dtype), ("S", length), ("D", dim), ("N_REP", heads // kv_heads)],
         grid=(length, heads, 1),
         threadgroup=(min(256, length), 1, 1),
@@ -133,8 +137,16 @@ def rope_scores_metal(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: fl
     )[0]
 
 
-def rope_scores(q: mx.array, keys: mx.array, inv_freq: mx.array, scale: float) -> mx.array:
-    return (rope_scores_metal if METAL else rope_scores_reference)(q, keys, inv_freq, scale)
+def rope_scores(q, keys, inv_freq, scale: float, first: int = 0) -> mx.array:
+    return (rope_scores_metal if METAL else rope_scores_reference)(q, keys, inv_freq, scale, first)
+
+
+def merge_partials(parts) -> mx.array:
+    """Per-span (weighted rows (H_kv, R, W), score maxima (H_kv, R, 1), weight sums (H_kv, R, 1))
+    -> the softmax-normalised rows over all spans (mirror of backends/cuda/kernels.py)."""
+    out, top, total = (mx.stack(p) for p in zip(*parts, strict=True))
+    weight = mx.exp(top - mx.max(top, axis=0, keepdims=True))
+    return (out * weight).sum(0) / (total * weight).sum(0)
 
 
 def int8_quantize_reference(x: mx.array, threshold: float):
