@@ -267,3 +267,45 @@ def test_drafter_checkpoint_round_trip_and_refusals(tmp_path, tiny, backend, tin
             resolve(str(tiny_models["qwen2"])),
             EngineOptions(backend=backend, drafter=str(tmp_path / "none")),
         )
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # a tied table, an untied LM head
+def test_the_drafters_cut_head_holds_the_models_values_in_every_weight_format(
+    tmp_path, backend, tiny_models, arch
+):
+    """The draft vocabulary's rows of the LM head, dequantized where the model holds int8 codes
+    (and packed in bf16 on a CPU): the drafter's logits agree with fp32's."""
+    files = resolve(str(tiny_models[arch]))
+    spec = load_model(files, EngineOptions(backend=backend, weights="fp32")).spec
+    config = DrafterConfig(spec.dim, 1, draft_vocab=40, target=target_key(spec))
+    if backend == "torch":
+        import torch
+
+        from xqchat.backends.cuda.drafter import RecurrentDrafter
+
+        torch.manual_seed(0)
+        net = RecurrentDrafter(config)
+        net.vocab.copy_(torch.arange(100, 140))
+        net.save(tmp_path)
+        features = torch.randn(3, spec.dim)
+    else:
+        import mlx.core as mx
+
+        from xqchat.backends.mlx.drafter import RecurrentDrafter
+
+        def make():
+            net = RecurrentDrafter(config)
+            net.vocab = mx.arange(100, 140, dtype=mx.int64)
+            net.save(tmp_path)
+
+        on_engine(make)
+        features = on_engine(lambda: mx.random.normal((3, spec.dim), key=mx.random.key(0)))
+    logits = {}
+    for weights in ("fp32", "bf16", "int8"):
+        model = load_model(
+            files, EngineOptions(backend=backend, weights=weights, drafter=str(tmp_path))
+        )
+        logits[weights] = to_numpy(on_engine(lambda m=model: m.drafter.logits(features)))
+    scale = np.abs(logits["fp32"]).max()
+    for weights in ("bf16", "int8"):
+        np.testing.assert_allclose(logits[weights], logits["fp32"], atol=0.03 * scale)

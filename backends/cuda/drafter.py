@@ -64,17 +64,26 @@ class Drafter:
     def __init__(self, net: RecurrentDrafter, target):
         self.net = net.requires_grad_(False)
         self.target = target
-        table = target.embed.weight if target.spec.tied_embeddings else target.lm_head.weight
-        if net.config.draft_vocab:
-            self.head = table[net.vocab].float()  # (V_draft, d): the cut LM head
+        self.head, self.vocab = None, None
+        if net.config.draft_vocab:  # the cut LM head: its rows for the draft vocabulary
+            if target.spec.tied_embeddings:  # the lookup dequantizes an int8 table
+                rows = target.embed(net.vocab)
+            else:
+                rows = target.lm_head.dense_weight()[net.vocab]
+            self.head = target.linear(rows.T.float().numpy())
             self.vocab = net.vocab
-        else:
-            self.head, self.vocab = None, None
+        if target.pack:  # bf16 in oneDNN's layout like the target's own: a draft step is
+            for name in ("input", "recur", "out"):  # mostly reading these weights
+                setattr(net, name, self._like_target(getattr(net, name)))
+            net.blocks = nn.ModuleList(self._like_target(b) for b in net.blocks)
+
+    def _like_target(self, layer: nn.Linear):
+        return self.target.linear(layer.weight.T.float().numpy(), layer.bias)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             return self.target.logits(features).float()
-        return features @ self.head.T
+        return self.head(features).float()
 
     @torch.inference_mode()
     def draft(self, hidden: torch.Tensor, token: int, width: int, length: int) -> np.ndarray:

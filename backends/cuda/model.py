@@ -242,12 +242,16 @@ class Transformer(nn.Module):
         device = self.embed.weight.device
         return new_caches(cache, self.spec, self.kv_dtype, device, self.scratch, self.latents)
 
-    def linear(self, matrix: np.ndarray) -> Linear:
-        """x @ matrix as a Linear in the weights' dtype and layout (packed where they are)."""
-        linear = Linear(*matrix.shape, bias=False, device=self.embed.weight.device)
+    def linear(self, matrix: np.ndarray, bias: torch.Tensor | None = None) -> Linear:
+        """x @ matrix (+ bias) as a Linear in the weights' dtype and layout (packed where they
+        are)."""
+        device = self.embed.weight.device
+        linear = Linear(*matrix.shape, bias=bias is not None, device=device)
         linear.weight = nn.Parameter(
-            torch.from_numpy(matrix.T).to(linear.weight.device, self.kv_dtype), requires_grad=False
+            torch.from_numpy(matrix.T).to(device, self.kv_dtype), requires_grad=False
         )
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.to(device, self.kv_dtype), requires_grad=False)
         if self.pack:
             linear.pack()
         return linear

@@ -60,9 +60,12 @@ class Drafter:
 
     def __init__(self, net: RecurrentDrafter, target):
         self.net, self.target = net, target
-        if net.config.draft_vocab:
-            table = target.embed.weight if target.spec.tied_embeddings else target.lm_head.weight
-            self.head = table[:, net.vocab].astype(mx.float32)  # (d, V_draft): the cut LM head
+        if net.config.draft_vocab:  # the cut LM head: its columns for the draft vocabulary
+            if target.spec.tied_embeddings:  # the lookup dequantizes an int8 table
+                columns = target.embed(net.vocab).T
+            else:
+                columns = target.lm_head.dense_weight()[:, net.vocab]
+            self.head = columns.astype(mx.float32)  # (d, V_draft)
             self.vocab = net.vocab
         else:
             self.head, self.vocab = None, None

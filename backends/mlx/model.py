@@ -43,6 +43,9 @@ class Linear(nn.Module):
         y = x @ self.weight
         return y + self.bias if "bias" in self else y
 
+    def dense_weight(self) -> mx.array:  # (in, out), as Int8Linear's
+        return self.weight
+
 
 class Embedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int):
