@@ -67,6 +67,13 @@ ENGINE_OPTIONS = [
         "point (the outlier threshold of LLM.int8).",
     ),
     click.option(
+        "--int8-head/--float-head",
+        default=True,
+        show_default=True,
+        help="--weights int8: the LM head (a tied embedding table) in int8 too, or kept in "
+        "floating point.",
+    ),
+    click.option(
         "--cache",
         type=click.Choice(CACHE_KINDS),
         default="kv",
@@ -148,6 +155,7 @@ def engine_options(
     device,
     weights,
     int8_threshold,
+    int8_head,
     cache,
     bits,
     group,
@@ -163,6 +171,7 @@ def engine_options(
         device=device,
         weights=weights,
         int8_threshold=int8_threshold,
+        int8_head=int8_head,
         cache=cache,
         mha=mha,
         drafter=None if drafter == "none" else drafter,
@@ -754,7 +763,7 @@ def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, dr
 
     texts = benchmarks.read_prompts(prompts)[:limit] if prompts else default_prompts(limit)
     options = dict(backend="torch", device="auto", weights="auto")
-    options.update(int8_threshold=EngineOptions.int8_threshold)
+    options.update(int8_threshold=EngineOptions.int8_threshold, int8_head=True)
     options.update(cache="kv", bits="4")
     options.update(group="128", residual=128, mha=False)
     files, tokenizer, engine = load_engine(model, **options)

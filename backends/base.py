@@ -46,6 +46,7 @@ class EngineOptions:
     device: str = "auto"  # auto | cpu | cuda
     weights: str = "auto"  # auto | fp32 | bf16 | fp16 | int8
     int8_threshold: float = 6.0  # int8 weights: input features beyond it are multiplied in float
+    int8_head: bool = True  # int8 weights: the LM head (a tied table) too
     cache: CacheSpec = field(default_factory=CacheSpec)
     mha: bool = False  # run a GQA model in its exact MHA form (K/V heads repeated)
     drafter: str | None = None  # None | "auto" | a drafter folder: speculative decoding

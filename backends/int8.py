@@ -39,18 +39,21 @@ def nbytes(out_features: int, in_features: int) -> int:
     return out_features * in_features + 4 * out_features
 
 
-def is_int8(name: str, spec) -> bool:
-    """Every attention and MLP matrix, and the LM head (with tied embeddings: the table)."""
+def is_int8(name: str, spec, head: bool = True) -> bool:
+    """Every attention and MLP matrix, and unless `head` is False the LM head (with tied
+    embeddings: the table)."""
     if name.endswith("_proj.weight"):
         return True
-    head = "model.embed_tokens.weight" if spec.tied_embeddings else "lm_head.weight"
-    return name == head
+    lm_head = "model.embed_tokens.weight" if spec.tied_embeddings else "lm_head.weight"
+    return head and name == lm_head
 
 
-def convert(spec, tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+def convert(
+    spec, tensors: Iterable[tuple[str, np.ndarray]], head: bool = True
+) -> Iterator[tuple[str, np.ndarray]]:
     """The checkpoint's tensors with each int8 matrix as its codes plus "<name>.int8_scale"."""
     for name, array in tensors:
-        if is_int8(name, spec):
+        if is_int8(name, spec, head):
             codes, scale = quantize(array)
             yield name, codes
             yield name + SCALE_SUFFIX, scale
@@ -58,14 +61,15 @@ def convert(spec, tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[s
             yield name, array
 
 
-def cached(spec, tensors: Iterable[tuple[str, np.ndarray]], folder: Path, key: str):
+def cached(spec, tensors: Iterable[tuple[str, np.ndarray]], folder: Path, mha: bool, head: bool):
     """`convert`, read from `folder` when done before: (tensors, seconds spent converting; 0 when
-    read from the cache). `key` names the variant (e.g. the exact-MHA form of a GQA model)."""
+    read from the cache). One file per variant: the exact-MHA form of a GQA model, a float head."""
     import time
 
     from safetensors import SafetensorError
     from safetensors.numpy import load_file, save_file
 
+    key = ("mha" if mha else "model") + ("" if head else "-float-head")
     path = folder / f"weights-v{CACHE_VERSION}-{key}.safetensors"
     if path.exists():
         try:
@@ -73,7 +77,7 @@ def cached(spec, tensors: Iterable[tuple[str, np.ndarray]], folder: Path, key: s
         except (OSError, SafetensorError):
             pass  # damaged (e.g. an interrupted write elsewhere): convert again and rewrite it
     start = time.perf_counter()
-    converted = {name: np.ascontiguousarray(a) for name, a in convert(spec, tensors)}
+    converted = {name: np.ascontiguousarray(a) for name, a in convert(spec, tensors, head)}
     seconds = time.perf_counter() - start
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -146,10 +146,11 @@ def int8_model(files, backend, **options):
     return load_model(files, EngineOptions(backend=backend, weights="int8", **options))
 
 
+@pytest.mark.parametrize("head", [True, False])  # --int8-head / --float-head
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # tied table (the head) and untied lm_head
-def test_weight_bytes_match_the_formula(tiny_models, backend, arch):
+def test_weight_bytes_match_the_formula(tiny_models, backend, arch, head):
     files = resolve(str(tiny_models[arch]))
-    model = int8_model(files, backend)
+    model = int8_model(files, backend, int8_head=head)
     s = model.spec
     q, kv = s.n_heads * s.head_dim, 2 * s.kv_dim
     matrices = [
@@ -160,7 +161,8 @@ def test_weight_bytes_match_the_formula(tiny_models, backend, arch):
         (s.dim, s.hidden_dim),
     ]
     expected = s.n_layers * sum(int8.nbytes(o, i) for o, i in matrices)
-    expected += int8.nbytes(s.vocab_size, s.dim)  # the head, or the tied table
+    floating = 2 if backend == "torch" else 4  # a float head: bf16/fp16 on a CPU; MLX: fp32
+    expected += int8.nbytes(s.vocab_size, s.dim) if head else s.vocab_size * s.dim * floating
     floats = s.n_layers * 2 * s.dim + s.dim  # norms
     floats += s.n_layers * (q + kv) * s.qkv_bias + s.n_layers * 2 * s.head_dim * s.qk_norm
     floats += 0 if s.tied_embeddings else s.vocab_size * s.dim  # the input table stays float

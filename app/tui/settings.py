@@ -76,6 +76,9 @@ class Settings:
         "int8 weights: input features with any |x| above this are multiplied in floating point.",
         low=0,
     )
+    int8_head: bool = setting(
+        True, "int8 head", "int8 weights: the LM head (a tied embedding table) in int8 too."
+    )
     mha: bool = setting(
         False,
         "MHA form",
@@ -145,6 +148,7 @@ class Settings:
             device=self.device,
             weights=self.weights,
             int8_threshold=self.int8_threshold,
+            int8_head=self.int8_head,
             cache=cache,
             mha=self.mha,
             drafter=None if self.drafter == "none" else self.drafter,

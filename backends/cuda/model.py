@@ -351,14 +351,14 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     spec, tensors = engine_checkpoint(files, opts)
     derived = derived_dir(files)
     if dtype == "int8":  # converted once, then read from the cache next to the model
-        tensors, _ = int8.cached(spec, tensors, derived / "int8", "mha" if opts.mha else "model")
+        tensors, _ = int8.cached(spec, tensors, derived / "int8", opts.mha, opts.int8_head)
     # int8: what stays in floating point (norms, biases, an untied embedding table, the K/V cache)
     torch_dtype = torch.bfloat16 if dtype == "int8" else DTYPES[dtype]
     act_dtype = torch_dtype if device == "cuda" else torch.float32
     # A tied table on CPU is held in fp16 when its values fit: the one-row head product (every
     # decode step) runs ~2.4x faster in fp16 than in bf16 (1.7 vs 4.1 ms here), and is closer to
     # fp32. Same bytes; multi-row products convert to bf16 per call (see Transformer.logits).
-    half_table = device == "cpu" and dtype == "bf16" and spec.tied_embeddings
+    half_table = device == "cpu" and dtype in ("bf16", "int8") and spec.tied_embeddings
 
     def working_dtype(name, array):
         if array.dtype == np.int8 or name.endswith(int8.SCALE_SUFFIX):

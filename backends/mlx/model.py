@@ -332,7 +332,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     spec, tensors = engine_checkpoint(files, opts)
     derived = derived_dir(files)
     if dtype == "int8":  # converted once, then read from the cache next to the model
-        tensors, _ = int8.cached(spec, tensors, derived / "int8", "mha" if opts.mha else "model")
+        tensors, _ = int8.cached(spec, tensors, derived / "int8", opts.mha, opts.int8_head)
     # int8: what stays in floating point (norms, biases, an untied table, the cache, activations)
     mx_dtype = DTYPES[pick_dtype("auto", device) if dtype == "int8" else dtype]
     weights = {}
