@@ -788,7 +788,8 @@ def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, dr
         held = f"{accepted:.2f}" if accepted is not None else "…"
         bar.set_postfix_str(f"loss {loss:.3f}, held-out tokens/step {held}")
 
-    result = train(engine, files, rendered, out, cfg, answering, training)
+    stop = tokenizer.stop_tokens
+    result = train(engine, files, rendered, stop, out, cfg, answering, training)
     for bar in bars.values():
         bar.close()
     click.echo(

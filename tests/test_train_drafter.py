@@ -86,8 +86,15 @@ def test_batched_answers_are_the_engines_greedy_answers(tiny_models, default_tok
     texts = ["Hi", "Tell me a long story about the sea, please.", "Why?"]
     prompts = render_prompts(default_tokenizer, texts, 0)
     assert len({len(p) for p in prompts}) == 3  # really padded
-    answers = greedy_answers(files, prompts, 10, 2, lambda i, n: None)
-    for ids, answer in zip(prompts, answers, strict=True):
-        session = engine.new_session()
-        session.prefill(ids)
-        assert answer == [e.token for e in session.generate(GenerationConfig(max_tokens=10))]
+
+    def check(stop):
+        answers = greedy_answers(files, prompts, 10, 2, stop, lambda i, n: None)
+        cfg = GenerationConfig(max_tokens=10, stop_tokens=stop)
+        for ids, answer in zip(prompts, answers, strict=True):
+            session = engine.new_session()
+            session.prefill(ids)
+            assert answer == [e.token for e in session.generate(cfg)]  # ends with a stop token
+        return answers
+
+    answers = check(frozenset({2}))  # the real stop token
+    assert len(check(frozenset({answers[0][3]}))[0]) <= 4  # one the first answer says early

@@ -43,10 +43,11 @@ class TrainConfig:
     seed: int = 0
 
 
-def greedy_answers(files, prompts: list[list[int]], new_tokens: int, batch: int, progress):
-    """The model's greedy answers to the rendered `prompts`, `new_tokens` each with stop tokens
-    ignored (as `bench speed` decodes). Batched through transformers' generate: a batch of 32 costs
-    about as much as one sequence on a CPU, which turns hours of answering into minutes."""
+def greedy_answers(files, prompts, new_tokens: int, batch: int, stop: frozenset[int], progress):
+    """The model's greedy answers to the rendered `prompts`: up to `new_tokens` each, ending with
+    the first stop token (what follows is no part of a chat; padding it would teach the drafter
+    to predict padding). Batched through transformers' generate: a batch of 32 costs about as
+    much as one sequence on a CPU, which turns hours of answering into minutes."""
     from transformers import AutoModelForCausalLM
     from transformers import GenerationConfig as HFGeneration
 
@@ -54,7 +55,7 @@ def greedy_answers(files, prompts: list[list[int]], new_tokens: int, batch: int,
     folder = files.path.parent if gguf else files.path
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf).eval()
     settings = HFGeneration(
-        max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+        max_new_tokens=new_tokens, do_sample=False, eos_token_id=sorted(stop), pad_token_id=0
     )
     answers = []
     for first in range(0, len(prompts), batch):
@@ -65,16 +66,18 @@ def greedy_answers(files, prompts: list[list[int]], new_tokens: int, batch: int,
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
-        answers += out[:, width:].tolist()
+        for reply in out[:, width:].tolist():
+            end = next((i + 1 for i, token in enumerate(reply) if token in stop), len(reply))
+            answers.append(reply[:end])
     progress(len(prompts), len(prompts))
     return answers
 
 
-def answer(engine, files, prompts: list[list[int]], cfg, progress) -> list[dict]:
+def answer(engine, files, prompts: list[list[int]], cfg, stop, progress) -> list[dict]:
     """Each rendered prompt with the target's greedy answer, and the final hidden states the
     engine itself computes over both (the drafter is conditioned on exactly these at run time)."""
     records = []
-    answers = greedy_answers(files, prompts, cfg.new_tokens, cfg.answer_batch, progress)
+    answers = greedy_answers(files, prompts, cfg.new_tokens, cfg.answer_batch, stop, progress)
     for ids, reply in zip(prompts, answers, strict=True):
         tokens = torch.tensor([ids + reply])
         with torch.inference_mode():
@@ -191,20 +194,21 @@ def train(
     engine,
     files,
     prompts: list[list[int]],
+    stop: frozenset[int],
     out: Path,
     cfg: TrainConfig,
     answering: Callable[[int, int], None],
     training: Callable[[int, float, float | None], None],
 ) -> dict:
-    """Train a drafter for `engine` (a loaded torch model of `files`) on `prompts` (rendered);
-    write it to `out`. `answering(i, n)` and `training(step, loss, held-out acceptance)` report
+    """Train a drafter for `engine` (a loaded torch model of `files`) on its answers to `prompts`
+    (rendered; answers end at a `stop` token); write it to `out`. `answering(i, n)` and `training(step, loss, held-out acceptance)` report
     progress."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if (out / DATA).is_file():
         records = load_answers(out / DATA)
     else:
-        records = answer(engine, files, prompts, cfg, answering)
+        records = answer(engine, files, prompts, cfg, stop, answering)
         save_answers(records, out / DATA)
     spec, module = engine.spec, engine.module
     table = module.embed.weight if spec.tied_embeddings else module.lm_head.dense_weight()
