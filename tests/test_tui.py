@@ -374,3 +374,16 @@ async def test_a_real_exchange_with_the_default_model():
         text = status_text(app)
         assert text["model"] == "smollm2-135m" and text["engine"].startswith("torch/cpu")
         assert text["speed"].endswith("tok/s") and text["memory"].startswith("cache ")
+
+
+@pytest.mark.slow
+async def test_a_real_exchange_with_the_shipped_drafter_shows_tokens_per_step():
+    app = XQChatApp({"max_tokens": 24, "backend": "torch", "drafter": "auto"})
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await send(pilot, "What is the capital of France?")
+        (_, _, _), (role, answer, status) = rows(app)
+        assert role == "assistant" and "Paris" in answer and status in ("done", "length")
+        speed = status_text(app)["speed"]
+        assert speed.endswith("tok/step (drafter)")
+        assert float(speed.split(" · ")[1].split()[0]) > 1  # drafts were accepted

@@ -51,6 +51,7 @@ class RecurrentDrafter(nn.Module):
     def load(cls, folder: Path) -> RecurrentDrafter:
         drafter = cls(DrafterConfig.read(folder))
         drafter.load_weights(str(Path(folder) / WEIGHTS), strict=True)
+        drafter.set_dtype(mx.float32)  # a shipped drafter is stored in fp16
         mx.eval(drafter.parameters())
         return drafter
 
