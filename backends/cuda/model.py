@@ -357,7 +357,8 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     act_dtype = torch_dtype if device == "cuda" else torch.float32
     # A tied table on CPU is held in fp16 when its values fit: the one-row head product (every
     # decode step) runs ~2.4x faster in fp16 than in bf16 (1.7 vs 4.1 ms here), and is closer to
-    # fp32. Same bytes; multi-row products convert to bf16 per call (see Transformer.logits).
+    # fp32. Same bytes; products of many rows go through a bf16 copy made on first use
+    # (see Transformer.rows_head).
     half_table = device == "cpu" and dtype in ("bf16", "int8") and spec.tied_embeddings
 
     def working_dtype(name, array):
