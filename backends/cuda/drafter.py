@@ -70,7 +70,7 @@ class Drafter:
                 rows = target.embed(net.vocab)
             else:
                 rows = target.lm_head.dense_weight()[net.vocab]
-            self.head = target.linear(rows.T.float().numpy())
+            self.head = target.linear(rows.T.float().cpu().numpy())  # linear() moves it back
             self.vocab = net.vocab
         if target.pack:  # bf16 in oneDNN's layout like the target's own: a draft step is
             for name in ("input", "recur", "out"):  # mostly reading these weights
@@ -78,7 +78,7 @@ class Drafter:
             net.blocks = nn.ModuleList(self._like_target(b) for b in net.blocks)
 
     def _like_target(self, layer: nn.Linear):
-        return self.target.linear(layer.weight.T.float().numpy(), layer.bias)
+        return self.target.linear(layer.weight.T.float().cpu().numpy(), layer.bias)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         if self.head is None:

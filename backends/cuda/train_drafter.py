@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..drafter import DrafterConfig, target_key
 from .drafter import RecurrentDrafter
@@ -87,8 +87,6 @@ def answer(engine, files, prompts: list[list[int]], cfg, stop, progress) -> list
 
 
 def save_answers(records: list[dict], path: Path) -> None:
-    from safetensors.torch import save_file
-
     arrays = {}
     for i, r in enumerate(records):
         arrays[f"{i}.tokens"], arrays[f"{i}.hidden"] = r["tokens"], r["hidden"].contiguous()
@@ -97,8 +95,6 @@ def save_answers(records: list[dict], path: Path) -> None:
 
 
 def load_answers(path: Path) -> list[dict]:
-    from safetensors.torch import load_file
-
     arrays = load_file(path)
     n = len({k.split(".")[0] for k in arrays})
     return [
