@@ -778,15 +778,21 @@ def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, dr
     )
     bars: dict = {}
 
+    def stage_bar(name, total, unit, done):
+        # One bar per stage, made on the stage's first report.
+        if name not in bars:
+            bars[name] = tqdm(total=total, desc=name, unit=unit)
+        bars[name].update(done - bars[name].n)
+        return bars[name]
+
     def answering(i, n):
-        bar = bars.setdefault("answers", tqdm(total=n, desc="answering", unit="prompt"))
-        bar.update(i - bar.n)
+        stage_bar("answering", n, "prompt", i)
 
     def training(step, loss, accepted):
-        bar = bars.setdefault("train", tqdm(total=steps, desc="training", unit="step"))
-        bar.update(step - bar.n)
         held = f"{accepted:.2f}" if accepted is not None else "…"
-        bar.set_postfix_str(f"loss {loss:.3f}, held-out tokens/step {held}")
+        stage_bar("training", steps, "step", step).set_postfix_str(
+            f"loss {loss:.3f}, held-out tokens/step {held}"
+        )
 
     stop = tokenizer.stop_tokens
     result = train(engine, files, rendered, stop, out, cfg, answering, training)
