@@ -98,3 +98,32 @@ def test_batched_answers_are_the_engines_greedy_answers(tiny_models, default_tok
 
     answers = check(frozenset({2}))  # the real stop token
     assert len(check(frozenset({answers[0][3]}))[0]) <= 4  # one the first answer says early
+
+
+def test_examples_pair_each_draft_position_with_the_targets_state_and_token_there():
+    from xqchat.backends.cuda.train_drafter import Examples, distillation_loss
+
+    # two answers laid end to end; hidden state i is (i, i, ...) so positions can be read back
+    records = [
+        {"tokens": torch.arange(10, 17), "hidden": torch.arange(7.0)[:, None].repeat(1, 3)},
+        {"tokens": torch.arange(20, 26), "hidden": torch.arange(7.0, 13)[:, None].repeat(1, 3)},
+    ]
+    records[0]["start"], records[1]["start"] = 2, 1
+    to_draft = torch.full((32,), -100)
+    to_draft[12:26] = torch.arange(14)
+    examples = Examples(records, 3, to_draft)
+    hidden, inputs, teacher, labels = examples.batch(torch.arange(len(examples)))
+    # t runs from each answer's start to len - L - 1: 2..3 in the first answer, 1..2 in the second
+    assert hidden[:, 0].tolist() == [2, 3, 8, 9]
+    assert inputs.tolist() == [[13, 14], [14, 15], [22, 23], [23, 24]]
+    assert teacher[:, :, 0].tolist() == [[3, 4], [4, 5], [9, 10], [10, 11]]
+    assert labels.tolist() == [[2, 3], [3, 4], [11, 12], [12, 13]]
+
+    # the loss is least (zero gradient) where the drafter's distribution is the target's own
+    head = torch.randn(5, 3)
+    logits = (teacher @ head.T).requires_grad_()
+    distillation_loss(logits, teacher, head).backward()
+    assert logits.grad.abs().max() < 1e-6
+    shifted = (teacher @ head.T + torch.randn(4, 2, 5)).requires_grad_()
+    distillation_loss(shifted, teacher, head).backward()
+    assert shifted.grad.abs().max() > 1e-3

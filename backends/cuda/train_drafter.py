@@ -4,7 +4,8 @@ The target is frozen. It answers the training prompts greedily; its answers are 
 final hidden states the drafter's conditioning, so the drafter learns to predict what this target
 says, not what some corpus says. At each answer position t (h = the target's hidden state at t,
 the target's next token x_{t+1} given), the drafter predicts x_{t+2} .. x_{t+L} from its RNN over
-x_{t+1} .. x_{t+L-1}; the loss is the sum of the L-1 cross-entropies. AdamW, cosine schedule with
+x_{t+1} .. x_{t+L-1}; the loss is the sum of the L-1 cross-entropies against the target's own
+distributions at those positions (soft labels, not just their argmax). AdamW, cosine schedule with
 linear warmup. Everything lands in the output folder as it is made (the answers, then checkpoints),
 so an interrupted run resumes where it stopped.
 """
@@ -108,32 +109,29 @@ def load_answers(path: Path) -> list[dict]:
 
 
 class Examples:
-    """Answer positions as training examples: (hidden (B, d), inputs (B, L-1), labels (B, L-1))
-    with labels outside the draft vocabulary ignored."""
+    """Answer positions as training examples, all answers laid end to end. For a position t: the
+    target's hidden state at t, the drafter's inputs x_{t+1} .. x_{t+L-1}, the target's hidden
+    states at those inputs (the target's next-token distribution there is the soft label) and the
+    target's tokens x_{t+2} .. x_{t+L} as draft-vocabulary indices (-100 outside it)."""
 
     def __init__(self, records: list[dict], length: int, to_draft: torch.Tensor):
-        hidden, inputs, labels = [], [], []
+        tokens, hidden, ends, offset = [], [], [], 0
         for r in records:
-            tokens, start = r["tokens"], r["start"]
-            ends = range(start, len(tokens) - length)
-            if not ends:
-                continue
-            t = torch.tensor(list(ends))
-            steps = t[:, None] + torch.arange(1, length)[None]  # x_{t+1} .. x_{t+L-1}
-            hidden.append(r["hidden"][t])
-            inputs.append(tokens[steps])
-            labels.append(to_draft[tokens[steps + 1]])
-        self.hidden, self.inputs, self.labels = (
-            torch.cat(hidden).float(),
-            torch.cat(inputs),
-            torch.cat(labels),
-        )
+            tokens.append(r["tokens"])
+            hidden.append(r["hidden"])
+            ends.append(offset + torch.arange(r["start"], len(r["tokens"]) - length))
+            offset += len(r["tokens"])
+        self.tokens, self.hidden, self.ends = torch.cat(tokens), torch.cat(hidden), torch.cat(ends)
+        self.to_draft, self.steps = to_draft, torch.arange(1, length)
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return len(self.ends)
 
     def batch(self, index):
-        return self.hidden[index], self.inputs[index], self.labels[index]
+        t = self.ends[index]
+        steps = t[:, None] + self.steps
+        hidden, teacher = self.hidden[t].float(), self.hidden[steps].float()
+        return hidden, self.tokens[steps], teacher, self.to_draft[self.tokens[steps + 1]]
 
 
 def drafter_logits(net, embed, head, hidden, inputs) -> torch.Tensor:
@@ -146,12 +144,23 @@ def drafter_logits(net, embed, head, hidden, inputs) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
+def distillation_loss(logits, teacher, head) -> torch.Tensor:
+    """Cross-entropy against the target's own next-token distribution (from its hidden states
+    `teacher`, over the draft vocabulary), summed over the draft positions and averaged over the
+    examples. The full distribution says more per position than its argmax alone, which matters
+    when the answers are few: a 135M model answers about two prompts a second here."""
+    target = torch.softmax(teacher @ head.T, dim=-1)
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1), reduction="sum")
+    return loss / len(logits)
+
+
 def acceptance(net, embed, head, examples: Examples) -> float:
     """Tokens per target step a one-beam drafter would reach on these examples: 1 (the target's
     own token) plus the run of leading draft tokens equal to the target's."""
+    hidden, inputs, _, labels = examples.batch(torch.arange(len(examples)))
     with torch.no_grad():
-        logits = drafter_logits(net, embed, head, examples.hidden, examples.inputs)
-    hits = (logits.argmax(-1) == examples.labels).int()
+        logits = drafter_logits(net, embed, head, hidden, inputs)
+    hits = (logits.argmax(-1) == labels).int()
     return 1 + hits.cumprod(dim=1).sum(dim=1).float().mean().item()
 
 
@@ -233,10 +242,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         index = torch.randint(len(data), (cfg.batch,), generator=generator)
-        hidden, inputs, labels = data.batch(index)
-        logits = drafter_logits(net, embed, head, hidden, inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
-        loss = loss / cfg.batch  # the sum over the L-1 draft positions, averaged over examples
+        hidden, inputs, teacher, _ = data.batch(index)
+        loss = distillation_loss(drafter_logits(net, embed, head, hidden, inputs), teacher, head)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
