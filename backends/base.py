@@ -28,6 +28,7 @@ class CacheSpec:
     bits: int = 4  # 2, 3, 4 or 8 (quantized kinds)
     group: int = 128  # values sharing one fp16 scale and zero point: 32, 64 or 128
     residual: int = 128  # newest tokens kept exact
+    sink: int = 4  # first tokens kept exact (attention sinks)
 
     def __post_init__(self):
         if self.kind not in CACHE_KINDS:
@@ -38,6 +39,8 @@ class CacheSpec:
             raise XQError(f"--group {self.group}: use 32, 64 or 128")
         if self.residual < 0:
             raise XQError(f"--residual {self.residual}: must be 0 or more")
+        if self.sink < 0:
+            raise XQError(f"--sink {self.sink}: must be 0 or more")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from xqchat.models.errors import XQError
 from .base import CacheMemory, CacheSpec, GenerationConfig, TokenEvent
 from .drafter import accept_greedy, accept_sampled, build_tree, processed_probs
 
-CACHE_FORMAT = "xqchat-cache/1"
+CACHE_FORMAT = "xqchat-cache/2"
 
 PREFILL_CHUNK = 512  # bounds attention's transient memory on long prompts
 
@@ -114,7 +114,8 @@ class DecodingSession:
             c = header["cache"]
             raise XQError(
                 f"{path} holds a {c['kind']} cache ({c['bits']} bits, group {c['group']}, "
-                f"residual {c['residual']}); this session uses another: load it with those options"
+                f"residual {c['residual']}, sink {c['sink']}); this session uses another: load it "
+                "with those options"
             )
         if header["sha256"] != self._digest(arrays):
             raise XQError(f"{path} is damaged: its contents do not match their checksum")

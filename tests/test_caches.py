@@ -14,8 +14,9 @@ from xqchat.backends.quant import quantized_nbytes
 
 
 def kv_quant_bytes(spec, tokens, cache, itemsize):
-    """Formula: whole blocks of `group` tokens quantized, the rest exact (see TokenStore)."""
-    blocks = max(0, (tokens - cache.residual) // cache.group)
+    """Formula: whole blocks of `group` tokens quantized, the rest exact: the sink's tokens and
+    the newest ones (see TokenStore)."""
+    blocks = max(0, (tokens - cache.sink - cache.residual) // cache.group)
     exact = tokens - blocks * cache.group
     width = spec.kv_dim
     row_group = next(g for g in (128, 64, 32) if g <= cache.group and width % g == 0)
@@ -127,11 +128,11 @@ def test_trim_into_quantized_blocks_keeps_what_attention_saw(default_fp32):
     session.prefill(list(range(3000, 3400)))  # 2 blocks of 128 flushed, 144 exact
     layer = session.caches[5]
     keys, values = (stored_rows(s, default_fp32.backend)[:200] for s in (layer.keys, layer.values))
-    session.trim(200)  # one whole block kept, 72 rows of the second back to the exact window
+    session.trim(200)  # the sink, one whole block, 68 rows of the second back to the window
     memory = session.memory()
-    assert memory.tokens == 200 and memory.residual_tokens == 72
+    assert memory.tokens == 200 and memory.residual_tokens == 4 + 68
     expected, _, _ = kv_quant_bytes(
-        default_fp32.spec, 200, CacheSpec(kind="kv-quant", bits=4, residual=72), 4
+        default_fp32.spec, 200, CacheSpec(kind="kv-quant", bits=4, residual=68), 4
     )
     assert memory.cache_bytes == expected
     assert np.array_equal(stored_rows(layer.keys, default_fp32.backend), keys)
@@ -161,7 +162,8 @@ def test_xquant_bytes_match_the_formula(tiny_mha, bits):
     cache = CacheSpec(kind="xquant", bits=bits, group=32, residual=16)
     session = tiny_mha.new_session(cache)
     session.prefill(list(range(1000, 1100)))
-    blocks, exact = (100 - 16) // 32, 100 - (100 - 16) // 32 * 32
+    blocks = (100 - cache.sink - 16) // 32
+    exact = 100 - blocks * 32
     dim = tiny_mha.spec.dim
     x_bytes = (
         blocks * quantized_nbytes(dim * 32, bits, 32) + exact * dim * 4
@@ -206,6 +208,24 @@ def test_backends_agree_on_xquant(tiny_models):
     assert np.abs(torch_logits - mlx_logits).max() <= 1e-3 * np.abs(torch_logits).max()
 
 
+def token_store(backend, width, cache, per_channel):
+    """A bare TokenStore of `backend` with functions that feed it numpy rows and read its rows
+    back as numpy (on this thread, where its arrays live)."""
+    if backend == "torch":
+        import torch
+
+        from xqchat.backends.cuda.cache import Scratch, TokenStore
+
+        store = TokenStore(width, cache, per_channel, torch.float32, "cpu", Scratch())
+        return store, torch.from_numpy, lambda: store.read(torch.float32).numpy()
+    import mlx.core as mx
+
+    from xqchat.backends.mlx.cache import TokenStore
+
+    store = TokenStore(width, cache, per_channel=per_channel, dtype=mx.float32)
+    return store, mx.array, lambda: np.array(store.read(mx.float32))
+
+
 def test_hadamard_rotation_contains_an_outlier_channel(backend):
     """Per-token groups with one huge channel: in the Hadamard basis (folded into a stream's
     encode matrix) the other values keep their precision, and the rotation is undone exactly."""
@@ -215,28 +235,47 @@ def test_hadamard_rotation_contains_an_outlier_channel(backend):
     np.testing.assert_allclose(turn @ turn.T, np.eye(128), atol=1e-6)
     rows = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
     rows[:, 5] *= 50
-    cache = CacheSpec(kind="xquant", bits=2, group=64, residual=0)
+    cache = CacheSpec(kind="xquant", bits=2, group=64, residual=0, sink=0)
     errors = []
     for basis in (np.eye(128, dtype=np.float32), turn.astype(np.float32)):
-        if backend == "torch":
-            import torch
-
-            from xqchat.backends.cuda.cache import Scratch, TokenStore
-
-            store = TokenStore(128, cache, False, torch.float32, "cpu", Scratch())
-            store.append(torch.from_numpy(rows @ basis))
-            got = store.read(torch.float32).numpy() @ basis.T
-        else:
-            import mlx.core as mx
-
-            from xqchat.backends.mlx.cache import TokenStore
-
-            store = TokenStore(128, cache, per_channel=False, dtype=mx.float32)
-            store.append(mx.array(rows @ basis))
-            got = np.array(store.read(mx.float32)) @ basis.T
+        store, array, read = token_store(backend, 128, cache, per_channel=False)
+        store.append(array(rows @ basis))
         assert store.exact.shape[0] == 0  # all 64 rows went through the quantizer
-        errors.append(np.abs(np.delete(got - rows, 5, axis=1)).mean())
+        errors.append(np.abs(np.delete(read() @ basis.T - rows, 5, axis=1)).mean())
     assert errors[1] < 0.65 * errors[0]
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_the_sink_stays_exact_and_spares_its_block(backend, per_channel):
+    """The first tokens (attention sinks, whose values are often far out) are kept exact and
+    out of the first block's scales: per channel, without the sink, they cost the whole block
+    its precision."""
+    rows = np.random.default_rng(1).standard_normal((72, 64)).astype(np.float32)
+    rows[0] *= 40
+    errors = []
+    for sink in (0, 4):
+        cache = CacheSpec(kind="kv-quant", bits=3, group=32, residual=8, sink=sink)
+        store, array, read = token_store(backend, 64, cache, per_channel)
+        store.append(array(rows))
+        assert (store.n_blocks, store.n_exact) == ((72 - sink - 8) // 32, 72 - store.n_blocks * 32)
+        got = read()
+        if sink:
+            assert np.array_equal(got[:sink], rows[:sink])
+        errors.append(np.abs(got - rows)[4:36].mean())
+    assert errors[1] < 0.2 * errors[0] if per_channel else errors[1] == errors[0]
+
+
+def test_rows_kept_from_a_tree_may_fill_the_sink(backend):
+    """A drafter's tree appended before the sink is full: `keep` picks the accepted rows, and
+    the sink and the window hold them in order, exactly."""
+    rows = np.arange(7 * 32, dtype=np.float32).reshape(7, 32)
+    cache = CacheSpec(kind="xquant", bits=4, group=32, residual=8, sink=4)
+    store, array, read = token_store(backend, 32, cache, per_channel=False)
+    store.append(array(rows[:2]))
+    store.append(array(rows[2:]))  # a tree of 5 nodes after 2 tokens
+    store.keep(2, [0, 2, 3])
+    assert len(store) == 5 and store.sink.shape[0] == 4
+    np.testing.assert_array_equal(read(), rows[[0, 1, 2, 4, 5]])
 
 
 # -- XQuant on GQA layers (SVD latents) and XQuant-CL ------------------------------------------
@@ -263,8 +302,9 @@ def test_latents_rebuild_keys_and_values_exactly(tiny_gqa, kind):
 
 def latent_bytes(spec, tokens, cache, base_layers=0):
     """Formula: per flushed block of `group` tokens, L_k per channel and L_v per token (groups
-    of 32 here, the row width being 32); the exact rows in fp32; base layers at >= 4 bits."""
-    blocks = max(0, (tokens - cache.residual) // cache.group)
+    of 32 here, the row width being 32); the exact rows (sink and window) in fp32; base layers
+    at >= 4 bits."""
+    blocks = max(0, (tokens - cache.sink - cache.residual) // cache.group)
     exact = tokens - blocks * cache.group
     width = spec.kv_dim
 
@@ -461,9 +501,9 @@ def test_mlx_products_read_the_packed_blocks_in_place(bits):
         for per_channel in (True, False):
             store = TokenStore(64, cache, per_channel=per_channel, dtype=mx.float32)
             store.append(rows)
-            assert store.n_blocks == 2
+            assert store.n_blocks == 2  # rows 0-3 the sink, 4-67 two blocks, 68-79 exact
             dense = store.read(mx.float32)
-            for start, stop in ((0, 80), (0, 32), (32, 80), (64, 80)):  # blocks, exact, both
+            for start, stop in ((0, 80), (0, 4), (0, 36), (36, 80), (68, 80)):
                 part = dense[start:stop]
                 np.testing.assert_allclose(
                     np.array(store.rows_times(m, start, stop)), np.array(part @ m), atol=1e-4

@@ -39,22 +39,6 @@ def stream(width, per_channel, bits, n, group=32, residual=0, seed=0):
     return store
 
 
-def segments(store):
-    """The store as the kernel reads it: its quantized blocks, and its exact rows."""
-    blocks = store.blocks
-    quantized = kernels.Rows(
-        store.width,
-        codes=blocks.codes,
-        scale=blocks.scale,
-        zero=blocks.zero,
-        bits=store.bits,
-        group=store.group,
-        row_group=store.row_group,
-        columns=store.per_channel,
-    )
-    return quantized, kernels.Rows(store.width, rows=store.exact)
-
-
 def inputs(n, key_width, seed=1, bias=True, norm=True):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(HEADS, HEAD_DIM, generator=g)
@@ -75,29 +59,31 @@ def inputs(n, key_width, seed=1, bias=True, norm=True):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("layout", ["gqa", "mha"])
 def test_latent_attention_kernel_equals_its_reference(bits, layout):
-    """Quantized blocks and exact rows, merged: the kernel equals the reference on the same rows
-    (GQA: per-channel key latent and per-token value latent; MHA: one per-token stream of X)."""
-    n = 64 + 40  # two blocks of 32 flushed, 40 rows exact (not a whole chunk)
+    """The sink's exact rows, quantized blocks and the newest exact rows, merged: the kernel
+    equals the reference on the same rows (GQA: per-channel key latent and per-token value
+    latent; MHA: one per-token stream of X)."""
+    n = 4 + 64 + 40  # the sink, two blocks of 32 flushed, 40 rows exact (not a whole chunk)
     if layout == "gqa":
         keys = stream(128, True, bits, n, residual=40)
         values = stream(96, False, bits, n, residual=40, seed=3)
     else:
         keys = values = stream(128, False, bits, n, residual=40)
+    assert keys.n_blocks == 2
     args = inputs(n, keys.width, bias=layout == "gqa", norm=layout == "gqa")
-    (key_blocks, key_exact), (value_blocks, value_exact) = segments(keys), segments(values)
-    old = key_blocks.codes.shape[0] * key_blocks.group
     half = {k: v for k, v in args.items() if k not in ("cos", "sin")}
-    parts = [
-        kernels.latent_attention_partials(
-            keys=k, values=v, cos=args["cos"][a:b], sin=args["sin"][a:b], **half
+    parts, start = [], 0
+    for k, v in zip(keys.segments(torch.float32), values.segments(torch.float32), strict=True):
+        end = start + len(k)
+        parts.append(
+            kernels.latent_attention_partials(
+                keys=k, values=v, cos=args["cos"][start:end], sin=args["sin"][start:end], **half
+            )
         )
-        for k, v, a, b in [(key_blocks, value_blocks, 0, old), (key_exact, value_exact, old, n)]
-    ]
+        start = end
+    assert len(parts) == 3 and start == n
     got = kernels.merge_partials(parts)
-    every_key = kernels.Rows(keys.width, rows=torch.cat([kernels.dense(key_blocks), keys.exact]))
-    every_value = kernels.Rows(
-        values.width, rows=torch.cat([kernels.dense(value_blocks), values.exact])
-    )
+    every_key = kernels.Rows(keys.width, rows=keys.read(torch.float32))
+    every_value = kernels.Rows(values.width, rows=values.read(torch.float32))
     want = kernels.latent_attention_reference(keys=every_key, values=every_value, **args)
     assert got.shape == want.shape == (KV_HEADS, HEADS // KV_HEADS, values.width)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

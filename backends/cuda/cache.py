@@ -6,6 +6,7 @@ never needs to know how the past is held."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -150,12 +151,14 @@ class Chain:
 
 
 class TokenStore:
-    """A growing sequence of token rows of one width. The newest rows stay exact (between
-    `residual` and `residual + group - 1` of them); older rows are flushed to the quantized store
-    in whole blocks of `group` tokens, each block quantized per token (groups along the row) or
-    per channel (each channel's `group` values share a scale: outlier channels stay contained).
-    In a `chain` with `delta`, a block is stored as its difference from the previous layer's
-    reconstruction of the same tokens (closed loop: errors do not accumulate down the layers)."""
+    """A growing sequence of token rows of one width. The first `sink` rows stay exact: attention
+    sinks, which every later token attends to and whose outlying values would otherwise set the
+    scales of their whole block. So do the newest rows (between `residual` and `residual + group
+    - 1` of them); the rows between are flushed to the quantized store in whole blocks of `group`
+    tokens, each block quantized per token (groups along the row) or per channel (each channel's
+    `group` values share a scale: outlier channels stay contained). In a `chain` with `delta`, a
+    block is stored as its difference from the previous layer's reconstruction of the same tokens
+    (closed loop: errors do not accumulate down the layers)."""
 
     def __init__(
         self,
@@ -172,15 +175,32 @@ class TokenStore:
         self.residual, self.per_channel, self.scratch = spec.residual, per_channel, scratch
         self.chain, self.delta = chain, delta
         self.row_group = self.group if per_channel else row_group(width, spec.group)
-        self.exact = torch.empty(0, width, dtype=dtype, device=device)
+        self.n_sink = spec.sink
+        self.sink = self.exact = torch.empty(0, width, dtype=dtype, device=device)
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, packed bytes)
 
     @property
     def n_blocks(self) -> int:
         return 0 if self.blocks is None else self.blocks.codes.shape[0]
 
+    @property
+    def n_fixed(self) -> int:
+        """Rows before the exact window: the sink and the flushed blocks."""
+        return self.sink.shape[0] + self.n_blocks * self.group
+
     def __len__(self) -> int:
-        return self.n_blocks * self.group + self.exact.shape[0]
+        return self.n_fixed + self.exact.shape[0]
+
+    @property
+    def n_exact(self) -> int:
+        return self.sink.shape[0] + self.exact.shape[0]
+
+    def _fill_sink(self) -> None:
+        """The first rows of a chat go to the sink until it is full (only before any flush)."""
+        take = self.n_sink - self.sink.shape[0]
+        if take > 0 and len(self.exact):
+            self.sink = torch.cat([self.sink, self.exact[:take]])
+            self.exact = self.exact[take:]
 
     def _quantize(self, block: torch.Tensor) -> Quantized:  # (group, width) -> one packed block
         if self.per_channel:
@@ -189,6 +209,7 @@ class TokenStore:
 
     def append(self, rows: torch.Tensor) -> None:
         self.exact = torch.cat([self.exact, rows.to(self.exact.dtype)])
+        self._fill_sink()
         predictions = self.chain.blocks if self.delta else []
         flushed = []
         while self.exact.shape[0] >= self.residual + self.group:
@@ -204,9 +225,9 @@ class TokenStore:
 
     def read(self, dtype, out=None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start..stop (default: all), (stop - start, width) in `dtype`, written into `out`
-        when given (a reused buffer); both bounds fall on block boundaries or among the exact
-        rows. In a chain, all rows are read, into the chain's buffer: the flushed ones
-        accumulate layer by layer."""
+        when given (a reused buffer); both bounds fall on block boundaries, at the sink's end or
+        among the exact rows. In a chain, all rows are read, into the chain's buffer: the flushed
+        ones accumulate layer by layer (the sink's rows are exact in every layer)."""
         stop = len(self) if stop is None else stop
         if self.chain is not None:
             assert (start, stop) == (0, len(self)), "a chain's rows are read whole"
@@ -214,14 +235,18 @@ class TokenStore:
         elif out is None:
             out = self.exact.new_empty(stop - start, self.width, dtype=dtype)
         rows = out[: stop - start]
-        n_old = self.n_blocks * self.group
-        first, last = start // self.group, min(self.n_blocks, -(-stop // self.group))
+        n_sink, n_old = self.sink.shape[0], self.n_fixed
+        if start < n_sink:
+            rows[: min(stop, n_sink) - start] = self.sink[start:stop]
+        first = max(0, start - n_sink) // self.group
+        last = min(self.n_blocks, -(-(stop - n_sink) // self.group))
         if first < last:
             blocks = _take(self.blocks, first, last)
             codes = self.scratch(
                 "codes", (last - first, self.group * self.width), torch.uint8, out.device
             )
-            flushed = rows[: (last - first) * self.group].view(last - first, -1)
+            at = n_sink + first * self.group - start
+            flushed = rows[at : at + (last - first) * self.group].view(last - first, -1)
             if self.delta:
                 delta = self.scratch("delta", flushed.shape, dtype, out.device)
                 flushed += dequantize(blocks, dtype, delta, codes)
@@ -233,30 +258,30 @@ class TokenStore:
 
     def segments(self, dtype) -> list[kernels.Rows]:
         """The rows as the fused kernel reads them: the quantized blocks as they are stored and
-        the exact rows; in a chain, all rows as its accumulator holds them."""
+        the sink and the newest rows; in a chain, all rows as its accumulator holds them."""
         if self.chain is not None:
             return [kernels.Rows(self.width, rows=self.read(dtype))]
-        parts = [kernels.Rows(self.width, rows=self.exact)] if len(self.exact) else []
-        if self.blocks is None:
-            return parts
-        b = self.blocks
-        quantized = kernels.Rows(
-            self.width, codes=b.codes, scale=b.scale, zero=b.zero, bits=self.bits,
-            group=self.group, row_group=self.row_group, columns=self.per_channel,
-        )  # fmt: skip
-        return [quantized, *parts]
+        parts = [kernels.Rows(self.width, rows=self.sink)] if len(self.sink) else []
+        if self.blocks is not None:
+            b = self.blocks
+            parts.append(kernels.Rows(
+                self.width, codes=b.codes, scale=b.scale, zero=b.zero, bits=self.bits,
+                group=self.group, row_group=self.row_group, columns=self.per_channel,
+            ))  # fmt: skip
+        return parts + ([kernels.Rows(self.width, rows=self.exact)] if len(self.exact) else [])
 
     def trim(self, n_keep: int) -> None:
-        flushed = self.n_blocks * self.group
+        n_sink, flushed = self.sink.shape[0], self.n_fixed
         if n_keep >= flushed:
             self.exact = self.exact[: n_keep - flushed]
             return
         # Rows of a partly kept block go back to the exact window as their reconstruction: the
         # kept tokens keep exactly the values attention saw before.
-        keep_blocks = n_keep // self.group
-        rows = self.read(self.exact.dtype)[keep_blocks * self.group : n_keep].clone()
+        keep_blocks = max(0, n_keep - n_sink) // self.group
+        kept = n_sink + keep_blocks * self.group
+        rows = self.read(self.exact.dtype)[min(kept, n_keep) : n_keep].clone()
         self.blocks = None if keep_blocks == 0 else _take(self.blocks, 0, keep_blocks)
-        self.exact = rows
+        self.sink, self.exact = self.sink[:n_keep], rows
 
     @property
     def room(self) -> int:
@@ -265,28 +290,33 @@ class TokenStore:
         return self.residual + self.group - 1 - self.exact.shape[0]
 
     def keep(self, start: int, rows: list[int]) -> None:
-        """Of the rows from `start` on (all in the exact window), keep `rows` (ascending) as the
-        rows start, start + 1, ...; drop the rest."""
-        first = start - self.n_blocks * self.group
-        assert first >= 0, "the rows to keep were flushed"
-        index = torch.tensor(rows, device=self.exact.device) + first
-        self.exact = torch.cat([self.exact[:first], self.exact[index]])
+        """Of the rows from `start` on (all exact: in the window, or in a sink still filling),
+        keep `rows` (ascending) as the rows start, start + 1, ...; drop the rest."""
+        if self.blocks is None:  # the sink and the window: exact rows counted from 0
+            exact, first, self.sink = torch.cat([self.sink, self.exact]), start, self.sink[:0]
+        else:
+            exact, first = self.exact, start - self.n_fixed
+            assert first >= 0, "the rows to keep were flushed"
+        index = torch.tensor(rows, device=exact.device) + first
+        self.exact = torch.cat([exact[:first], exact[index]])
+        self._fill_sink()
 
     def state_dict(self) -> dict:
-        state = {"exact": self.exact}
+        state = {"sink": self.sink, "exact": self.exact}
         if self.blocks is not None:
             state.update(codes=self.blocks.codes, scale=self.blocks.scale, zero=self.blocks.zero)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.exact, self.blocks = state["exact"], None
+        self.sink, self.exact, self.blocks = state["sink"], state["exact"], None
         if "codes" in state:
             shape = self._quantize(self.exact.new_zeros(self.group, self.width)).shape
             self.blocks = Quantized(state["codes"], state["scale"], state["zero"], self.bits, shape)
 
     @property
     def residual_nbytes(self) -> int:
-        return self.exact.numel() * self.exact.element_size()
+        """The exact rows: the sink's and the newest window's (fixed, however long the chat)."""
+        return (self.sink.numel() + self.exact.numel()) * self.exact.element_size()
 
     @property
     def nbytes(self) -> int:
@@ -389,7 +419,7 @@ class QuantKVCache:
 
     @property
     def residual_tokens(self) -> int:
-        return self.keys.exact.shape[0]
+        return self.keys.n_exact
 
     reserved_bytes = nbytes
 
@@ -476,9 +506,8 @@ class XQuantCache:
         if mask is not None:
             mask = mask.repeat(q.shape[1] // t, 1)
         chained = [store.read(dtype) if store.chain is not None else None for store in self.stores]
-        parts = []
-        for start in range(0, end, SPAN):
-            stop = min(end, start + SPAN)
+        parts, n_sink = [], self.stores[0].sink.shape[0]
+        for start, stop in itertools.pairwise([0, *range(n_sink + SPAN, end, SPAN), end]):
             cached = [
                 rows[start:stop] if rows is not None else self._span(i, store, start, stop, dtype)
                 for i, (store, rows) in enumerate(zip(self.stores, chained, strict=True))
@@ -564,7 +593,7 @@ class XQuantCache:
 
     @property
     def residual_tokens(self) -> int:
-        return self.stores[0].exact.shape[0]
+        return self.stores[0].n_exact
 
     @property
     def factor_nbytes(self) -> int:

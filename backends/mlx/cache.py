@@ -6,6 +6,7 @@ attention output."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import mlx.core as mx
 import numpy as np
@@ -106,12 +107,14 @@ class Chain:
 
 
 class TokenStore:
-    """A growing sequence of token rows of one width. The newest rows stay exact (between
-    `residual` and `residual + group - 1` of them); older rows are flushed to the quantized store
-    in whole blocks of `group` tokens, each block quantized per token (groups along the row) or
-    per channel (each channel's `group` values share a scale: outlier channels stay contained).
-    In a `chain` with `delta`, a block is stored as its difference from the previous layer's
-    reconstruction of the same tokens (closed loop: errors do not accumulate down the layers)."""
+    """A growing sequence of token rows of one width. The first `sink` rows stay exact: attention
+    sinks, which every later token attends to and whose outlying values would otherwise set the
+    scales of their whole block. So do the newest rows (between `residual` and `residual + group
+    - 1` of them); the rows between are flushed to the quantized store in whole blocks of `group`
+    tokens, each block quantized per token (groups along the row) or per channel (each channel's
+    `group` values share a scale: outlier channels stay contained). In a `chain` with `delta`, a
+    block is stored as its difference from the previous layer's reconstruction of the same tokens
+    (closed loop: errors do not accumulate down the layers)."""
 
     def __init__(self, width, spec: CacheSpec, per_channel: bool, dtype, chain=None, delta=False):
         self.width, self.bits, self.group, self.residual = (
@@ -122,18 +125,36 @@ class TokenStore:
         )
         self.per_channel, self.chain, self.delta = per_channel, chain, delta
         self.row_group = self.group if per_channel else row_group(width, spec.group)
-        self.exact = mx.zeros((0, width), dtype=dtype)
+        self.n_sink = spec.sink
+        self.sink = self.exact = mx.zeros((0, width), dtype=dtype)
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, rows, packed words)
 
     @property
     def n_blocks(self) -> int:
         return 0 if self.blocks is None else self.blocks.codes.shape[0]
 
+    @property
+    def n_fixed(self) -> int:
+        """Rows before the exact window: the sink and the flushed blocks."""
+        return self.sink.shape[0] + self.n_blocks * self.group
+
     def __len__(self) -> int:
-        return self.n_blocks * self.group + self.exact.shape[0]
+        return self.n_fixed + self.exact.shape[0]
+
+    @property
+    def n_exact(self) -> int:
+        return self.sink.shape[0] + self.exact.shape[0]
+
+    def _fill_sink(self) -> None:
+        """The first rows of a chat go to the sink until it is full (only before any flush)."""
+        take = self.n_sink - self.sink.shape[0]
+        if take > 0 and self.exact.shape[0]:
+            self.sink = mx.concatenate([self.sink, self.exact[:take]])
+            self.exact = self.exact[take:]
 
     def append(self, rows: mx.array) -> None:
         self.exact = mx.concatenate([self.exact, rows.astype(self.exact.dtype)])
+        self._fill_sink()
         predictions = self.chain.blocks if self.delta else []
         flushed = []
         while self.exact.shape[0] >= self.residual + self.group:
@@ -152,7 +173,8 @@ class TokenStore:
         return values.swapaxes(-1, -2) if self.per_channel else values
 
     def flushed(self) -> mx.array:
-        """The flushed rows, (n_blocks * group, width) float32, dequantized (and accumulated)."""
+        """The flushed blocks' rows, (n_blocks * group, width) float32, dequantized (and
+        accumulated: a chain carries the blocks' rows, the sink's are exact in every layer)."""
         if self.blocks is None:
             rows = mx.zeros((0, self.width), dtype=mx.float32)
         else:
@@ -165,14 +187,19 @@ class TokenStore:
 
     def read(self, dtype) -> mx.array:
         """All rows, (len, width)."""
-        return mx.concatenate([self.flushed().astype(dtype), self.exact.astype(dtype)])
+        parts = (self.sink, self.flushed(), self.exact)
+        return mx.concatenate([p.astype(dtype) for p in parts])
 
     def _split(self, start: int, stop: int):
-        """Rows start..stop (start a multiple of the group) as the block indices they cover and
-        the exact rows they take."""
-        n_old = self.n_blocks * self.group
-        first, last = min(start, n_old) // self.group, min(stop, n_old) // self.group
-        return (first, last), self.exact[max(start, n_old) - n_old : max(stop, n_old) - n_old]
+        """Rows start..stop (start 0, or the sink's end plus a multiple of the group) as the
+        sink rows, the block indices they cover and the exact rows they take."""
+        n_sink, n_old = self.sink.shape[0], self.n_fixed
+
+        def block(i):
+            return (min(max(i, n_sink), n_old) - n_sink) // self.group
+
+        exact = self.exact[max(start, n_old) - n_old : max(stop, n_old) - n_old]
+        return self.sink[start:stop], (block(start), block(stop)), exact
 
     def rows_times(self, m: mx.array, start: int, stop: int) -> mx.array:
         """rows[start:stop] @ m, (stop - start, m columns), for a store outside a chain. The
@@ -180,30 +207,30 @@ class TokenStore:
         dequantized inside the product, never as an array: a per-token block is rows packed
         along the width (m on the left, transposed), a per-channel one is stored transposed,
         channels packed along tokens."""
-        (first, last), exact = self._split(start, stop)
-        new = exact.astype(m.dtype) @ m
-        if first == last:
-            return new
-        codes, scale, zero = self._operand(first, last)
-        old = mx.quantized_matmul(
-            m.T.astype(mx.float32), codes, scale, zero, transpose=not self.per_channel,
-            group_size=self.row_group, bits=self.bits,
-        )  # fmt: skip
-        return mx.concatenate([old.T.astype(m.dtype), new])
+        sink, (first, last), exact = self._split(start, stop)
+        parts = [sink.astype(m.dtype) @ m]
+        if first < last:
+            codes, scale, zero = self._operand(first, last)
+            old = mx.quantized_matmul(
+                m.T.astype(mx.float32), codes, scale, zero, transpose=not self.per_channel,
+                group_size=self.row_group, bits=self.bits,
+            )  # fmt: skip
+            parts.append(old.T.astype(m.dtype))
+        return mx.concatenate([*parts, exact.astype(m.dtype) @ m])
 
     def times_rows(self, a: mx.array, start: int, stop: int) -> mx.array:
         """a @ rows[start:stop] for a (..., stop - start) over a per-token store, the same way."""
-        (first, last), exact = self._split(start, stop)
-        n_old = (last - first) * self.group
-        new = a[..., n_old:] @ exact.astype(a.dtype)
+        sink, (first, last), exact = self._split(start, stop)
+        n_sink, n_old = sink.shape[0], sink.shape[0] + (last - first) * self.group
+        out = a[..., :n_sink] @ sink.astype(a.dtype) + a[..., n_old:] @ exact.astype(a.dtype)
         if first == last:
-            return new
+            return out
         codes, scale, zero = self._operand(first, last)
         old = mx.quantized_matmul(
-            a[..., :n_old].astype(mx.float32), codes, scale, zero, transpose=False,
+            a[..., n_sink:n_old].astype(mx.float32), codes, scale, zero, transpose=False,
             group_size=self.row_group, bits=self.bits,
         )  # fmt: skip
-        return old.astype(a.dtype) + new
+        return old.astype(a.dtype) + out
 
     def _operand(self, first: int, last: int):
         """Blocks first..last as one quantized matrix: (tokens, width) per token, (width,
@@ -216,16 +243,17 @@ class TokenStore:
         return tuple(p.reshape(n * self.group, -1) for p in parts)
 
     def trim(self, n_keep: int) -> None:
-        flushed = self.n_blocks * self.group
+        n_sink, flushed = self.sink.shape[0], self.n_fixed
         if n_keep >= flushed:
             self.exact = self.exact[: n_keep - flushed]
             return
         # Rows of a partly kept block go back to the exact window as their reconstruction: the
         # kept tokens keep exactly the values attention saw before.
-        keep_blocks = n_keep // self.group
-        rows = self.read(self.exact.dtype)[keep_blocks * self.group : n_keep]
+        keep_blocks = max(0, n_keep - n_sink) // self.group
+        kept = n_sink + keep_blocks * self.group
+        rows = self.read(self.exact.dtype)[min(kept, n_keep) : n_keep]
         self.blocks = None if keep_blocks == 0 else _take(self.blocks, keep_blocks)
-        self.exact = rows
+        self.sink, self.exact = self.sink[:n_keep], rows
 
     @property
     def room(self) -> int:
@@ -234,20 +262,25 @@ class TokenStore:
         return self.residual + self.group - 1 - self.exact.shape[0]
 
     def keep(self, start: int, rows: list[int]) -> None:
-        """Of the rows from `start` on (all in the exact window), keep `rows` (ascending) as the
-        rows start, start + 1, ...; drop the rest."""
-        first = start - self.n_blocks * self.group
-        assert first >= 0, "the rows to keep were flushed"
-        self.exact = mx.concatenate([self.exact[:first], self.exact[mx.array(rows) + first]])
+        """Of the rows from `start` on (all exact: in the window, or in a sink still filling),
+        keep `rows` (ascending) as the rows start, start + 1, ...; drop the rest."""
+        if self.blocks is None:  # the sink and the window: exact rows counted from 0
+            exact, first = mx.concatenate([self.sink, self.exact]), start
+            self.sink = self.sink[:0]
+        else:
+            exact, first = self.exact, start - self.n_fixed
+            assert first >= 0, "the rows to keep were flushed"
+        self.exact = mx.concatenate([exact[:first], exact[mx.array(rows) + first]])
+        self._fill_sink()
 
     def state_dict(self) -> dict:
-        state = {"exact": self.exact}
+        state = {"sink": self.sink, "exact": self.exact}
         if self.blocks is not None:
             state.update(codes=self.blocks.codes, scale=self.blocks.scale, zero=self.blocks.zero)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.exact, self.blocks = state["exact"], None
+        self.sink, self.exact, self.blocks = state["sink"], state["exact"], None
         if "codes" in state:
             self.blocks = Quantized(
                 state["codes"], state["scale"], state["zero"], self.bits, self.row_group
@@ -255,7 +288,8 @@ class TokenStore:
 
     @property
     def residual_nbytes(self) -> int:
-        return self.exact.nbytes
+        """The exact rows: the sink's and the newest window's (fixed, however long the chat)."""
+        return self.sink.nbytes + self.exact.nbytes
 
     @property
     def nbytes(self) -> int:
@@ -345,7 +379,7 @@ class QuantKVCache:
 
     @property
     def residual_tokens(self) -> int:
-        return self.keys.exact.shape[0]
+        return self.keys.n_exact
 
     reserved_bytes = nbytes
 
@@ -423,9 +457,8 @@ class XQuantCache:
                 return self.stores[i].times_rows(a, start, stop)
             return a @ chained[i][start:stop].astype(a.dtype)
 
-        parts, scale = [], q.shape[-1] ** -0.5
-        for start in range(0, end, SPAN):
-            stop = min(end, start + SPAN)
+        parts, scale, n_sink = [], q.shape[-1] ** -0.5, self.stores[0].sink.shape[0]
+        for start, stop in itertools.pairwise([0, *range(n_sink + SPAN, end, SPAN), end]):
             keys = layer.finish_keys(times(ki, to_keys, start, stop)[None].astype(q.dtype))[0]
             if mask is None:  # decode: RoPE on the keys inside the scores, no rotated copy
                 flat = q.reshape(-1, q.shape[-1])
@@ -472,7 +505,7 @@ class XQuantCache:
 
     @property
     def residual_tokens(self) -> int:
-        return self.stores[0].exact.shape[0]
+        return self.stores[0].n_exact
 
     @property
     def factor_nbytes(self) -> int:
