@@ -110,8 +110,8 @@ ENGINE_OPTIONS = [
         help="Newest tokens kept exact (quantized caches).",
     ),
     click.option(
-        "--sink",
-        type=click.IntRange(min=0),
+        "--cache-sink",
+        type=click.IntRange(0, 256),
         default=CacheSpec.sink,
         show_default=True,
         help="First tokens kept exact (quantized caches): attention sinks, which every later "
@@ -168,13 +168,15 @@ def engine_options(
     bits,
     group,
     residual,
-    sink,
+    cache_sink,
     mha,
     drafter="none",
     beam_width=4,
     beam_length=4,
 ) -> EngineOptions:
-    cache = CacheSpec(kind=cache, bits=int(bits), group=int(group), residual=residual, sink=sink)
+    cache = CacheSpec(
+        kind=cache, bits=int(bits), group=int(group), residual=residual, sink=cache_sink
+    )
     return EngineOptions(
         backend=backend,
         device=device,
@@ -774,7 +776,7 @@ def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, dr
     options = dict(backend="torch", device="auto", weights="auto")
     options.update(int8_threshold=EngineOptions.int8_threshold, int8_head=True)
     options.update(cache="kv", bits="4")
-    options.update(group="128", residual=128, sink=CacheSpec.sink, mha=False)
+    options.update(group="128", residual=128, cache_sink=CacheSpec.sink, mha=False)
     files, tokenizer, engine = load_engine(model, **options)
     out = out or derived_dir(files) / "drafter"
     rendered = benchmarks.render_prompts(tokenizer, texts, 0)

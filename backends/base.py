@@ -39,8 +39,8 @@ class CacheSpec:
             raise XQError(f"--group {self.group}: use 32, 64 or 128")
         if self.residual < 0:
             raise XQError(f"--residual {self.residual}: must be 0 or more")
-        if self.sink < 0:
-            raise XQError(f"--sink {self.sink}: must be 0 or more")
+        if not 0 <= self.sink <= 256:
+            raise XQError(f"--cache-sink {self.sink}: use 0 to 256")
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class GenerationConfig:
 class CacheMemory:
     tokens: int
     cache_bytes: int  # everything the cache stores for these tokens
-    residual_bytes: int  # of which the exact window of newest tokens
-    residual_tokens: int  # how many tokens that window holds
+    residual_bytes: int  # of which the exact rows: the first (sink) and newest tokens
+    residual_tokens: int  # how many tokens those rows hold
     fp16_kv_bytes: int  # what an fp16 K/V cache would hold for the same tokens
     reserved_bytes: int  # allocated, including room not yet filled
     factor_bytes: int = 0  # XQuant's encode/rebuild matrices: per model, not per token

@@ -125,7 +125,7 @@ def stored_rows(store, backend):
 def test_trim_into_quantized_blocks_keeps_what_attention_saw(default_fp32):
     cache = CacheSpec(kind="kv-quant", bits=4, residual=64)
     session = default_fp32.new_session(cache)
-    session.prefill(list(range(3000, 3400)))  # 2 blocks of 128 flushed, 144 exact
+    session.prefill(list(range(3000, 3400)))  # the sink, 2 blocks of 128 flushed, 140 in the window
     layer = session.caches[5]
     keys, values = (stored_rows(s, default_fp32.backend)[:200] for s in (layer.keys, layer.values))
     session.trim(200)  # the sink, one whole block, 68 rows of the second back to the window
@@ -378,12 +378,12 @@ def test_cross_layer_trim_keeps_what_attention_saw(deep_gqa):
     session = deep_gqa.new_session(CacheSpec(kind="xquant-cl", bits=3, group=32, residual=16))
     session.prefill(list(range(3000, 3150)))  # 4 blocks flushed in every layer
     before = all_rows(session, deep_gqa.backend)
-    session.trim(100)  # 3 whole blocks kept, 4 rows of the fourth back to the exact window
-    assert session.memory().residual_tokens == 4
+    session.trim(110)  # the sink, 3 whole blocks, 10 rows of the fourth back to the window
+    assert session.memory().residual_tokens == 4 + 10
     after = all_rows(session, deep_gqa.backend)
     for old, new in zip(before, after, strict=True):
         for a, b in zip(old, new, strict=True):
-            assert np.array_equal(a[:100], b)
+            assert np.array_equal(a[:110], b)
 
 
 def test_backends_agree_on_latents_and_cross_layer(tiny_models):

@@ -95,12 +95,19 @@ def test_bare_command_and_chat_open_the_app(capsys, opened):
     assert cli(capsys, "chat")[0] == 0
     assert cli(capsys, "chat", "--cache", "kv-quant", "--bits", "4", "-m", "default")[0] == 0
     assert cli(capsys, "chat", "--overflow", "sink-window", "--temperature", "0.5")[0] == 0
+    assert cli(capsys, "chat", "--cache-sink", "0")[0] == 0
     assert opened == [
         None,
         {},
         {"cache": "kv-quant", "bits": 4, "model": "default"},
         {"overflow": "sink-window", "temperature": 0.5},
+        {"cache_sink": 0},
     ]
+    from xqchat.app.tui.settings import Settings
+
+    # the cache's exact first tokens, not the sink-window policy's kept tokens
+    settings = Settings(**opened[-1])
+    assert settings.engine_options().cache.sink == 0 and settings.sink == Settings.sink
 
 
 def test_chat_refuses_bad_options(capsys, opened):

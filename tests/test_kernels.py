@@ -116,7 +116,9 @@ def test_decoding_through_the_kernel_equals_the_torch_path(tiny_models, kind, mo
     for fused in (False, True):
         monkeypatch.setattr(XQuantCache, "fused_decode", fused)
         session = engine.new_session(cache)
-        session.prefill(list(range(400, 480)))  # two blocks flushed, 16 rows exact
+        session.prefill(
+            list(range(400, 480))
+        )  # the sink, two blocks flushed, 12 rows in the window
         runs.append(session.logits([7, 8, 9]))  # fed one at a time below
     torch.testing.assert_close(
         torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4

@@ -105,6 +105,9 @@ class Settings:
     residual: int = setting(
         128, "Exact window", "Newest tokens kept exact (quantized caches).", low=0
     )
+    cache_sink: int = setting(
+        4, "Exact first", "First tokens kept exact (quantized caches).", low=0, high=256
+    )
     drafter: str = setting(
         "none",
         "Drafter",
@@ -142,7 +145,13 @@ class Settings:
             check(f, getattr(self, f.name))
 
     def engine_options(self) -> EngineOptions:
-        cache = CacheSpec(kind=self.cache, bits=self.bits, group=self.group, residual=self.residual)
+        cache = CacheSpec(
+            kind=self.cache,
+            bits=self.bits,
+            group=self.group,
+            residual=self.residual,
+            sink=self.cache_sink,
+        )
         return EngineOptions(
             backend=self.backend,
             device=self.device,

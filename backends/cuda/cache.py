@@ -548,10 +548,11 @@ class XQuantCache:
         keys, values = (
             self.stores[i] for i in (self.latents.key_stream, self.latents.value_stream)
         )
+        key_segments = keys.segments(q.dtype)
+        # one stream (X itself) is both: read once, a chain's deltas must not be added twice
+        value_segments = key_segments if values is keys else values.segments(q.dtype)
         parts, start = [], 0
-        for key_rows, value_rows in zip(
-            keys.segments(q.dtype), values.segments(q.dtype), strict=True
-        ):
+        for key_rows, value_rows in zip(key_segments, value_segments, strict=True):
             end = start + len(key_rows)
             parts.append(
                 kernels.latent_attention_partials(
