@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_tiny
@@ -107,19 +108,20 @@ def test_float_rows_in_several_chunks_equal_one_softmax():
 @pytest.mark.parametrize("model", ["gqa-qwen3", "llama"])
 def test_decoding_through_the_kernel_equals_the_torch_path(tiny_models, kind, model, monkeypatch):
     """The cache's fused decode (blocks + exact rows, or a chain's accumulated rows; k-norm on
-    Qwen3; MHA X on Llama) gives the logits of its plain-torch path."""
+    Qwen3; MHA X on Llama, one stream for keys and values) gives the logits of its plain-torch
+    path. One base layer, so the second of the two stores deltas."""
+    from xqchat.backends.cuda import cache as caches
     from xqchat.backends.cuda.cache import XQuantCache
 
+    monkeypatch.setattr(caches, "BASE_LAYERS", 1)
     engine = load_tiny(tiny_models, model, "torch", device=DEVICE)
     cache = CacheSpec(kind=kind, bits=4, group=32, residual=8)
     runs = []
     for fused in (False, True):
         monkeypatch.setattr(XQuantCache, "fused_decode", fused)
         session = engine.new_session(cache)
-        session.prefill(
-            list(range(400, 480))
-        )  # the sink, two blocks flushed, 12 rows in the window
-        runs.append(session.logits([7, 8, 9]))  # fed one at a time below
+        session.prefill(list(range(400, 480)))  # the sink, two blocks, 12 rows in the window
+        runs.append(np.concatenate([session.logits([t]) for t in (7, 8, 9)]))  # decode steps
     torch.testing.assert_close(
         torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4
     )

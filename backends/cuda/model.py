@@ -247,9 +247,9 @@ class Transformer(nn.Module):
         are)."""
         device = self.embed.weight.device
         linear = Linear(*matrix.shape, bias=bias is not None, device=device)
-        linear.weight = nn.Parameter(
-            torch.from_numpy(matrix.T).to(device, self.kv_dtype), requires_grad=False
-        )
+        # row-major (out, in), as every Linear holds its weight: the fused decode kernel reads it so
+        weight = torch.from_numpy(np.ascontiguousarray(matrix.T))
+        linear.weight = nn.Parameter(weight.to(device, self.kv_dtype), requires_grad=False)
         if bias is not None:
             linear.bias = nn.Parameter(bias.to(device, self.kv_dtype), requires_grad=False)
         if self.pack:
