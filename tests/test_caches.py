@@ -205,7 +205,10 @@ def test_backends_agree_on_xquant(tiny_models):
     torch_logits, mlx_logits = (
         load_model(resolve(str(tiny_models["qwen3"])), o).new_session().logits(ids) for o in opts
     )
-    assert np.abs(torch_logits - mlx_logits).max() <= 1e-3 * np.abs(torch_logits).max()
+    # The rows differ in the last bits between backends, which can tip a group's choice of
+    # range (quant.CLIP_RATIOS) one way or the other: close everywhere, equal almost everywhere.
+    difference, scale = np.abs(torch_logits - mlx_logits), np.abs(torch_logits).max()
+    assert difference.max() <= 2e-2 * scale and difference.mean() <= 1e-3 * scale
 
 
 def token_store(backend, width, cache, per_channel):
@@ -228,7 +231,9 @@ def token_store(backend, width, cache, per_channel):
 
 def test_hadamard_rotation_contains_an_outlier_channel(backend):
     """Per-token groups with one huge channel: in the Hadamard basis (folded into a stream's
-    encode matrix) the other values keep their precision, and the rotation is undone exactly."""
+    encode matrix) its energy is spread over the group, the rows are rebuilt more closely than
+    in their own basis (where the quantizer must clip the outlier or coarsen every step), and the
+    rotation is undone exactly."""
     from xqchat.backends.latents import block_hadamard
 
     turn = block_hadamard(128, 64)
@@ -241,15 +246,15 @@ def test_hadamard_rotation_contains_an_outlier_channel(backend):
         store, array, read = token_store(backend, 128, cache, per_channel=False)
         store.append(array(rows @ basis))
         assert store.exact.shape[0] == 0  # all 64 rows went through the quantizer
-        errors.append(np.abs(np.delete(read() @ basis.T - rows, 5, axis=1)).mean())
-    assert errors[1] < 0.65 * errors[0]
+        errors.append(np.square(read() @ basis.T - rows).mean())
+    assert errors[1] < 0.8 * errors[0]
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_the_sink_stays_exact_and_spares_its_block(backend, per_channel):
     """The first tokens (attention sinks, whose values are often far out) are kept exact and
-    out of the first block's scales: per channel, without the sink, they cost the whole block
-    its precision."""
+    out of the first block's ranges; without the sink the quantizer must clip them or, per
+    channel, coarsen the whole block."""
     rows = np.random.default_rng(1).standard_normal((72, 64)).astype(np.float32)
     rows[0] *= 40
     errors = []
@@ -261,8 +266,8 @@ def test_the_sink_stays_exact_and_spares_its_block(backend, per_channel):
         got = read()
         if sink:
             assert np.array_equal(got[:sink], rows[:sink])
-        errors.append(np.abs(got - rows)[4:36].mean())
-    assert errors[1] < 0.2 * errors[0] if per_channel else errors[1] == errors[0]
+        errors.append(np.square(got - rows)[:36].mean())
+    assert errors[1] < 0.1 * errors[0]
 
 
 def test_rows_kept_from_a_tree_may_fill_the_sink(backend):
