@@ -108,8 +108,7 @@ def _quantized(values: torch.Tensor, low, high, bits: int, shape, axis: int) -> 
         if best is None:
             best = [error, scale, zero, codes]
             continue
-        # by a margin: the backends sum the errors in different orders, and must choose alike
-        better = error < best[0] * (1 - 1e-3)
+        better = error < best[0]
         best = [
             torch.where(better, c, b)
             for c, b in zip((error, scale, zero, codes), best, strict=True)

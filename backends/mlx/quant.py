@@ -62,8 +62,7 @@ def quantize(x: mx.array, bits: int, group: int) -> Quantized:
         if best is None:
             best = [error, scale, zero, codes]
             continue
-        # by a margin: the backends sum the errors in different orders, and must choose alike
-        better = error < best[0] * (1 - 1e-3)
+        better = error < best[0]
         best = [
             mx.where(better, c, b) for c, b in zip((error, scale, zero, codes), best, strict=True)
         ]
