@@ -1,6 +1,6 @@
-"""Byte accounting of asymmetric group quantization, the same in both backends: codes bit-packed
-(2 bits: 4 per byte, 3 bits: 8 per 3 bytes, 4 bits: 2 per byte, 8 bits: 1), plus one fp16 scale
-and one fp16 zero point per group."""
+"""What both backends' group quantization share: byte accounting (codes bit-packed, 2 bits: 4 per
+byte, 3 bits: 8 per 3 bytes, 4 bits: 2 per byte, 8 bits: 1, plus one fp16 scale and one fp16 zero
+point per group), the ranges tried, and the Hadamard rotation."""
 
 BITS = (2, 3, 4, 8)
 
@@ -23,3 +23,11 @@ def hadamard(n: int):
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
     return h / np.sqrt(n, dtype=np.float32)
+
+
+def clip_ratios(bits: int) -> tuple[float, ...]:
+    """The fractions of a group's range, about its middle, that quantization tries. With four
+    levels, clipping a few far values buys a much finer step for all the others (WikiText-2,
+    default model: kv-quant 2 33.57 -> 31.23, xquant-cl 2 30.75 -> 29.92); from 3 bits on it
+    cost kv-quant and xquant more than it gave, so their ranges stay min/max."""
+    return (1.0, 0.95, 0.9, 0.85, 0.8, 0.75) if bits == 2 else (1.0,)

@@ -85,7 +85,7 @@ def test_columns_share_one_scale_over_all_rows():
 def test_quantize_bytes_and_error(backend, bits, group):
     """Bytes as the formula says; each group's squared error no larger than with its plain
     min/max range (the search over narrower ranges includes it), and clearly smaller overall at
-    2 and 3 bits."""
+    2 bits, where narrower ranges are tried (`clip_ratios`)."""
     quant, to_backend, to_numpy = backend_quant(backend)
     x = np.random.default_rng(bits * group).standard_normal((4, 3, 512)).astype(np.float32)
     x[..., 7] *= 20  # an outlier channel, as in real activations
@@ -104,7 +104,7 @@ def test_quantize_bytes_and_error(backend, bits, group):
     codes = np.clip(np.round((groups - zero) / scale), 0, levels)
     min_max = np.square(codes * scale + zero - groups).sum(-1)
     assert (error <= min_max * (1 + 1e-4) + 1e-9).all()
-    if bits < 4:
+    if bits == 2:
         assert error.sum() < 0.95 * min_max.sum()
 
 

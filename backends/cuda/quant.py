@@ -1,8 +1,8 @@
 """Asymmetric quantization with bit-packed codes, in PyTorch: x ~ code * scale + zero, with an
 fp16 scale and zero point per group of `group` consecutive values along the last axis
 (`quantize`) or per column over all rows of a block (`quantize_columns`: a key channel's outliers
-stay in that channel). Each group's range is its min/max, narrowed where that rebuilds the group
-more closely (`CLIP_RATIOS`).
+stay in that channel). Each group's range is its min/max; at 2 bits, narrowed where that
+rebuilds the group more closely (`clip_ratios`).
 
 Codes are packed in bit planes, not as a bit stream: a block's n codes are cut into 8/bits
 consecutive segments and byte i holds code i of every segment (3 bits: a 2-bit plane of the low
@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ..quant import clip_ratios
 
 
 @dataclass
@@ -88,16 +90,13 @@ def unpack(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> 
     return out
 
 
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # of a group's range, kept about its middle
-
-
 def _quantized(values: torch.Tensor, low, high, bits: int, shape, axis: int) -> Quantized:
     """Quantize `values` with one scale and zero point per group (reduced along `axis`), each
-    group's range [low, high] narrowed by the ratio in CLIP_RATIOS whose codes rebuild the group
-    with the least squared error: at 2-4 bits, clipping a few far values buys a finer step for
-    all the others. Ratio 1 (plain min/max) is a candidate, so no group gets worse."""
+    group's range [low, high] narrowed by the ratio of `clip_ratios` whose codes rebuild the
+    group with the least squared error. Ratio 1 (plain min/max) is a candidate, so no group
+    gets worse."""
     levels, best = (1 << bits) - 1, None
-    for ratio in CLIP_RATIOS:
+    for ratio in clip_ratios(bits):
         low_r = low + (1 - ratio) * (high - low) / 2
         high_r = high - (1 - ratio) * (high - low) / 2
         # codes are computed against the fp16-rounded parameters, so dequantising is consistent

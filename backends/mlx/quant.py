@@ -1,7 +1,7 @@
 """Asymmetric group quantization with bit-packed codes, in MLX (mirror of backends/cuda/quant.py).
 Every `group` consecutive values along the last axis share an fp16 scale and zero point:
-x ~ code * scale + zero. The codes are the PyTorch backend's (min/max per group narrowed where
-that rebuilds the group more closely, round half to even), packed as a little-endian bit stream into uint32 words: exactly MLX's affine layout, so
+x ~ code * scale + zero. The codes are the PyTorch backend's (min/max per group, at 2 bits
+narrowed where that rebuilds the group more closely; round half to even), packed as a little-endian bit stream into uint32 words: exactly MLX's affine layout, so
 mx.dequantize and mx.quantized_matmul read them, and the same bytes as the PyTorch packing."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+from ..quant import clip_ratios
 
 
 @dataclass
@@ -38,17 +40,14 @@ def unpack(words: mx.array, bits: int) -> mx.array:
     return (stream << mx.arange(bits, dtype=mx.uint32)).sum(-1).astype(mx.uint32)
 
 
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # of a group's range, kept about its middle
-
-
 def quantize(x: mx.array, bits: int, group: int) -> Quantized:
     """x (..., n) with n a multiple of `group` -> packed codes and fp16 scales/zeros; each
-    group's range is its min/max narrowed by the ratio in CLIP_RATIOS that rebuilds it with the
-    least squared error (ratio 1 is a candidate: no group gets worse)."""
+    group's range is its min/max narrowed by the ratio of `clip_ratios` (as in the PyTorch
+    backend) that rebuilds it with the least squared error."""
     g = x.astype(mx.float32).reshape(*x.shape[:-1], -1, group)
     low, high = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
     levels, best = (1 << bits) - 1, None
-    for ratio in CLIP_RATIOS:
+    for ratio in clip_ratios(bits):
         low_r = low + (1 - ratio) * (high - low) / 2
         high_r = high - (1 - ratio) * (high - low) / 2
         # codes are computed against the fp16-rounded parameters, so dequantising is consistent
