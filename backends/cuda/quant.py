@@ -95,14 +95,17 @@ def _quantized(values: torch.Tensor, low, high, bits: int, shape, axis: int) -> 
     group's range [low, high] narrowed by the ratio of `clip_ratios` whose codes rebuild the
     group with the least squared error. Ratio 1 (plain min/max) is a candidate, so no group
     gets worse."""
-    levels, best = (1 << bits) - 1, None
-    for ratio in clip_ratios(bits):
+    ratios, levels, best = clip_ratios(bits), (1 << bits) - 1, None
+    for ratio in ratios:
         low_r = low + (1 - ratio) * (high - low) / 2
         high_r = high - (1 - ratio) * (high - low) / 2
         # codes are computed against the fp16-rounded parameters, so dequantising is consistent
         scale = ((high_r - low_r) / levels).clamp_min(1e-8).half()
         zero = low_r.half()
         codes = ((values - zero.float()) / scale.float()).round_().clamp_(0, levels)
+        if len(ratios) == 1:  # plain min/max: nothing to compare
+            best = [None, scale, zero, codes]
+            break
         error = (codes * scale.float() + zero.float() - values).square_().sum(axis, keepdim=True)
         if best is None:
             best = [error, scale, zero, codes]

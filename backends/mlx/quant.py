@@ -46,8 +46,8 @@ def quantize(x: mx.array, bits: int, group: int) -> Quantized:
     backend) that rebuilds it with the least squared error."""
     g = x.astype(mx.float32).reshape(*x.shape[:-1], -1, group)
     low, high = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
-    levels, best = (1 << bits) - 1, None
-    for ratio in clip_ratios(bits):
+    ratios, levels, best = clip_ratios(bits), (1 << bits) - 1, None
+    for ratio in ratios:
         low_r = low + (1 - ratio) * (high - low) / 2
         high_r = high - (1 - ratio) * (high - low) / 2
         # codes are computed against the fp16-rounded parameters, so dequantising is consistent
@@ -56,6 +56,9 @@ def quantize(x: mx.array, bits: int, group: int) -> Quantized:
         codes = mx.clip(
             mx.round((g - zero.astype(mx.float32)) / scale.astype(mx.float32)), 0, levels
         )
+        if len(ratios) == 1:  # plain min/max: nothing to compare
+            best = [None, scale, zero, codes]
+            break
         rebuilt = codes * scale.astype(mx.float32) + zero.astype(mx.float32)
         error = mx.square(rebuilt - g).sum(-1, keepdims=True)
         if best is None:
