@@ -21,10 +21,17 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, math.inf, dim=-1, keepdim=True)
 
 
-def quantize_rows(x: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float and its row_absmax -> int8 codes (M, K), float32 row scales (M, 1)."""
-    scale = absmax.float().clamp_min(1e-12) / 127
-    return torch.round(x / scale).to(torch.int8), scale
+def quantize_rows(
+    x: torch.Tensor, absmax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """x (M, K) float and its row_absmax -> int8 codes (M, K) and the row scales, float32 (M, 1).
+    One row on a CPU (decode) gets a Python float: the scalar's arithmetic then costs no tensor
+    ops, which at ~5 us each are what int8 decode spends beyond its matmuls."""
+    if len(x) == 1 and not x.is_cuda:
+        scale = max(float(absmax), 1e-12) / 127
+    else:
+        scale = absmax.float().clamp_min(1e-12) / 127
+    return torch.div(x, scale).round_().to(torch.int8), scale
 
 
 def int8_product(codes: torch.Tensor, row_scale, weight: torch.Tensor, scale) -> torch.Tensor:
@@ -56,21 +63,19 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features)
         absmax = row_absmax(x)
-        # the row absmax says whether any outlier exists: in the usual case that costs nothing more
-        peak = float(absmax) if len(x) == 1 else float(absmax.max())
         columns = None
         regular = x
-        if peak > self.threshold:
+        # the row absmax says whether any outlier exists: in the usual case that costs nothing more
+        if float(absmax.max()) > self.threshold:
             columns = (x.abs() > self.threshold).any(0).nonzero().squeeze(1)
             regular = x.index_fill(1, columns, 0)
             absmax = row_absmax(regular)
-        codes, row_scale = quantize_rows(regular, absmax)
-        y = int8_product(codes, row_scale, self.weight, self.scale)
+        y = int8_product(*quantize_rows(regular, absmax), self.weight, self.scale)
         if columns is not None:  # the outlier features in float, against the dequantised columns
-            w = self.weight[:, columns].float() * self.scale[:, None]
-            y = torch.addmm(y, x[:, columns].float(), w.T)
+            w = self.weight.index_select(1, columns).float().mul_(self.scale[:, None])
+            y = torch.addmm(y, x.index_select(1, columns).float(), w.T)
         if self.bias is not None:
-            y = y + self.bias
+            y += self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
