@@ -127,3 +127,13 @@ def test_examples_pair_each_draft_position_with_the_targets_state_and_token_ther
     shifted = (teacher @ head.T + torch.randn(4, 2, 5)).requires_grad_()
     distillation_loss(shifted, teacher, head).backward()
     assert shifted.grad.abs().max() > 1e-3
+
+
+def test_built_in_prompts_are_distinct_and_keep_mt_bench_out(mt_bench_prompts):
+    """The drafter is measured on MT-Bench, so its training prompts share no MT-Bench question."""
+    from xqchat.app.drafter_prompts import default_prompts
+
+    prompts = default_prompts(2000)
+    assert len(set(prompts)) == len(prompts) == 2000
+    assert default_prompts(100) == prompts[:100]  # a longer run extends a shorter one's prompts
+    assert not set(prompts) & set(mt_bench_prompts)
