@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import cli
 from safetensors import safe_open
@@ -88,7 +89,9 @@ def test_batched_answers_are_the_engines_greedy_answers(tiny_models, default_tok
     assert len({len(p) for p in prompts}) == 3  # really padded
 
     def check(stop):
-        answers = greedy_answers(files, prompts, 10, 2, stop, lambda i, n: None)
+        answers = [
+            a for g in greedy_answers(files, [prompts[:2], prompts[2:]], 10, stop) for a in g
+        ]
         cfg = GenerationConfig(max_tokens=10, stop_tokens=stop)
         for ids, answer in zip(prompts, answers, strict=True):
             session = engine.new_session()
@@ -137,3 +140,43 @@ def test_built_in_prompts_are_distinct_and_keep_mt_bench_out(mt_bench_prompts):
     assert len(set(prompts)) == len(prompts) == 2000
     assert default_prompts(100) == prompts[:100]  # a longer run extends a shorter one's prompts
     assert not set(prompts) & set(mt_bench_prompts)
+
+
+def test_answering_resumes_at_the_first_unanswered_batch(tiny_models, default_tokenizer, tmp_path):
+    """Answering the prompts takes most of a training run: an interrupted one keeps every batch
+    it finished, answers only the rest when run again, and ends with what one run would give."""
+    from xqchat.app.bench import render_prompts
+    from xqchat.backends.base import EngineOptions, load_model
+    from xqchat.backends.cuda.train_drafter import TrainConfig, answer
+    from xqchat.models.registry import resolve
+
+    files = resolve(str(tiny_models["llama"]))
+    engine = load_model(files, EngineOptions(backend="torch", weights="fp32"))
+    texts = ["Hi", "Tell me about the sea.", "Why?", "Name a colour.", "Count to three."]
+    prompts = render_prompts(default_tokenizer, texts, 0)
+    cfg, stop = TrainConfig(new_tokens=6, answer_batch=2), frozenset({2})
+    whole = answer(engine, files, prompts, cfg, stop, lambda i, n: None, tmp_path / "whole")
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_a_batch(done, n):
+        if done >= 2:
+            raise Interrupted
+
+    parts = tmp_path / "parts"
+    with pytest.raises(Interrupted):
+        answer(engine, files, prompts, cfg, stop, interrupt_after_a_batch, parts)
+    assert sorted(p.name for p in parts.iterdir()) == ["000000.safetensors"]
+    reports = []
+    resumed = answer(engine, files, prompts, cfg, stop, lambda i, n: reports.append(i), parts)
+    assert reports == [2, 4, 5]  # the first batch was not answered again
+    for a, b in zip(resumed, whole, strict=True):
+        assert torch.equal(a["tokens"], b["tokens"]) and a["start"] == b["start"]
+        assert torch.equal(a["hidden"], b["hidden"])
+
+    # a batch saved for other prompts (e.g. another --limit) is answered again, not reused
+    reports.clear()
+    other = render_prompts(default_tokenizer, ["Hello", *texts[1:]], 0)
+    answer(engine, files, other, cfg, stop, lambda i, n: reports.append(i), parts)
+    assert reports == [3, 5]

@@ -13,8 +13,9 @@ so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import math
+import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ..drafter import DrafterConfig, target_key
 from .drafter import RecurrentDrafter
 
 DATA, STATE = "answers.safetensors", "training-state.safetensors"
+PARTS = "answers-so-far"  # the batches answered before `DATA` is whole
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,12 @@ class TrainConfig:
     seed: int = 0
 
 
-def greedy_answers(files, prompts, new_tokens: int, batch: int, stop: frozenset[int], progress):
-    """The model's greedy answers to the rendered `prompts`: up to `new_tokens` each, ending with
-    the first stop token (what follows is no part of a chat; padding it would teach the drafter
-    to predict padding). Batched through transformers' generate: a batch of 32 costs about as
-    much as one sequence on a CPU, which turns hours of answering into minutes."""
+def greedy_answers(files, groups: Iterable[list[list[int]]], new_tokens: int, stop: frozenset[int]):
+    """The model's greedy answers to each group of rendered prompts, group by group: up to
+    `new_tokens` each, ending with the first stop token (what follows is no part of a chat;
+    padding it would teach the drafter to predict padding). Batched through transformers'
+    generate: a batch of 32 costs about as much as one sequence on a CPU, which turns hours of
+    answering into minutes. The model is loaded at the first group."""
     from transformers import AutoModelForCausalLM
     from transformers import GenerationConfig as HFGeneration
 
@@ -58,41 +61,63 @@ def greedy_answers(files, prompts, new_tokens: int, batch: int, stop: frozenset[
     settings = HFGeneration(
         max_new_tokens=new_tokens, do_sample=False, eos_token_id=sorted(stop), pad_token_id=0
     )
-    answers = []
-    for first in range(0, len(prompts), batch):
-        progress(first, len(prompts))
-        group = prompts[first : first + batch]
+    for group in groups:
         width = max(map(len, group))  # left-padded, so every answer starts at `width`
         ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
-        for reply in out[:, width:].tolist():
-            end = next((i + 1 for i, token in enumerate(reply) if token in stop), len(reply))
-            answers.append(reply[:end])
-    progress(len(prompts), len(prompts))
-    return answers
+        replies = out[:, width:].tolist()
+        yield [
+            reply[: next((i + 1 for i, t in enumerate(reply) if t in stop), len(reply))]
+            for reply in replies
+        ]
 
 
-def answer(engine, files, prompts: list[list[int]], cfg, stop, progress) -> list[dict]:
+def answer(engine, files, prompts: list[list[int]], cfg, stop, progress, parts: Path) -> list[dict]:
     """Each rendered prompt with the target's greedy answer, and the final hidden states the
-    engine itself computes over both (the drafter is conditioned on exactly these at run time)."""
-    records = []
-    answers = greedy_answers(files, prompts, cfg.new_tokens, cfg.answer_batch, stop, progress)
-    for ids, reply in zip(prompts, answers, strict=True):
-        tokens = torch.tensor([ids + reply])
-        with torch.inference_mode():
-            hidden = engine.module(tokens, engine.module.new_caches(engine.cache))[0]
-        records.append({"tokens": tokens[0], "hidden": hidden.half(), "start": len(ids) - 1})
-    return records
+    engine itself computes over both (the drafter is conditioned on exactly these at run time).
+    Each batch of answers lands in `parts` as soon as it is made, so an interrupted run answers
+    only what it had not (a saved batch counts only if it holds exactly its prompts)."""
+    parts.mkdir(parents=True, exist_ok=True)
+    starts = range(0, len(prompts), cfg.answer_batch)
+
+    def saved(first: int) -> list[dict] | None:
+        path = parts / f"{first:06d}.safetensors"
+        records = load_answers(path) if path.is_file() else []
+        group = prompts[first : first + cfg.answer_batch]
+        matches = len(records) == len(group) and all(
+            r["tokens"][: len(ids)].tolist() == ids for r, ids in zip(records, group, strict=True)
+        )
+        return records if matches else None
+
+    todo = [first for first in starts if saved(first) is None]
+    done = len(prompts) - sum(len(prompts[f : f + cfg.answer_batch]) for f in todo)
+    progress(done, len(prompts))
+    groups = (prompts[f : f + cfg.answer_batch] for f in todo)
+    answers = greedy_answers(files, groups, cfg.new_tokens, stop)  # loads the model at first use
+    for first in todo:
+        replies, records = next(answers), []
+        for ids, reply in zip(prompts[first : first + cfg.answer_batch], replies, strict=True):
+            tokens = torch.tensor([ids + reply])
+            with torch.inference_mode():
+                hidden = engine.module(tokens, engine.module.new_caches(engine.cache))[0]
+            records.append({"tokens": tokens[0], "hidden": hidden.half(), "start": len(ids) - 1})
+        save_answers(records, parts / f"{first:06d}.safetensors")
+        done += len(records)
+        progress(done, len(prompts))
+    return [record for first in starts for record in saved(first)]
 
 
 def save_answers(records: list[dict], path: Path) -> None:
+    """Written under another name first, so a crash never leaves a torn file under `path`."""
     arrays = {}
     for i, r in enumerate(records):
         arrays[f"{i}.tokens"], arrays[f"{i}.hidden"] = r["tokens"], r["hidden"].contiguous()
         arrays[f"{i}.start"] = torch.tensor([r["start"]])
-    save_file(arrays, path)
+    partial = path.with_suffix(".partial")
+    save_file(arrays, partial)
+    partial.replace(path)
 
 
 def load_answers(path: Path) -> list[dict]:
@@ -213,8 +238,9 @@ def train(
     if (out / DATA).is_file():
         records = load_answers(out / DATA)
     else:
-        records = answer(engine, files, prompts, cfg, stop, answering)
+        records = answer(engine, files, prompts, cfg, stop, answering, out / PARTS)
         save_answers(records, out / DATA)
+        shutil.rmtree(out / PARTS)
     spec, module = engine.spec, engine.module
     table = module.embed.weight if spec.tied_embeddings else module.lm_head.dense_weight()
     embed = module.embed.weight.float()  # the RNN's inputs: the target's own embeddings
