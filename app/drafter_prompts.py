@@ -46,6 +46,50 @@ TEMPLATES = [
     "Explain how {} works to someone who only speaks in analogies to cooking.",
     "Act as a tutor. Ask me one question about {}, then explain the answer.",
     "Write a short review of an imaginary restaurant themed around {}.",
+    # longer requests with constraints, roles and follow-up structure, as people write in chats
+    "I am preparing a presentation on {} for my team. Suggest a structure with five slides, "
+    "a title for each, and one sentence on what each slide should say.",
+    "Write a blog post of about 200 words on {}, with a catchy title, an introduction, two "
+    "short sections with subheadings and a conclusion.",
+    "You are a university professor. Answer a student who asks why {} is important, in a "
+    "warm but precise tone, and end with a question for the student to think about.",
+    "Draft a polite email to a local council asking them to support a community event about "
+    "{}. Mention the date, the expected audience and what you need from them. Keep it brief.",
+    "Explain {} in three levels of detail: one sentence for a child, one paragraph for an "
+    "adult, and a technical note for an expert.",
+    "Give a balanced argument about {}: two points in favour, two points against, and your "
+    "own conclusion in one sentence.",
+    "Write a short scene for a play set in a small town, in which two neighbours discover "
+    "something surprising about {}. Include stage directions.",
+    "Summarise what a beginner should read or watch to learn about {}, as a list of five "
+    "resources with one line on why each is useful. The resources may be imaginary.",
+    "Create a lesson plan for a 45-minute class on {}, with learning goals, an activity and "
+    "a short assessment.",
+    "Pretend you are a famous scientist from history seeing {} for the first time. Describe "
+    "your reaction in the first person.",
+    "What questions should I ask an expert on {} if I only had five minutes? Give five "
+    "questions and explain why each matters.",
+    "Write a news article headline and a three-paragraph article about a recent imaginary "
+    "discovery related to {}.",
+    "Describe a typical day in the life of someone whose job involves {}. Use vivid detail.",
+    "Compare how {} was understood a hundred years ago with how it is understood today.",
+    "Write a motivational speech for students who think {} is boring. Keep it under 150 words.",
+    "Design a board game about {}: its goal, the rules in five bullet points, and what "
+    "players learn from it.",
+    "Rewrite the following idea in the style of a fairy tale: 'Scientists are still learning "
+    "new things about {}.'",
+    "Act as a careful editor. Here is my draft sentence: 'There is many reasons why {} are "
+    "important for peoples.' Correct it and explain each change.",
+    "Write a customer-support reply to someone who is confused about {}. Be patient, clear "
+    "and friendly, and offer a next step.",
+    "Make a table in Markdown with three columns (aspect, description, example) that describes {}.",
+    "Tell me a surprising story, true or invented, that involves {}, and then say which "
+    "parts are true.",
+    "Propose three research questions about {} for a high-school science fair, and say how "
+    "a student could test one of them.",
+    "Explain the difference between facts and opinions using {} as the example, with two of each.",
+    "Write a diary entry from the point of view of an object connected to {}.",
+    "I have one hour this evening to learn about {}. Make me a plan, minute by minute.",
 ]
 
 ONE_OFF = [  # forms that need no subject: reasoning, arithmetic, code, extraction
@@ -74,6 +118,25 @@ ONE_OFF = [  # forms that need no subject: reasoning, arithmetic, code, extracti
     "Write a short thank-you note from {n1} to {n2} for help with moving house.",
     "Plan a {b}-day trip for {n1} who loves hiking and museums.",
     "Give {n1} advice on how to prepare for a job interview next week.",
+    "{n1} wants to save {a} dollars in {b} weeks. How much is that per week? Give a plan.",
+    "A rectangle is {a} cm long and {b} cm wide. Find its area and perimeter, step by step.",
+    "Write a Python class for a bank account with deposit and withdraw methods, and explain "
+    "how {n1} would use it.",
+    "Explain the difference between a list and a dictionary in Python with one example each.",
+    "Write a function in any language that reverses the words in a sentence, and show it "
+    "working on '{n1} likes green tea'.",
+    "{n1}, {n2} and {n3} share a pizza with {b} slices equally. How many slices does each "
+    "get, and how many are left over?",
+    "If today is Monday, what day of the week will it be in {a} days? Explain your reasoning.",
+    "Summarise this message in one sentence: '{n1} cannot come to the meeting on Friday "
+    "because of a doctor's appointment, but {n2} will present the results instead.'",
+    "Turn these notes into a friendly paragraph: '{n1} - new job - moving in {b} weeks - "
+    "party on Saturday'.",
+    "Role-play: you are a shop assistant and {n1} wants to return a broken kettle. Write the "
+    "conversation.",
+    "Write a short motivational message for {n1}, who is running a race of {b} kilometres "
+    "tomorrow.",
+    "What is {a} percent of {c}? Explain how to calculate it in your head.",
 ]
 
 NAMES = ["Alice", "Bob", "Carlos", "Dana", "Emeka", "Fatima", "George", "Hana", "Ivan", "Julia"]
@@ -127,6 +190,26 @@ SUBJECTS = [
     "video games",
     "meditation",
     "glaciers",
+    "public transport",
+    "the history of money",
+    "space telescopes",
+    "urban gardening",
+    "social media",
+    "dinosaurs",
+    "the Olympic Games",
+    "artificial sweeteners",
+    "remote work",
+    "mountain climbing",
+    "the Silk Road",
+    "solar panels",
+    "language learning",
+    "birds' migration",
+    "photography",
+    "nuclear power",
+    "the microscope",
+    "friendship",
+    "personal budgeting",
+    "architecture",
 ]
 
 

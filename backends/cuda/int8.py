@@ -21,16 +21,9 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, math.inf, dim=-1, keepdim=True)
 
 
-def quantize_rows(
-    x: torch.Tensor, absmax: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """x (M, K) float and its row_absmax -> int8 codes (M, K) and the row scales, float32 (M, 1).
-    One row on a CPU (decode) gets a Python float: the scalar's arithmetic then costs no tensor
-    ops, which at ~5 us each are what int8 decode spends beyond its matmuls."""
-    if len(x) == 1 and not x.is_cuda:
-        scale = max(float(absmax), 1e-12) / 127
-    else:
-        scale = absmax.float().clamp_min(1e-12) / 127
+def quantize_rows(x: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float and its row_absmax -> int8 codes (M, K), float32 row scales (M, 1)."""
+    scale = absmax.float().clamp_min(1e-12).div_(127)
     return torch.div(x, scale).round_().to(torch.int8), scale
 
 
@@ -66,7 +59,8 @@ class Int8Linear(nn.Module):
         columns = None
         regular = x
         # the row absmax says whether any outlier exists: in the usual case that costs nothing more
-        if float(absmax.max()) > self.threshold:
+        peak = float(absmax) if len(x) == 1 else float(absmax.max())
+        if peak > self.threshold:
             columns = (x.abs() > self.threshold).any(0).nonzero().squeeze(1)
             regular = x.index_fill(1, columns, 0)
             absmax = row_absmax(regular)
