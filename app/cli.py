@@ -730,8 +730,8 @@ def baseline_speed(name: str, files, tokenizer, dtype: str, rendered, new_tokens
     "train-drafter",
     epilog="""
 \b
-The model answers the prompts (greedy) once; its answers are saved in the output folder, so a
-run that is stopped (Ctrl+C) resumes where it was, answers and checkpoints included.
+The model answers the prompts (greedy) once; its answers are saved in the output folder batch
+by batch, and checkpoints every 100 steps, so a run that is stopped (Ctrl+C) resumes where it was.
 Examples:
   xqchat train-drafter                          # the default model, built-in prompts
   xqchat train-drafter --steps 500 --prompts my_prompts.jsonl
