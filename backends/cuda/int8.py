@@ -23,8 +23,8 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_rows(x: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float and its row_absmax -> int8 codes (M, K), float32 row scales (M, 1)."""
-    scale = absmax.float().clamp_min(1e-12).div_(127)
-    return torch.div(x, scale).round_().to(torch.int8), scale
+    scale = absmax.float().clamp_min(1e-12) / 127
+    return torch.round(x / scale).to(torch.int8), scale
 
 
 def int8_product(codes: torch.Tensor, row_scale, weight: torch.Tensor, scale) -> torch.Tensor:
@@ -56,20 +56,21 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features)
         absmax = row_absmax(x)
-        columns = None
-        regular = x
         # the row absmax says whether any outlier exists: in the usual case that costs nothing more
         peak = float(absmax) if len(x) == 1 else float(absmax.max())
+        columns = None
+        regular = x
         if peak > self.threshold:
             columns = (x.abs() > self.threshold).any(0).nonzero().squeeze(1)
             regular = x.index_fill(1, columns, 0)
             absmax = row_absmax(regular)
-        y = int8_product(*quantize_rows(regular, absmax), self.weight, self.scale)
+        codes, row_scale = quantize_rows(regular, absmax)
+        y = int8_product(codes, row_scale, self.weight, self.scale)
         if columns is not None:  # the outlier features in float, against the dequantised columns
-            w = self.weight.index_select(1, columns).float().mul_(self.scale[:, None])
-            y = torch.addmm(y, x.index_select(1, columns).float(), w.T)
+            w = self.weight[:, columns].float() * self.scale[:, None]
+            y = torch.addmm(y, x[:, columns].float(), w.T)
         if self.bias is not None:
-            y += self.bias
+            y = y + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
