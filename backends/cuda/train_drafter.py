@@ -91,7 +91,8 @@ def answer(engine, files, prompts: list[list[int]], cfg, stop, progress, parts: 
         )
         return records if matches else None
 
-    todo = [first for first in starts if saved(first) is None]
+    batches = {first: saved(first) for first in starts}  # each part file is read once
+    todo = [first for first, records in batches.items() if records is None]
     done = len(prompts) - sum(len(prompts[f : f + cfg.answer_batch]) for f in todo)
     progress(done, len(prompts))
     groups = (prompts[f : f + cfg.answer_batch] for f in todo)
@@ -104,9 +105,10 @@ def answer(engine, files, prompts: list[list[int]], cfg, stop, progress, parts: 
                 hidden = engine.module(tokens, engine.module.new_caches(engine.cache))[0]
             records.append({"tokens": tokens[0], "hidden": hidden.half(), "start": len(ids) - 1})
         save_answers(records, parts / f"{first:06d}.safetensors")
+        batches[first] = records
         done += len(records)
         progress(done, len(prompts))
-    return [record for first in starts for record in saved(first)]
+    return [record for first in starts for record in batches[first]]
 
 
 def save_answers(records: list[dict], path: Path) -> None:

@@ -1,8 +1,9 @@
 """Asymmetric group quantization with bit-packed codes, in MLX (mirror of backends/cuda/quant.py).
 Every `group` consecutive values along the last axis share an fp16 scale and zero point:
 x ~ code * scale + zero. The codes are the PyTorch backend's (min/max per group, at 2 bits
-narrowed where that rebuilds the group more closely; round half to even), packed as a little-endian bit stream into uint32 words: exactly MLX's affine layout, so
-mx.dequantize and mx.quantized_matmul read them, and the same bytes as the PyTorch packing."""
+narrowed where that rebuilds the group more closely; round half to even), packed as a
+little-endian bit stream into uint32 words: exactly MLX's affine layout, so mx.dequantize and
+mx.quantized_matmul read them, and the same bytes as the PyTorch packing."""
 
 from __future__ import annotations
 
