@@ -539,6 +539,7 @@ def test_long_caches_are_read_in_spans(tiny_models, backend, kind, monkeypatch):
         session.prefill(list(range(500, 560)))
         chunk = session.logits(list(range(600, 620)))  # 20 new tokens over 3 spans, masked
         runs.append(np.concatenate([chunk, session.logits([5]), session.logits([6])]))
+    # float32 sums in another order: differences of ~1e-4 on logits of magnitude ~1
     torch.testing.assert_close(
-        torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4
+        torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=2e-4
     )

@@ -17,7 +17,7 @@ from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
 from ..latents import LayerLatents, row_group
-from . import kernels
+from . import cpu_kernels, kernels
 from .quant import Quantized, dequantize, quantize, quantize_columns
 
 
@@ -247,11 +247,7 @@ class TokenStore:
             )
             at = n_sink + first * self.group - start
             flushed = rows[at : at + (last - first) * self.group].view(last - first, -1)
-            if self.delta:
-                delta = self.scratch("delta", flushed.shape, dtype, out.device)
-                flushed += dequantize(blocks, dtype, delta, codes)
-            else:
-                dequantize(blocks, dtype, flushed, codes)
+            dequantize(blocks, dtype, flushed, codes, accumulate=self.delta)
         if stop > n_old:
             rows[max(0, n_old - start) :] = self.exact[max(0, start - n_old) : stop - n_old]
         return rows
@@ -512,10 +508,8 @@ class XQuantCache:
                 rows[start:stop] if rows is not None else self._span(i, store, start, stop, dtype)
                 for i, (store, rows) in enumerate(zip(self.stores, chained, strict=True))
             ]
-            keys = layer.finish_keys(latents.to_keys(cached[latents.key_stream])[None].to(dtype))
-            rotated = self.scratch("rotated", keys.shape, dtype, device)
-            keys = rotate(keys, cos[start:stop], sin[start:stop], out=rotated)
-            scores = (q @ keys[0].transpose(1, 2)).float() * q.shape[-1] ** -0.5
+            keys = latents.to_keys(cached[latents.key_stream])
+            scores = self._scores(layer, q, keys, cos[start:stop], sin[start:stop])
             if mask is not None:
                 scores.masked_fill_(~mask[:, start:stop], float("-inf"))
             values = cached[latents.value_stream]
@@ -527,6 +521,22 @@ class XQuantCache:
                 ((weights.to(dtype) @ values)[:, None], top[:, None], weights.sum(-1)[:, None])
             )
         return kernels.merge_partials(parts).to(dtype)
+
+    def _scores(self, layer, q, keys, cos, sin):
+        """q (H_kv, m, D) against the rebuilt keys x @ W_k (T, kv_dim): the forward's bias and
+        k-norm, RoPE, the scaled products, (H_kv, m, T) float32; in one C pass over the keys on
+        the CPU (cpu_kernels.c), else as torch ops."""
+        bias = None if layer.wkv.bias is None else layer.wkv.bias[: layer.kv_dim]
+        norm = layer.k_norm if layer.qk_norm else None
+        if not q.is_cuda and cpu_kernels.library() is not None:
+            if keys.dtype not in (torch.float32, torch.bfloat16):
+                keys = keys.float()
+            weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+            return cpu_kernels.rope_scores(keys, q, cos, sin, bias, weight, eps)
+        keys = layer.finish_keys(keys[None].to(q.dtype))
+        rotated = self.scratch("rotated", keys.shape, q.dtype, q.device)
+        keys = rotate(keys, cos, sin, out=rotated)
+        return (q @ keys[0].transpose(1, 2)).float() * q.shape[-1] ** -0.5
 
     def _span(self, i, store, start, stop, dtype):  # stream i's rows start..stop, reused buffer
         buffer = self.scratch(i, (stop - start, store.width), dtype, store.exact.device)

@@ -29,6 +29,7 @@ from xqchat.models.weights import to_engine_layout
 from .. import int8
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
 from ..latents import layer_latents
+from . import cpu_kernels
 from .cache import Latents, Scratch, new_caches
 from .int8 import Int8Embedding, Int8Linear
 from .session import EngineSession
@@ -403,4 +404,8 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
             notes.append(
                 "oneDNN packed bf16 matmuls are unavailable here; plain bf16 matmuls are slower"
             )
+    if device == "cpu" and opts.cache.kind != "kv" and cpu_kernels.library() is None:
+        notes.append(
+            "no working C compiler (cc): quantized caches are read by separate torch ops, slower"
+        )
     return Engine(module, device, dtype, opts.cache, tuple(notes))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant import clip_ratios
+from . import cpu_kernels
 
 
 @dataclass
@@ -134,14 +135,19 @@ def quantize_columns(x: torch.Tensor, bits: int) -> Quantized:
 
 
 def dequantize(
-    q: Quantized, dtype=torch.float32, out: torch.Tensor | None = None, codes=None
+    q: Quantized, dtype=torch.float32, out: torch.Tensor | None = None, codes=None, accumulate=False
 ) -> torch.Tensor:
     """Values (..., n) in `dtype`, n = the packed row's values; written into `out` (contiguous)
-    when given, unpacking through the uint8 buffer `codes` when given (both reused buffers)."""
-    codes = unpack(q.codes, q.bits, out=codes)
+    when given, or added to it (`accumulate`), unpacking through the uint8 buffer `codes` when
+    given (both reused buffers). Float32 on the CPU runs in one fused C pass (cpu_kernels.c)."""
+    shape = (*q.codes.shape[:-1], math.prod(q.shape))
     if out is None:
-        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    values = out.view(*codes.shape[:-1], *q.shape)
+        out = torch.empty(shape, dtype=dtype, device=q.codes.device)
+    if out.dtype == torch.float32 and not out.is_cuda and cpu_kernels.library() is not None:
+        return cpu_kernels.dequantize(q, out, accumulate).view(shape)
+    codes = unpack(q.codes, q.bits, out=codes)
+    target = torch.empty_like(out) if accumulate else out
+    values = target.view(*codes.shape[:-1], *q.shape)
     values.copy_(codes.view(values.shape))
     values.mul_(q.scale.to(dtype)).add_(q.zero.to(dtype))
-    return out.view(*codes.shape[:-1], math.prod(q.shape))
+    return (out.add_(target) if accumulate else out).view(shape)
