@@ -132,14 +132,14 @@ DRAFTER_OPTIONS = [
     click.option(
         "--beam-width",
         type=click.IntRange(min=1),
-        default=4,
+        default=EngineOptions.beam_width,
         show_default=True,
         help="Drafter beams per step.",
     ),
     click.option(
         "--beam-length",
         type=click.IntRange(min=1),
-        default=4,
+        default=EngineOptions.beam_length,
         show_default=True,
         help="Tokens per drafter beam, the model's own next token included.",
     ),
@@ -171,8 +171,8 @@ def engine_options(
     cache_sink,
     mha,
     drafter="none",
-    beam_width=4,
-    beam_length=4,
+    beam_width=EngineOptions.beam_width,
+    beam_length=EngineOptions.beam_length,
 ) -> EngineOptions:
     cache = CacheSpec(
         kind=cache, bits=int(bits), group=int(group), residual=residual, sink=cache_sink
@@ -653,7 +653,7 @@ def ppl(text, window, windows, chunk, as_json, **options):
 Examples:
   xqchat bench speed --new-tokens 128 --compare hf
   xqchat bench speed --prompts ../shared/data/mt_bench_questions.jsonl --json
-  xqchat bench speed --drafter auto --beam-width 4 --beam-length 4
+  xqchat bench speed --drafter auto --beam-width 2 --beam-length 4
 """
 )
 @model_options

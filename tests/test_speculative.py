@@ -251,7 +251,7 @@ def test_drafter_checkpoint_round_trip_and_refusals(tmp_path, tiny, backend, tin
         resolve(str(tiny_models["qwen2"])),
         EngineOptions(backend=backend, weights="fp32", drafter=str(tmp_path / "d")),
     )
-    assert engine.drafter is not None and engine.beams == (4, 4)
+    assert engine.drafter is not None and engine.beams == (2, 4)  # the defaults
     session = engine.new_session()
     session.prefill([1, 2, 3])
     beams = on_engine(lambda: engine.drafter.draft(session._next_hidden, 11, 3, 5))

@@ -116,9 +116,14 @@ class Settings:
         "distribution.",
         suggest=lambda: ("none", "auto"),
     )
-    beam_width: int = setting(4, "Beam width", "Drafter beams per step.", low=1)
+    beam_width: int = setting(
+        EngineOptions.beam_width, "Beam width", "Drafter beams per step.", low=1
+    )
     beam_length: int = setting(
-        4, "Beam length", "Tokens per drafter beam, the model's own next token included.", low=1
+        EngineOptions.beam_length,
+        "Beam length",
+        "Tokens per drafter beam, the model's own next token included.",
+        low=1,
     )
     temperature: float = setting(0.0, "Temperature", "0 = greedy (deterministic).", low=0, high=2)
     top_p: float = setting(
