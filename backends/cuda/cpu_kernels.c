@@ -2,7 +2,9 @@
  * In eager PyTorch each step below is a separate op that reads and writes every cached token's
  * row again; here each row is read once. Built at first use by cpu_kernels.py (-O3
  * -march=native; -ffp-contract=off, so `dequantize` rounds exactly as the torch ops do and the
- * tests can compare them bit for bit). */
+ * tests can compare them bit for bit). With -fopenmp the passes split their blocks or tokens
+ * over the threads of the OpenMP runtime PyTorch has loaded (the same libgomp.so.1, so the same
+ * thread count); without it they run on one. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,8 +45,11 @@ static void unpack(const uint8_t *packed, int64_t n, int bits, uint8_t *code) {
  * (columns = 1), or one per `inner` consecutive values. */
 void dequantize(const uint8_t *codes, const float *scale, const float *zero, int64_t n_blocks,
                 int64_t n, int bits, int64_t inner, int columns, int accumulate, float *out) {
-    uint8_t *code = malloc(n);
     int64_t packed_bytes = n * bits / 8, n_scales = columns ? inner : n / inner;
+#pragma omp parallel
+    {
+    uint8_t *code = malloc(n);
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; b++) {
         unpack(codes + b * packed_bytes, n, bits, code);
         const float *s = scale + b * n_scales, *z = zero + b * n_scales;
@@ -65,6 +70,7 @@ void dequantize(const uint8_t *codes, const float *scale, const float *zero, int
         }
     }
     free(code);
+    }
 }
 
 /* One key row (n_kv heads of D values, already float32) -> its scores against the heads' m
@@ -107,7 +113,10 @@ void rope_scores(const void *keys, int keys_bf16, const float *bias, const float
                  const float *cos, const float *sin, const float *q, int64_t T, int64_t n_kv,
                  int64_t m, int64_t D, float sm_scale, float *scores) {
     int64_t width = n_kv * D;
+#pragma omp parallel
+    {
     float *k = malloc(width * sizeof(float));
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         if (keys_bf16) {
             const uint16_t *row = (const uint16_t *)keys + t * width;
@@ -125,4 +134,5 @@ void rope_scores(const void *keys, int keys_bf16, const float *bias, const float
             score_row(k, norm, eps, c, s, q, n_kv, m, D, sm_scale, scores + t, T);
     }
     free(k);
+    }
 }

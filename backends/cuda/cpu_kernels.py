@@ -19,18 +19,19 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
+THREADS = ["-fopenmp"]  # dropped where the compiler has no OpenMP (Apple's clang)
 _i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: list[str]) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.node()]).encode())
+    key = hashlib.sha256(source + " ".join([compiler, *flags, platform.node()]).encode())
     target = Path(platformdirs.user_cache_dir("xqchat")) / "kernels" / f"{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
-            [compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"],
+            [compiler, *flags, "-o", str(partial), str(SOURCE), "-lm"],
             check=True,
             capture_output=True,
             timeout=120,
@@ -46,9 +47,13 @@ def library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError):
+    for flags in (FLAGS + THREADS, FLAGS):
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, flags)))
+            break
+        except (OSError, subprocess.SubprocessError):
+            continue
+    else:
         return None
     lib.dequantize.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _int, _i64, _int, _int, _ptr]
     lib.rope_scores.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr]
