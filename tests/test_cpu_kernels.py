@@ -11,13 +11,14 @@ from xqchat.backends.base import CacheSpec
 from xqchat.backends.cuda import cpu_kernels, quant
 from xqchat.backends.cuda.cache import rotate
 
-pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler")
+needs_c = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler")
 
 
 def without_c(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "library", lambda: None)
 
 
+@needs_c
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("columns", [True, False])
 @pytest.mark.parametrize("accumulate", [False, True])
@@ -40,13 +41,28 @@ def test_dequantize_equals_the_torch_ops_bit_for_bit(bits, columns, accumulate, 
         assert (want.view(3, 64, 96) - blocks).abs().max() < (blocks.amax() - blocks.amin()) / 2
 
 
+@needs_c
+def test_one_block_and_one_column_wide_blocks(monkeypatch):
+    """An unstacked block (as a flush quantizes it) and per-channel blocks one column wide."""
+    g = torch.Generator().manual_seed(0)
+    cases = [quant.quantize(torch.randn(64 * 8, generator=g), 3, 32)]
+    cases += [quant.quantize_columns(torch.randn(n, 16, 1, generator=g), 4) for n in (1, 3)]
+    got = [quant.dequantize(q) for q in cases]
+    without_c(monkeypatch)
+    for q, values in zip(cases, got, strict=True):
+        assert torch.equal(values, quant.dequantize(q))
+
+
+@needs_c
+@pytest.mark.parametrize("d", [64, 128, 80])
 @pytest.mark.parametrize("keys_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias_and_norm", [False, True])
-def test_scores_equal_the_torch_ops(keys_dtype, bias_and_norm):
+def test_scores_equal_the_torch_ops(d, keys_dtype, bias_and_norm):
     """Keys (T, H_kv * D) get the bias, the k-norm and RoPE at their positions, then the scaled
-    products with each head's queries: as the forward computes them."""
+    products with each head's queries: as the forward computes them (head sizes 64 and 128 have
+    their own compiled loops)."""
     g = torch.Generator().manual_seed(0)
-    n_kv, m, d, t = 3, 4, 64, 50
+    n_kv, m, t = 3, 4, 50
     keys = torch.randn(t, n_kv * d, generator=g).to(keys_dtype)
     q = torch.randn(n_kv, m, d, generator=g)
     bias = torch.randn(n_kv * d, generator=g) if bias_and_norm else None
@@ -63,19 +79,34 @@ def test_scores_equal_the_torch_ops(keys_dtype, bias_and_norm):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_c
 @pytest.mark.parametrize("kind", ["kv-quant", "xquant", "xquant-cl"])
-@pytest.mark.parametrize("model", ["gqa-qwen3", "llama"])
+@pytest.mark.parametrize("model", ["gqa-qwen3", "llama", "qwen2"])
 def test_decoding_with_and_without_the_c_passes(tiny_models, kind, model, monkeypatch):
-    """The logits of prefill chunks and decode steps (k-norm on Qwen3; MHA X on Llama) are the
-    same through the C passes and the torch ops."""
+    """The logits of prefill chunks and decode steps (k-norm on Qwen3; MHA X on Llama; a K/V
+    bias on Qwen2) are the same through the C passes and the torch ops. One base layer, so the
+    second layer stores differences that are added to the first's rows."""
+    from xqchat.backends.cuda import cache as caches
+
+    monkeypatch.setattr(caches, "BASE_LAYERS", 1)
+    calls = []
+    for name in ("dequantize", "rope_scores"):
+        run = getattr(cpu_kernels, name)
+        monkeypatch.setattr(
+            cpu_kernels, name, lambda *a, _run=run, _name=name: calls.append(_name) or _run(*a)
+        )
     engine = load_tiny(tiny_models, model, "torch")
     runs = []
-    for _ in range(2):
+    for c_passes in (True, False):
+        if not c_passes:
+            without_c(monkeypatch)
         session = engine.new_session(CacheSpec(kind=kind, bits=3, group=32, residual=8))
         session.prefill(list(range(400, 480)))
         chunk = session.logits(list(range(600, 610)))
         runs.append(np.concatenate([chunk, *(session.logits([t]) for t in (7, 8, 9))]))
-        without_c(monkeypatch)
+        expected = {"dequantize", "rope_scores"} if kind != "kv-quant" else {"dequantize"}
+        assert set(calls) == (expected if c_passes else set())
+        calls.clear()
     torch.testing.assert_close(
         torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4
     )
@@ -89,10 +120,14 @@ def test_without_a_compiler_the_torch_ops_run_and_the_engine_says_so(
     cpu_kernels.library.cache_clear()
     try:
         assert cpu_kernels.library() is None
-        engine = load_tiny(tiny_models, "llama", "torch", cache=CacheSpec(kind="xquant", bits=4))
-        assert any("C compiler" in note for note in engine.notes)
+        spec = CacheSpec(kind="xquant-cl", bits=8, group=32, residual=8)
+        engine = load_tiny(tiny_models, "llama", "torch", cache=spec)
+        assert any("C passes" in note for note in engine.notes)
         session = engine.new_session()
-        session.prefill(list(range(400, 480)))
-        assert np.isfinite(session.logits([7])).all()
+        session.prefill(list(range(400, 480)))  # blocks flushed: read back through torch ops
+        logits = session.logits([7])
+        exact = load_tiny(tiny_models, "llama", "torch").new_session()
+        exact.prefill(list(range(400, 480)))
+        np.testing.assert_allclose(logits, exact.logits([7]), atol=0.02)  # 8 bits: close to kv
     finally:
         cpu_kernels.library.cache_clear()

@@ -3,8 +3,8 @@
  * row again; here each row is read once. Built at first use by cpu_kernels.py (-O3
  * -march=native; -ffp-contract=off, so `dequantize` rounds exactly as the torch ops do and the
  * tests can compare them bit for bit). With -fopenmp the passes split their blocks or tokens
- * over the threads of the OpenMP runtime PyTorch has loaded (the same libgomp.so.1, so the same
- * thread count); without it they run on one. */
+ * over PyTorch's thread count (`threads`), in the OpenMP runtime PyTorch has loaded where it is
+ * the same libgomp.so.1; without OpenMP they run on one thread. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,32 +44,33 @@ static void unpack(const uint8_t *packed, int64_t n, int bits, uint8_t *code) {
  * block, scale and zero (float32) hold one value per column of the block's `inner`-wide rows
  * (columns = 1), or one per `inner` consecutive values. */
 void dequantize(const uint8_t *codes, const float *scale, const float *zero, int64_t n_blocks,
-                int64_t n, int bits, int64_t inner, int columns, int accumulate, float *out) {
+                int64_t n, int bits, int64_t inner, int columns, int accumulate, float *out,
+                int threads) {
     int64_t packed_bytes = n * bits / 8, n_scales = columns ? inner : n / inner;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads) if (n_blocks > 1)
     {
-    uint8_t *code = malloc(n);
+        uint8_t *code = malloc(n);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < n_blocks; b++) {
-        unpack(codes + b * packed_bytes, n, bits, code);
-        const float *s = scale + b * n_scales, *z = zero + b * n_scales;
-        for (int64_t start = 0; start < n; start += inner) {
-            const uint8_t *c = code + start;
-            float *o = out + b * n + start;
-            if (columns && accumulate)
-                for (int64_t i = 0; i < inner; i++) o[i] += c[i] * s[i] + z[i];
-            else if (columns)
-                for (int64_t i = 0; i < inner; i++) o[i] = c[i] * s[i] + z[i];
-            else {
-                float sg = s[start / inner], zg = z[start / inner];
-                if (accumulate)
-                    for (int64_t i = 0; i < inner; i++) o[i] += c[i] * sg + zg;
-                else
-                    for (int64_t i = 0; i < inner; i++) o[i] = c[i] * sg + zg;
+        for (int64_t b = 0; b < n_blocks; b++) {
+            unpack(codes + b * packed_bytes, n, bits, code);
+            const float *s = scale + b * n_scales, *z = zero + b * n_scales;
+            for (int64_t start = 0; start < n; start += inner) {
+                const uint8_t *c = code + start;
+                float *o = out + b * n + start;
+                if (columns && accumulate)
+                    for (int64_t i = 0; i < inner; i++) o[i] += c[i] * s[i] + z[i];
+                else if (columns)
+                    for (int64_t i = 0; i < inner; i++) o[i] = c[i] * s[i] + z[i];
+                else {
+                    float sg = s[start / inner], zg = z[start / inner];
+                    if (accumulate)
+                        for (int64_t i = 0; i < inner; i++) o[i] += c[i] * sg + zg;
+                    else
+                        for (int64_t i = 0; i < inner; i++) o[i] = c[i] * sg + zg;
+                }
             }
         }
-    }
-    free(code);
+        free(code);
     }
 }
 
@@ -111,28 +112,28 @@ static inline void score_row(float *restrict k, const float *restrict norm, floa
  * scores (n_kv, m, T) = q (n_kv, m, D) . key * sm_scale. Each key row is read once. */
 void rope_scores(const void *keys, int keys_bf16, const float *bias, const float *norm, float eps,
                  const float *cos, const float *sin, const float *q, int64_t T, int64_t n_kv,
-                 int64_t m, int64_t D, float sm_scale, float *scores) {
+                 int64_t m, int64_t D, float sm_scale, float *scores, int threads) {
     int64_t width = n_kv * D;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads) if (T > 1)
     {
-    float *k = malloc(width * sizeof(float));
+        float *k = malloc(width * sizeof(float));
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        if (keys_bf16) {
-            const uint16_t *row = (const uint16_t *)keys + t * width;
-            for (int64_t i = 0; i < width; i++) k[i] = from_bf16(row[i]);
-        } else
-            memcpy(k, (const float *)keys + t * width, width * sizeof(float));
-        if (bias)
-            for (int64_t i = 0; i < width; i++) k[i] += bias[i];
-        const float *c = cos + t * D, *s = sin + t * D;
-        if (D == 64)
-            score_row(k, norm, eps, c, s, q, n_kv, m, 64, sm_scale, scores + t, T);
-        else if (D == 128)
-            score_row(k, norm, eps, c, s, q, n_kv, m, 128, sm_scale, scores + t, T);
-        else
-            score_row(k, norm, eps, c, s, q, n_kv, m, D, sm_scale, scores + t, T);
-    }
-    free(k);
+        for (int64_t t = 0; t < T; t++) {
+            if (keys_bf16) {
+                const uint16_t *row = (const uint16_t *)keys + t * width;
+                for (int64_t i = 0; i < width; i++) k[i] = from_bf16(row[i]);
+            } else
+                memcpy(k, (const float *)keys + t * width, width * sizeof(float));
+            if (bias)
+                for (int64_t i = 0; i < width; i++) k[i] += bias[i];
+            const float *c = cos + t * D, *s = sin + t * D;
+            if (D == 64)
+                score_row(k, norm, eps, c, s, q, n_kv, m, 64, sm_scale, scores + t, T);
+            else if (D == 128)
+                score_row(k, norm, eps, c, s, q, n_kv, m, 128, sm_scale, scores + t, T);
+            else
+                score_row(k, norm, eps, c, s, q, n_kv, m, D, sm_scale, scores + t, T);
+        }
+        free(k);
     }
 }

@@ -1,5 +1,5 @@
 """The fused CPU passes of XQuant decode (cpu_kernels.c), compiled at first use by the system's
-C compiler into the user's cache (one library per source, flags and machine) and called through
+C compiler into the user's cache (one library per source, flags and CPU) and called through
 ctypes on the tensors' memory. Where no compiler works, `library()` is None: the cache runs the
 same passes as separate torch ops (correct, slower) and the engine says so."""
 
@@ -10,33 +10,52 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 
 import platformdirs
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
-THREADS = ["-fopenmp"]  # dropped where the compiler has no OpenMP (Apple's clang)
+FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
+# Tried in order: this CPU's instructions and OpenMP threads, then without OpenMP (Apple's
+# clang has none), then without -march=native (compilers that refuse it).
+VARIANTS = (["-march=native", "-fopenmp"], ["-march=native"], [])
 _i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_lock = threading.Lock()
 
 
-def _build(compiler: str, flags: list[str]) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags, platform.node()]).encode())
-    target = Path(platformdirs.user_cache_dir("xqchat")) / "kernels" / f"{key.hexdigest()[:16]}.so"
+def _cpu() -> str:
+    """What -march=native compiles for: a library built on another CPU may not run here."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join([line for line in lines if line.startswith(("model name", "flags"))][:2])
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _build(compiler: list[str], flags: list[str]) -> Path:
+    identity = " ".join([*compiler, *flags, _cpu()]).encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + identity).hexdigest()[:16]
+    target = Path(platformdirs.user_cache_dir("xqchat")) / "kernels" / f"{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run(
-            [compiler, *flags, "-o", str(partial), str(SOURCE), "-lm"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        partial.replace(target)  # atomic: another process never loads a half-written library
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(handle)
+        try:
+            subprocess.run(
+                [*compiler, *flags, "-o", partial, str(SOURCE), "-lm"],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            os.replace(partial, target)  # atomic: no process loads a half-written library
+        finally:
+            Path(partial).unlink(missing_ok=True)
     return target
 
 
@@ -47,25 +66,28 @@ def library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    for flags in (FLAGS + THREADS, FLAGS):
-        try:
-            lib = ctypes.CDLL(str(_build(compiler, flags)))
-            break
-        except (OSError, subprocess.SubprocessError):
-            continue
-    else:
-        return None
-    lib.dequantize.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _int, _i64, _int, _int, _ptr]
+    with _lock:
+        for variant in VARIANTS:
+            try:
+                lib = ctypes.CDLL(str(_build(shlex.split(compiler), FLAGS + variant)))
+                break
+            except (OSError, subprocess.SubprocessError):
+                continue
+        else:
+            return None
+    lib.dequantize.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _int, _i64, _int, _int, _ptr, _int]
     lib.rope_scores.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr]
-    lib.rope_scores.argtypes += [_i64, _i64, _i64, _i64, _f32, _ptr]
+    lib.rope_scores.argtypes += [_i64, _i64, _i64, _i64, _f32, _ptr, _int]
     return lib
 
 
 def _address(t: torch.Tensor | None):
-    if t is None:
-        return None
-    assert t.is_contiguous() and t.device.type == "cpu", "the C kernels read contiguous CPU rows"
-    return t.data_ptr()
+    return None if t is None else t.data_ptr()
+
+
+def _check(condition: bool, what: str) -> None:
+    if not condition:  # not an assert: the C side would read or write out of bounds
+        raise ValueError(f"cpu_kernels: {what}")
 
 
 def dequantize(q, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
@@ -73,12 +95,19 @@ def dequantize(q, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
     to it."""
     n = q.shape[0] * q.shape[1]
     blocks = out.numel() // n
-    columns = q.scale.shape[-1] > 1  # quantize_columns: a scale per column, not per group
-    scale, zero = (t.float().contiguous() for t in (q.scale, q.zero))
-    assert out.dtype == torch.float32 and q.codes.numel() == blocks * n * q.bits // 8
+    # quantize_columns: one scale per column (..., 1, columns); quantize: one per group (..., groups, 1)
+    columns = q.scale.shape[-2] == 1 and q.scale.shape[-1] == q.shape[1]
+    n_scales = q.shape[1] if columns else q.shape[0]
+    codes, scale, zero = (t.contiguous() for t in (q.codes, q.scale.float(), q.zero.float()))
+    _check(
+        out.dtype == torch.float32 and out.is_contiguous() and not out.is_cuda
+        and out.numel() == blocks * n and codes.numel() == blocks * n * q.bits // 8
+        and scale.numel() == zero.numel() == blocks * n_scales,
+        "the codes, scales and output of dequantize do not match",
+    )  # fmt: skip
     library().dequantize(
-        _address(q.codes), _address(scale), _address(zero), blocks, n, q.bits, q.shape[1],
-        int(columns), int(accumulate), _address(out),
+        _address(codes), _address(scale), _address(zero), blocks, n, q.bits, q.shape[1],
+        int(columns), int(accumulate), _address(out), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -88,10 +117,20 @@ def rope_scores(keys, q, cos, sin, bias, norm, eps: float) -> torch.Tensor:
     (bf16 or float32), after the bias, the k-norm (weight (D,)) and RoPE (tables (T, D))."""
     n_kv, m, d = q.shape
     t = keys.shape[0]
+    keys = keys.contiguous()
+    bias, norm, cos, sin, q = (
+        None if x is None else x.float().contiguous() for x in (bias, norm, cos, sin, q)
+    )
+    _check(
+        keys.dtype in (torch.float32, torch.bfloat16) and keys.shape == (t, n_kv * d)
+        and cos.shape == sin.shape == (t, d) and (bias is None or bias.shape == (n_kv * d,))
+        and (norm is None or norm.shape == (d,)),
+        "the keys, tables and queries of rope_scores do not match",
+    )  # fmt: skip
     scores = torch.empty(n_kv, m, t, dtype=torch.float32)
-    f32 = [None if x is None else x.float().contiguous() for x in (bias, norm, cos, sin, q)]
     library().rope_scores(
-        _address(keys), int(keys.dtype == torch.bfloat16), *map(_address, f32[:2]), eps,
-        *map(_address, f32[2:]), t, n_kv, m, d, d**-0.5, _address(scores),
+        _address(keys), int(keys.dtype == torch.bfloat16), _address(bias), _address(norm), eps,
+        _address(cos), _address(sin), _address(q), t, n_kv, m, d, d**-0.5, _address(scores),
+        torch.get_num_threads(),
     )  # fmt: skip
     return scores

@@ -406,6 +406,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
             )
     if device == "cpu" and opts.cache.kind != "kv" and cpu_kernels.library() is None:
         notes.append(
-            "no working C compiler (cc): quantized caches are read by separate torch ops, slower"
+            "the C passes for quantized caches are off (no working C compiler, `cc`, or "
+            "XQCHAT_NO_CPU_KERNELS is set): they run as separate torch ops, slower"
         )
     return Engine(module, device, dtype, opts.cache, tuple(notes))
