@@ -247,7 +247,8 @@ class TokenStore:
             )
             at = n_sink + first * self.group - start
             flushed = rows[at : at + (last - first) * self.group].view(last - first, -1)
-            dequantize(blocks, dtype, flushed, codes, accumulate=self.delta)
+            delta = self.scratch("delta", flushed.shape, dtype, out.device) if self.delta else None
+            dequantize(blocks, dtype, flushed, codes, accumulate=self.delta, values=delta)
         if stop > n_old:
             rows[max(0, n_old - start) :] = self.exact[max(0, start - n_old) : stop - n_old]
         return rows
@@ -526,13 +527,10 @@ class XQuantCache:
         """q (H_kv, m, D) against the rebuilt keys x @ W_k (T, kv_dim): the forward's bias and
         k-norm, RoPE, the scaled products, (H_kv, m, T) float32; in one C pass over the keys on
         the CPU (cpu_kernels.c), else as torch ops."""
-        bias = None if layer.wkv.bias is None else layer.wkv.bias[: layer.kv_dim]
-        norm = layer.k_norm if layer.qk_norm else None
         if not q.is_cuda and cpu_kernels.library() is not None:
-            if keys.dtype not in (torch.float32, torch.bfloat16):
-                keys = keys.float()
-            weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
-            return cpu_kernels.rope_scores(keys, q, cos, sin, bias, weight, eps)
+            bias = None if layer.wkv.bias is None else layer.wkv.bias[: layer.kv_dim]
+            norm, eps = (layer.k_norm.weight, layer.k_norm.eps) if layer.qk_norm else (None, 0.0)
+            return cpu_kernels.rope_scores(keys, q, cos, sin, bias, norm, eps)
         keys = layer.finish_keys(keys[None].to(q.dtype))
         rotated = self.scratch("rotated", keys.shape, q.dtype, q.device)
         keys = rotate(keys, cos, sin, out=rotated)

@@ -135,19 +135,25 @@ def quantize_columns(x: torch.Tensor, bits: int) -> Quantized:
 
 
 def dequantize(
-    q: Quantized, dtype=torch.float32, out: torch.Tensor | None = None, codes=None, accumulate=False
+    q: Quantized,
+    dtype=torch.float32,
+    out: torch.Tensor | None = None,
+    codes=None,
+    accumulate=False,
+    values=None,
 ) -> torch.Tensor:
     """Values (..., n) in `dtype`, n = the packed row's values; written into `out` (contiguous)
-    when given, or added to it (`accumulate`), unpacking through the uint8 buffer `codes` when
-    given (both reused buffers). Float32 on the CPU runs in one fused C pass (cpu_kernels.c)."""
+    when given, or added to it (`accumulate`, through the buffer `values` when given), unpacking
+    through the uint8 buffer `codes` when given (all reused buffers). Float32 on the CPU runs in
+    one fused C pass (cpu_kernels.c), which needs neither buffer."""
     shape = (*q.codes.shape[:-1], math.prod(q.shape))
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=q.codes.device)
     if out.dtype == torch.float32 and not out.is_cuda and cpu_kernels.library() is not None:
         return cpu_kernels.dequantize(q, out, accumulate).view(shape)
     codes = unpack(q.codes, q.bits, out=codes)
-    target = torch.empty_like(out) if accumulate else out
-    values = target.view(*codes.shape[:-1], *q.shape)
-    values.copy_(codes.view(values.shape))
-    values.mul_(q.scale.to(dtype)).add_(q.zero.to(dtype))
+    target = out if not accumulate else torch.empty_like(out) if values is None else values
+    rows = target.view(*codes.shape[:-1], *q.shape)
+    rows.copy_(codes.view(rows.shape))
+    rows.mul_(q.scale.to(dtype)).add_(q.zero.to(dtype))
     return (out.add_(target) if accumulate else out).view(shape)
