@@ -1,5 +1,5 @@
-"""The C passes of XQuant decode on the CPU (backends/cuda/cpu_kernels.c) against the torch ops
-they replace, which also remain the path where no C compiler works."""
+"""The C passes on the CPU (backends/cuda/cpu_kernels.c: XQuant decode, LLM.int8()'s product)
+against the torch ops they replace, which also remain the path where no C compiler works."""
 
 import numpy as np
 import pytest
@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 from conftest import load_tiny
 
-from xqchat.backends.base import CacheSpec
+from xqchat.backends import int8
+from xqchat.backends.base import CacheSpec, EngineOptions, load_model
 from xqchat.backends.cuda import cpu_kernels, quant
 from xqchat.backends.cuda.cache import rotate
+from xqchat.backends.cuda.int8 import Int8Linear
+from xqchat.models import resolve
 
 needs_c = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler")
 
@@ -112,6 +115,76 @@ def test_decoding_with_and_without_the_c_passes(tiny_models, kind, model, monkey
     )
 
 
+def int8_layer(n, k, bias: bool, threshold=int8.THRESHOLD, seed=0) -> Int8Linear:
+    g = torch.Generator().manual_seed(seed)
+    codes, scale = int8.quantize((torch.randn(n, k, generator=g) * 0.05).numpy())
+    layer = Int8Linear(k, n, bias, threshold)
+    layer.weight.copy_(torch.from_numpy(codes))
+    layer.scale.copy_(torch.from_numpy(scale))
+    if bias:
+        layer.bias.data.copy_(torch.randn(n, generator=g))
+    return layer
+
+
+@needs_c
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("k", [576, 100])  # whole 64-byte steps, and a masked tail
+@pytest.mark.parametrize("outliers", [(), (5, 77, 90)])
+def test_int8_linear_equals_the_torch_ops(rows, k, outliers, monkeypatch):
+    """Without outlier features the C pass equals the torch ops bit for bit (the same integer
+    products, scaled in the same order); with them, the float part sums in another order."""
+    g = torch.Generator().manual_seed(rows)
+    layer = int8_layer(300, k, bias=rows % 2 == 1)
+    x = torch.rand(rows, k, generator=g) * 6 - 3  # below the threshold, but where planted
+    x[:, list(outliers)] *= 20
+    calls = []
+    run = cpu_kernels.Int8Product.__call__
+    monkeypatch.setattr(cpu_kernels.Int8Product, "__call__", lambda *a: calls.append(1) or run(*a))
+    got = layer(x)
+    assert calls
+    without_c(monkeypatch)
+    want = layer(x)
+    if outliers:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+
+
+@needs_c
+def test_int8_linear_serves_a_few_rows_and_leaves_prefill_to_onednn(monkeypatch):
+    layer = int8_layer(64, 128, bias=False)
+    calls = []
+    run = cpu_kernels.Int8Product.__call__
+    monkeypatch.setattr(
+        cpu_kernels.Int8Product, "__call__", lambda *a: calls.append(len(a[1])) or run(*a)
+    )
+    for rows in (1, cpu_kernels.INT8_ROWS, cpu_kernels.INT8_ROWS + 1, 64):
+        layer(torch.randn(rows, 128))
+    layer(torch.randn(2, 128, dtype=torch.float64))  # not float32: the torch ops
+    assert calls == [1, cpu_kernels.INT8_ROWS]
+    with pytest.raises(ValueError, match="int8_linear"):
+        layer.fused(torch.randn(1, 128))(torch.randn(cpu_kernels.INT8_ROWS + 1, 128), 6.0)
+
+
+@needs_c
+def test_int8_decoding_with_and_without_the_c_pass(tiny_models, monkeypatch):
+    """An int8 model's decode steps and a drafter-sized tree of rows (the C pass) give the logits
+    the torch ops give."""
+    files = resolve(str(tiny_models["qwen2"]))  # a K/V bias through the pass
+    runs = []
+    for c_pass in (True, False):
+        if not c_pass:
+            without_c(monkeypatch)
+        engine = load_model(files, EngineOptions(backend="torch", weights="int8"))
+        session = engine.new_session()
+        session.prefill(list(range(400, 480)))
+        chunk = session.logits(list(range(600, 607)))
+        runs.append(np.concatenate([chunk, *(session.logits([t]) for t in (7, 8, 9))]))
+    torch.testing.assert_close(
+        torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_without_a_compiler_the_torch_ops_run_and_the_engine_says_so(
     tiny_models, tmp_path, monkeypatch
 ):
@@ -123,6 +196,10 @@ def test_without_a_compiler_the_torch_ops_run_and_the_engine_says_so(
         spec = CacheSpec(kind="xquant-cl", bits=8, group=32, residual=8)
         engine = load_tiny(tiny_models, "llama", "torch", cache=spec)
         assert any("C passes" in note for note in engine.notes)
+        int8_engine = load_model(
+            resolve(str(tiny_models["llama"])), EngineOptions(backend="torch", weights="int8")
+        )
+        assert any("int8 matmuls" in note for note in int8_engine.notes)
         session = engine.new_session()
         session.prefill(list(range(400, 480)))  # blocks flushed: read back through torch ops
         logits = session.logits([7])

@@ -1,8 +1,9 @@
-/* XQuant's decode passes on the CPU, fused: what the Triton kernel (kernels.py) does on CUDA.
- * In eager PyTorch each step below is a separate op that reads and writes every cached token's
- * row again; here each row is read once. Built at first use by cpu_kernels.py (-O3
- * -march=native; -ffp-contract=off, so `dequantize` rounds exactly as the torch ops do and the
- * tests can compare them bit for bit). With -fopenmp the passes split their blocks or tokens
+/* XQuant's decode passes and LLM.int8()'s product on the CPU, fused: what the Triton kernels
+ * (kernels.py) do on CUDA. In eager PyTorch each step below is a separate op that reads and
+ * writes every cached token's row (or the activations) again; here each row is read once.
+ * Built at first use by cpu_kernels.py (-O3 -march=native; -ffp-contract=off, so `dequantize`
+ * and the integer part of `int8_linear` round exactly as the torch ops do and the tests can
+ * compare them bit for bit). With -fopenmp the passes split their blocks or tokens
  * over PyTorch's thread count (`threads`), in the OpenMP runtime PyTorch has loaded where it is
  * the same libgomp.so.1; without OpenMP they run on one thread. */
 #include <math.h>
@@ -136,4 +137,109 @@ void rope_scores(const void *keys, int keys_bf16, const float *bias, const float
         }
         free(k);
     }
+}
+
+#define INT8_ROWS 16 /* int8_linear's most rows of x: cpu_kernels.py INT8_ROWS */
+
+/* dots[r] = sum_i codes[r * k + i] * w[i] for rows r < m, and *sum = sum_i w[i]. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+/* `rows` (1 to 4, a constant where inlined, so the accumulators stay in registers) rows at once:
+ * each 64 bytes of the weight row are loaded once into the u8 x s8 dot product instruction
+ * (VNNI); the row sum comes from the same instruction against ones. */
+static inline __attribute__((always_inline)) void dot_tile(const uint8_t *codes, int64_t k,
+                                                           const int8_t *w, int rows,
+                                                           int32_t *dots, int32_t *sum) {
+    __m512i acc[4] = {0}, total = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
+    for (int64_t i = 0; i < k; i += 64) {
+        __mmask64 in = k - i >= 64 ? ~0ULL : _bzhi_u64(~0ULL, k - i);
+        __m512i wv = _mm512_maskz_loadu_epi8(in, w + i);
+        if (sum) total = _mm512_dpbusd_epi32(total, ones, wv);
+        for (int r = 0; r < rows; r++)
+            acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_maskz_loadu_epi8(in, codes + r * k + i),
+                                         wv);
+    }
+    for (int r = 0; r < rows; r++) dots[r] = _mm512_reduce_add_epi32(acc[r]);
+    if (sum) *sum = _mm512_reduce_add_epi32(total);
+}
+
+static void dot_rows(const uint8_t *codes, int64_t m, int64_t k, const int8_t *w, int32_t *dots,
+                     int32_t *sum) {
+    for (int64_t r = 0; r < m; r += 4) {
+        int32_t *first = r == 0 ? sum : NULL;
+        switch (m - r) {
+            case 1: dot_tile(codes + r * k, k, w, 1, dots + r, first); break;
+            case 2: dot_tile(codes + r * k, k, w, 2, dots + r, first); break;
+            case 3: dot_tile(codes + r * k, k, w, 3, dots + r, first); break;
+            default: dot_tile(codes + r * k, k, w, 4, dots + r, first);
+        }
+    }
+}
+#else
+static void dot_rows(const uint8_t *codes, int64_t m, int64_t k, const int8_t *w, int32_t *dots,
+                     int32_t *sum) {
+    int32_t total = 0;
+    for (int64_t i = 0; i < k; i++) total += w[i];
+    *sum = total;
+    for (int64_t r = 0; r < m; r++) {
+        int32_t dot = 0;
+        for (int64_t i = 0; i < k; i++) dot += (int32_t)codes[r * k + i] * w[i];
+        dots[r] = dot;
+    }
+}
+#endif
+
+/* LLM.int8() y (m, n) = x (m, k) · Wᵀ + bias for int8 W (n, k) with float32 scales per output
+ * channel (int8.py's Int8Linear, in one pass), m <= INT8_ROWS; x, y and bias (or NULL) are
+ * float32, the CPU's activations with int8 weights. Columns of x with any |x| > threshold go
+ * through float against the dequantised weights; the rest are quantized per row
+ * (absmax / 127, rounded half to even) and multiplied in integers. Those codes are stored
+ * offset by 128 as uint8, the operand of the CPU's u8 x s8 dot product, and the offset is taken
+ * back out through the weight row's sum.
+ * The outputs are split over the threads; each weight row is read once for all m rows of x,
+ * which is what decode and a drafter's tree want. */
+void int8_linear(const float *x, int64_t m, int64_t k, float threshold,
+                 const int8_t *weight, const float *scale, const float *bias, int64_t n, float *y,
+                 int threads) {
+    float row_scale[INT8_ROWS];
+    uint8_t *codes = malloc(m * k), *outlier = calloc(k, 1);
+    int64_t *columns = malloc(k * sizeof(int64_t)), n_columns = 0;
+    for (int64_t i = 0; i < m * k; i++)
+        if (fabsf(x[i]) > threshold) outlier[i % k] = 1;
+    for (int64_t c = 0; c < k; c++)
+        if (outlier[c]) columns[n_columns++] = c;
+    float *outliers = malloc((m * n_columns + 1) * sizeof(float)); /* (m, n_columns) */
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = x + r * k;
+        float absmax = 0.0f;
+        for (int64_t i = 0; i < k; i++)
+            if (!outlier[i]) absmax = fmaxf(absmax, fabsf(xr[i]));
+        float s = fmaxf(absmax, 1e-12f) / 127;
+        for (int64_t i = 0; i < k; i++)
+            codes[r * k + i] = outlier[i] ? 128 : (uint8_t)((int)nearbyintf(xr[i] / s) + 128);
+        for (int64_t c = 0; c < n_columns; c++) outliers[r * n_columns + c] = xr[columns[c]];
+        row_scale[r] = s;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        float *dequantised = malloc((n_columns + 1) * sizeof(float)); /* a row's outlier weights */
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++) {
+            const int8_t *w = weight + j * k;
+            int32_t dots[INT8_ROWS], sum;
+            dot_rows(codes, m, k, w, dots, &sum);
+            for (int64_t c = 0; c < n_columns; c++) dequantised[c] = w[columns[c]] * scale[j];
+            for (int64_t r = 0; r < m; r++) {
+                /* the torch ops' order: int32 -> float, times the column scale, times the row's */
+                float out = (float)(dots[r] - 128 * sum) * scale[j] * row_scale[r], extra = 0.0f;
+#pragma omp simd reduction(+ : extra)
+                for (int64_t c = 0; c < n_columns; c++)
+                    extra += outliers[r * n_columns + c] * dequantised[c];
+                out += extra;
+                y[r * n + j] = bias ? out + bias[j] : out;
+            }
+        }
+        free(dequantised);
+    }
+    free(codes), free(outlier), free(columns), free(outliers);
 }

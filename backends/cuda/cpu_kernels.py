@@ -1,7 +1,8 @@
-"""The fused CPU passes of XQuant decode (cpu_kernels.c), compiled at first use by the system's
-C compiler into the user's cache (one library per source, flags and CPU) and called through
-ctypes on the tensors' memory. Where no compiler works, `library()` is None: the cache runs the
-same passes as separate torch ops (correct, slower) and the engine says so."""
+"""The fused CPU passes of XQuant decode and of LLM.int8()'s product (cpu_kernels.c), compiled
+at first use by the system's C compiler into the user's cache (one library per source, flags and
+CPU) and called through ctypes on the tensors' memory. Where no compiler works, `library()` is
+None: the cache and Int8Linear run the same steps as separate torch ops (correct, slower) and the
+engine says so."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
 VARIANTS = (["-march=native", "-fopenmp"], ["-march=native"], [])
 _i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _lock = threading.Lock()
+# int8_linear's most rows (cpu_kernels.c's INT8_ROWS): decode and a drafter's tree, where reading
+# each weight row once for all rows wins; longer prefill chunks go to oneDNN's blocked int8 GEMM.
+INT8_ROWS = 16
 
 
 def _cpu() -> str:
@@ -78,6 +82,7 @@ def library() -> ctypes.CDLL | None:
     lib.dequantize.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _int, _i64, _int, _int, _ptr, _int]
     lib.rope_scores.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr]
     lib.rope_scores.argtypes += [_i64, _i64, _i64, _i64, _f32, _ptr, _int]
+    lib.int8_linear.argtypes = [_ptr, _i64, _i64, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _int]
     return lib
 
 
@@ -134,3 +139,37 @@ def rope_scores(keys, q, cos, sin, bias, norm, eps: float) -> torch.Tensor:
         torch.get_num_threads(),
     )  # fmt: skip
     return scores
+
+
+class Int8Product:
+    """cpu_kernels.c's int8_linear bound to one layer's weights: LLM.int8()'s x (m, k) @ weightᵀ
+    (int8 (n, k), float32 scale (n,)) + bias, all float32 but the codes, quantizing x,
+    splitting out its outlier columns and multiplying in one pass. The weights are checked once and
+    their addresses kept: decode calls this 151 times per token."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        n, k = weight.shape
+        bias = None if bias is None else bias.detach().float().contiguous()
+        _check(
+            weight.dtype == torch.int8 and weight.is_contiguous() and not weight.is_cuda
+            and scale.dtype == torch.float32 and scale.shape == (n,) and scale.is_contiguous()
+            and (bias is None or bias.shape == (n,)),
+            "the weights and scales of int8_linear do not match",
+        )  # fmt: skip
+        self.weight, self.held = weight, (scale, bias)  # held: the addresses below stay valid
+        self.n, self.k = n, k
+        self.weights = (_address(weight), _address(scale), _address(bias), n)
+
+    def __call__(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        m = len(x)
+        x = x.contiguous()
+        _check(
+            m <= INT8_ROWS and x.shape[1] == self.k and x.dtype == torch.float32 and not x.is_cuda,
+            "the input of int8_linear does not match its weights",
+        )  # fmt: skip
+        y = torch.empty(m, self.n)
+        library().int8_linear(
+            x.data_ptr(), m, self.k, threshold, *self.weights,
+            y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return y

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..int8 import THRESHOLD
+from . import cpu_kernels
 from .kernels import int8_matmul
 
 
@@ -38,6 +39,7 @@ class Int8Linear(nn.Module):
     """y = x Wᵀ + b with W as int8 codes (out, in) and one float32 scale per output channel."""
 
     observe = None  # set by Engine.int8_outliers: called with each input
+    _product = None  # the C pass bound to these weights (cpu_kernels.Int8Product)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, threshold=THRESHOLD):
         super().__init__()
@@ -50,11 +52,24 @@ class Int8Linear(nn.Module):
         """The dequantised (out, in) weight, float32."""
         return self.weight.float() * self.scale[:, None]
 
+    def fused(self, x: torch.Tensor) -> cpu_kernels.Int8Product | None:
+        """The C pass for these weights where it serves x: a few float32 rows on the CPU."""
+        if len(x) > cpu_kernels.INT8_ROWS or x.dtype != torch.float32 or x.is_cuda:
+            return None
+        if cpu_kernels.library() is None:
+            return None
+        if self._product is None or self._product.weight is not self.weight:  # bound at first use
+            self._product = cpu_kernels.Int8Product(self.weight, self.scale, self.bias)
+        return self._product
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observe is not None:
             self.observe(x)
         shape = x.shape
         x = x.reshape(-1, self.in_features)
+        product = self.fused(x)
+        if product is not None:
+            return product(x, self.threshold).view(*shape[:-1], self.out_features)
         absmax = row_absmax(x)
         # the row absmax says whether any outlier exists: in the usual case that costs nothing more
         peak = float(absmax) if len(x) == 1 else float(absmax.max())
