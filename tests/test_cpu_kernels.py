@@ -171,6 +171,11 @@ def test_int8_decoding_with_and_without_the_c_pass(tiny_models, monkeypatch):
     """An int8 model's decode steps and a drafter-sized tree of rows (the C pass) give the logits
     the torch ops give."""
     files = resolve(str(tiny_models["qwen2"]))  # a K/V bias through the pass
+    calls = []
+    run = cpu_kernels.Int8Product.__call__
+    monkeypatch.setattr(
+        cpu_kernels.Int8Product, "__call__", lambda *a: calls.append(len(a[1])) or run(*a)
+    )
     runs = []
     for c_pass in (True, False):
         if not c_pass:
@@ -180,6 +185,8 @@ def test_int8_decoding_with_and_without_the_c_pass(tiny_models, monkeypatch):
         session.prefill(list(range(400, 480)))
         chunk = session.logits(list(range(600, 607)))
         runs.append(np.concatenate([chunk, *(session.logits([t]) for t in (7, 8, 9))]))
+        assert (7 in calls and 1 in calls) == c_pass
+        calls.clear()
     torch.testing.assert_close(
         torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4
     )

@@ -1,8 +1,10 @@
 """LLM.int8() linear layers in PyTorch (backends/int8.py has the method and the conversion).
 
-The int8 product: on a CPU `torch._int_mm` (oneDNN, exact int32 accumulation; VNNI where the CPU
-has it); on CUDA a Triton GEMM/GEMV with the scales applied in its epilogue (kernels.py), since
-`torch._int_mm` there needs more than 16 rows and decode has one.
+The int8 product: on a CPU, for a few rows (decode, a drafter's tree), one fused C pass per matrix
+(cpu_kernels.c: quantize, VNNI dot products, outliers, scales and bias), and for longer chunks
+`torch._int_mm` (oneDNN, exact int32 accumulation) with the steps below as torch ops; on CUDA a
+Triton GEMM/GEMV with the scales applied in its epilogue (kernels.py), since `torch._int_mm`
+there needs more than 16 rows and decode has one.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Int8Linear(nn.Module):
         """The C pass for these weights where it serves x: a few float32 rows on the CPU."""
         if len(x) > cpu_kernels.INT8_ROWS or x.dtype != torch.float32 or x.is_cuda:
             return None
-        if cpu_kernels.library() is None:
+        if cpu_kernels.library() is None:  # no C compiler: the torch ops
             return None
         if self._product is None or self._product.weight is not self.weight:  # bound at first use
             self._product = cpu_kernels.Int8Product(self.weight, self.scale, self.bias)
