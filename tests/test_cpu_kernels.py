@@ -126,6 +126,16 @@ def int8_layer(n, k, bias: bool, threshold=int8.THRESHOLD, seed=0) -> Int8Linear
     return layer
 
 
+def spy_int8(monkeypatch) -> list[int]:
+    """The rows of each call of the int8 C pass, from now on."""
+    calls = []
+    run = cpu_kernels.Int8Product.__call__
+    monkeypatch.setattr(
+        cpu_kernels.Int8Product, "__call__", lambda *a: calls.append(len(a[1])) or run(*a)
+    )
+    return calls
+
+
 @needs_c
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
 @pytest.mark.parametrize("k", [576, 100])  # whole 64-byte steps, and a masked tail
@@ -137,9 +147,7 @@ def test_int8_linear_equals_the_torch_ops(rows, k, outliers, monkeypatch):
     layer = int8_layer(300, k, bias=rows % 2 == 1)
     x = torch.rand(rows, k, generator=g) * 6 - 3  # below the threshold, but where planted
     x[:, list(outliers)] *= 20
-    calls = []
-    run = cpu_kernels.Int8Product.__call__
-    monkeypatch.setattr(cpu_kernels.Int8Product, "__call__", lambda *a: calls.append(1) or run(*a))
+    calls = spy_int8(monkeypatch)
     got = layer(x)
     assert calls
     without_c(monkeypatch)
@@ -153,11 +161,7 @@ def test_int8_linear_equals_the_torch_ops(rows, k, outliers, monkeypatch):
 @needs_c
 def test_int8_linear_serves_a_few_rows_and_leaves_prefill_to_onednn(monkeypatch):
     layer = int8_layer(64, 128, bias=False)
-    calls = []
-    run = cpu_kernels.Int8Product.__call__
-    monkeypatch.setattr(
-        cpu_kernels.Int8Product, "__call__", lambda *a: calls.append(len(a[1])) or run(*a)
-    )
+    calls = spy_int8(monkeypatch)
     for rows in (1, cpu_kernels.INT8_ROWS, cpu_kernels.INT8_ROWS + 1, 64):
         layer(torch.randn(rows, 128))
     layer(torch.randn(2, 128, dtype=torch.float64))  # not float32: the torch ops
@@ -171,11 +175,7 @@ def test_int8_decoding_with_and_without_the_c_pass(tiny_models, monkeypatch):
     """An int8 model's decode steps and a drafter-sized tree of rows (the C pass) give the logits
     the torch ops give."""
     files = resolve(str(tiny_models["qwen2"]))  # a K/V bias through the pass
-    calls = []
-    run = cpu_kernels.Int8Product.__call__
-    monkeypatch.setattr(
-        cpu_kernels.Int8Product, "__call__", lambda *a: calls.append(len(a[1])) or run(*a)
-    )
+    calls = spy_int8(monkeypatch)
     runs = []
     for c_pass in (True, False):
         if not c_pass:

@@ -119,7 +119,8 @@ def dequantize(q, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
 
 def rope_scores(keys, q, cos, sin, bias, norm, eps: float) -> torch.Tensor:
     """Scores (H_kv, m, T) of q (H_kv, m, D) against keys (T, H_kv * D) rebuilt as rows @ W_k
-    (read as they are when bf16 or float32), after the bias, the k-norm (weight (D,)) and RoPE (tables (T, D))."""
+    (read as they are when bf16 or float32), after the bias, the k-norm (weight (D,)) and RoPE
+    (tables (T, D))."""
     n_kv, m, d = q.shape
     t = keys.shape[0]
     keys = (keys if keys.dtype in (torch.float32, torch.bfloat16) else keys.float()).contiguous()
