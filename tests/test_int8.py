@@ -166,11 +166,10 @@ def test_weight_bytes_match_the_formula(tiny_models, backend, arch, head):
     floats = s.n_layers * 2 * s.dim + s.dim  # norms
     floats += s.n_layers * (q + kv) * s.qkv_bias + s.n_layers * 2 * s.head_dim * s.qk_norm
     floats += 0 if s.tied_embeddings else s.vocab_size * s.dim  # the input table stays float
-    if (
-        backend == "torch"
-    ):  # on a CPU norms and biases are float32 (the activations'), the table bf16
+    if backend == "torch":  # norms and biases in the activations' dtype, the table in bf16
         table = 0 if s.tied_embeddings else s.vocab_size * s.dim
-        expected += (floats - table) * 4 + table * 2
+        activations = 2 if torch.cuda.is_available() else 4  # bf16 on a GPU, float32 on a CPU
+        expected += (floats - table) * activations + table * 2
     else:  # MLX on a CPU: fp32 for everything not int8
         expected += floats * 4
     assert model.weight_bytes() == expected

@@ -141,7 +141,8 @@ signature.update({name: "*fp16" for name in ("key_scale", "key_zero", "value_sca
 signature.update(n="i32", eps="fp32", sm_scale="fp32")
 constants = dict(N_REP=3, HEAD_DIM=64, KEY_WIDTH=64, VALUE_WIDTH=64, QUANT=True, BITS=3,
                  GROUP=64, KEY_ROW_GROUP=64, KEY_COLUMNS=True, VALUE_ROW_GROUP=64,
-                 HAS_BIAS=False, HAS_NORM=False, BLOCK_W=32, BLOCK_Q=16)
+                 HAS_BIAS=False, HAS_NORM=False, BLOCK_W=32, BLOCK_Q=16,
+                 PRECISION="tf32")
 signature.update({name: "constexpr" for name in constants})
 for arch in (80, 90):
     source = ASTSource(fn=kernels._latent_attention, signature=signature, constexprs=constants)

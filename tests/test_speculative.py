@@ -32,7 +32,7 @@ def to_numpy(x) -> np.ndarray:
         import mlx.core as mx
 
         return on_engine(lambda: np.array(x.astype(mx.float32)))
-    return x.float().numpy()
+    return x.float().cpu().numpy()
 
 
 def cache_arrays(session) -> list[dict]:
@@ -151,8 +151,9 @@ def test_greedy_text_and_cache_equal_plain_decoding(tiny, arch, kind):
             for name, x in sa.items():
                 y = sb[name]
                 assert x.shape == y.shape, name
-                if name.endswith("codes"):  # on a rounding edge, a code may differ
-                    assert (x != y).mean() < 1e-3, name
+                if name.endswith("codes"):  # on a rounding edge, a code may differ (on a GPU,
+                    # products of different row counts round differently)
+                    assert (x != y).sum() <= max(2, x.size // 1000), name
                 else:
                     np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4, err_msg=name)
         # and go on alike: one more plain token from each
@@ -287,7 +288,7 @@ def test_the_drafters_cut_head_holds_the_models_values_in_every_weight_format(
         net = RecurrentDrafter(config)
         net.vocab.copy_(torch.arange(100, 140))
         net.save(tmp_path)
-        features = torch.randn(3, spec.dim)
+        features = torch.randn(3, spec.dim).to("cuda" if torch.cuda.is_available() else "cpu")
     else:
         import mlx.core as mx
 

@@ -140,6 +140,7 @@ if triton is not None:
         BITS: tl.constexpr, GROUP: tl.constexpr, KEY_ROW_GROUP: tl.constexpr,
         KEY_COLUMNS: tl.constexpr, VALUE_ROW_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_Q: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         head, chunk = tl.program_id(0), tl.program_id(1)
         chunks = tl.num_programs(1)
@@ -158,8 +159,8 @@ if triton is not None:
             )  # fmt: skip
             tile = tile.to(to_keys.dtype.element_ty)  # the rebuild runs in the weights' dtype
             column = to_keys + (head * HEAD_DIM + d)[None, :] * KEY_WIDTH + w[:, None]
-            k1 += tl.dot(tile, tl.load(column))
-            k2 += tl.dot(tile, tl.load(column + HALF * KEY_WIDTH))
+            k1 += tl.dot(tile, tl.load(column), input_precision=PRECISION)
+            k2 += tl.dot(tile, tl.load(column + HALF * KEY_WIDTH), input_precision=PRECISION)
         if HAS_BIAS:
             k1 += tl.load(bias + head * HEAD_DIM + d)[None, :].to(tl.float32)
             k2 += tl.load(bias + head * HEAD_DIM + HALF + d)[None, :].to(tl.float32)
@@ -175,7 +176,12 @@ if triton is not None:
         at = q + (head * N_REP + qi)[:, None] * HEAD_DIM + d[None, :]
         q1 = tl.load(at, mask=qi[:, None] < N_REP, other=0.0).to(tl.float32)
         q2 = tl.load(at + HALF, mask=qi[:, None] < N_REP, other=0.0).to(tl.float32)
-        scores = tl.dot(q1, tl.trans(r1)) + tl.dot(q2, tl.trans(r2))
+        if HALF >= 16:
+            scores = tl.dot(q1, tl.trans(r1), input_precision=PRECISION)
+            scores += tl.dot(q2, tl.trans(r2), input_precision=PRECISION)
+        else:  # tl.dot needs 16 along the reduction: narrow heads (tiny test models) sum by hand
+            scores = tl.sum(q1[:, None, :] * r1[None, :, :], 2)
+            scores += tl.sum(q2[:, None, :] * r2[None, :, :], 2)
         scores = tl.where(valid[None, :], scores * sm_scale, float("-inf"))
         top = tl.max(scores, 1)
         p = tl.exp(scores - top[:, None])
@@ -188,13 +194,20 @@ if triton is not None:
                 value_rows, value_codes, value_scale, value_zero, chunk, t, w, valid,
                 VALUE_WIDTH, QUANT, BITS, GROUP, VALUE_ROW_GROUP, False,
             )  # fmt: skip
-            mixed = tl.dot(p, tile)
+            mixed = tl.dot(p, tile, input_precision=PRECISION)
             tl.store(out + partial[:, None] * VALUE_WIDTH + w[None, :], mixed)
 
 
 BLOCK_W = 32  # channels per tile: every stream width is a multiple of 32 (latents.row_group)
 BLOCK_Q = 16  # queries per head group, padded: tl.dot needs 16 rows
 FLOAT_CHUNK = 64  # float rows (exact window, XQuant-CL's accumulator) per program
+
+
+def dot_precision(weights_dtype) -> str:
+    """fp32 weights get IEEE float32 dots, so the kernel computes what the torch path does (the
+    drafter's verification, which runs there, must see the same logits). In bf16/fp16 models the
+    float32 dots run on the tensor cores in TF32, finer than the model's own bf16 matmuls."""
+    return "ieee" if weights_dtype == torch.float32 else "tf32"
 
 
 def latent_attention_partials(q, keys: Rows, values: Rows, to_keys, bias, norm, eps, cos, sin):
@@ -222,6 +235,7 @@ def latent_attention_partials(q, keys: Rows, values: Rows, to_keys, bias, norm, 
         VALUE_WIDTH=values.width, QUANT=keys.quantized, BITS=keys.bits, GROUP=group,
         KEY_ROW_GROUP=keys.row_group, KEY_COLUMNS=keys.columns, VALUE_ROW_GROUP=values.row_group,
         HAS_BIAS=bias is not None, HAS_NORM=norm is not None, BLOCK_W=BLOCK_W, BLOCK_Q=BLOCK_Q,
+        PRECISION=dot_precision(to_keys.dtype),
     )  # fmt: skip
     return out[:, :, :n_rep], out_max[:, :, :n_rep], out_sum[:, :, :n_rep]
 
