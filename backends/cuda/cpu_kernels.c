@@ -204,8 +204,8 @@ void int8_linear(const float *x, int64_t m, int64_t k, float threshold,
     float row_scale[INT8_ROWS];
     uint8_t *codes = malloc(m * k), *outlier = calloc(k, 1);
     int64_t *columns = malloc(k * sizeof(int64_t)), n_columns = 0;
-    for (int64_t i = 0; i < m * k; i++)
-        if (fabsf(x[i]) > threshold) outlier[i % k] = 1;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t i = 0; i < k; i++) outlier[i] |= fabsf(x[r * k + i]) > threshold;
     for (int64_t c = 0; c < k; c++)
         if (outlier[c]) columns[n_columns++] = c;
     float *outliers = malloc((m * n_columns + 1) * sizeof(float)); /* (m, n_columns) */
