@@ -1,5 +1,5 @@
-"""The C passes on the CPU (backends/cuda/cpu_kernels.c: XQuant decode, LLM.int8()'s product)
-against the torch ops they replace, which also remain the path where no C compiler works."""
+"""The C passes on the CPU (backends/cuda/cpu_kernels.c: XQuant decode, LLM.int8()'s product,
+decode attention on a bf16 cache) against the torch ops they replace, which also remain the path where no C compiler works."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from conftest import load_tiny
 from xqchat.backends import int8
 from xqchat.backends.base import CacheSpec, EngineOptions, load_model
 from xqchat.backends.cuda import cpu_kernels, quant
-from xqchat.backends.cuda.cache import rotate
+from xqchat.backends.cuda.cache import attention, rotate
 from xqchat.backends.cuda.int8 import Int8Linear
 from xqchat.models import resolve
 
@@ -192,6 +192,46 @@ def test_int8_decoding_with_and_without_the_c_pass(tiny_models, monkeypatch):
     )
 
 
+@needs_c
+@pytest.mark.parametrize("heads, kv_heads, d", [(9, 3, 64), (4, 4, 16), (8, 2, 128), (6, 3, 80)])
+@pytest.mark.parametrize("n", [1, 256, 257, 700])  # one part, a whole part, one over, several
+def test_decode_attention_on_a_bf16_cache_equals_the_torch_ops(heads, kv_heads, d, n):
+    """One query row per head against the first n rows of a bf16 cache with room to spare: the
+    pass (parts of 256 tokens, merged) gives PyTorch's attention on a float32 copy of the rows."""
+    g = torch.Generator().manual_seed(n + d)
+    q = 3 * torch.randn(1, heads, 1, d, generator=g)
+    keys, values = (torch.randn(1, kv_heads, 800, d, generator=g).bfloat16() for _ in range(2))
+    got = cpu_kernels.attend_bf16(q, keys, values, n)
+    want = attention(q, keys[:, :, :n].float(), values[:, :, :n].float(), None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_c
+def test_bf16_decoding_with_and_without_the_attention_pass(tiny_models, monkeypatch):
+    """A bf16 model's decode steps on the exact cache go through the pass (not its prefill chunks
+    or a drafter-sized tree, which have several query rows) and give the torch ops' logits."""
+    calls = []
+    run = cpu_kernels.attend_bf16
+    monkeypatch.setattr(cpu_kernels, "attend_bf16", lambda *a: calls.append(a[3]) or run(*a))
+    engine = load_model(
+        resolve(str(tiny_models["gqa-qwen2"])), EngineOptions(backend="torch", weights="bf16")
+    )
+    runs = []
+    for c_pass in (True, False):
+        if not c_pass:
+            without_c(monkeypatch)
+        session = engine.new_session()
+        session.prefill(list(range(400, 600)))
+        chunk = session.logits(list(range(600, 607)))
+        runs.append(np.concatenate([chunk, *(session.logits([t]) for t in (7, 8, 9))]))
+        layers = engine.spec.n_layers
+        assert calls == ([*[208] * layers, *[209] * layers, *[210] * layers] if c_pass else [])
+        calls.clear()
+    torch.testing.assert_close(
+        torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_without_a_compiler_the_torch_ops_run_and_the_engine_says_so(
     tiny_models, tmp_path, monkeypatch
 ):
@@ -207,6 +247,10 @@ def test_without_a_compiler_the_torch_ops_run_and_the_engine_says_so(
             resolve(str(tiny_models["llama"])), EngineOptions(backend="torch", weights="int8")
         )
         assert any("int8 matmuls" in note for note in int8_engine.notes)
+        bf16_engine = load_model(
+            resolve(str(tiny_models["llama"])), EngineOptions(backend="torch", weights="bf16")
+        )
+        assert any("decode attention" in note for note in bf16_engine.notes)
         session = engine.new_session()
         session.prefill(list(range(400, 480)))  # blocks flushed: read back through torch ops
         logits = session.logits([7])

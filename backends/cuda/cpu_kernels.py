@@ -1,4 +1,5 @@
-"""The fused CPU passes of XQuant decode and of LLM.int8()'s product (cpu_kernels.c), compiled
+"""The fused CPU passes of XQuant decode, of LLM.int8()'s product and of decode attention on an
+exact bf16 cache (cpu_kernels.c), compiled
 at first use by the system's C compiler into the user's cache (one library per source, flags and
 CPU) and called through ctypes on the tensors' memory. Where no compiler works, `library()` is
 None: the cache and Int8Linear run the same steps as separate torch ops (correct, slower) and the
@@ -83,6 +84,7 @@ def library() -> ctypes.CDLL | None:
     lib.rope_scores.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr]
     lib.rope_scores.argtypes += [_i64, _i64, _i64, _i64, _f32, _ptr, _int]
     lib.int8_linear.argtypes = [_ptr, _i64, _i64, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _int]
+    lib.attend_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _int]
     return lib
 
 
@@ -140,6 +142,27 @@ def rope_scores(keys, q, cos, sin, bias, norm, eps: float) -> torch.Tensor:
         torch.get_num_threads(),
     )  # fmt: skip
     return scores
+
+
+def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """Decode attention (one query row per head) on the first n rows of an exact bf16 cache:
+    q (1, H, 1, D) float32, keys and values (1, H_kv, capacity, D) bf16 -> (1, H, 1, D) float32."""
+    _, n_heads, _, d = q.shape
+    _, n_kv, capacity, _ = keys.shape
+    q = q.contiguous()
+    _check(
+        q.shape == (1, n_heads, 1, d) and q.dtype == torch.float32 and n_heads % n_kv == 0
+        and keys.dtype == values.dtype == torch.bfloat16 and keys.shape == values.shape
+        and keys.shape[3] == d and keys.is_contiguous() and values.is_contiguous()
+        and 0 < n <= capacity and not keys.is_cuda,
+        "the query and cache of attend_bf16 do not match",
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    library().attend_bf16(
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), n, capacity, n_heads, n_kv, d,
+        d**-0.5, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
 
 
 class Int8Product:

@@ -404,10 +404,11 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
             notes.append(
                 "oneDNN packed bf16 matmuls are unavailable here; plain bf16 matmuls are slower"
             )
-    needs_c = opts.cache.kind != "kv" or dtype == "int8"
+    needs_c = opts.cache.kind != "kv" or torch_dtype == torch.bfloat16  # bf16: K/V, int8
     if device == "cpu" and needs_c and cpu_kernels.library() is None:
         notes.append(
-            "the C passes for quantized caches and int8 matmuls are off (no working C compiler, "
-            "`cc`, or XQCHAT_NO_CPU_KERNELS is set): they run as separate torch ops, slower"
+            "the C passes for quantized caches, int8 matmuls and decode attention are off (no "
+            "working C compiler, `cc`, or XQCHAT_NO_CPU_KERNELS is set): they run as separate "
+            "torch ops, slower"
         )
     return Engine(module, device, dtype, opts.cache, tuple(notes))
