@@ -141,49 +141,37 @@ void rope_scores(const void *keys, int keys_bf16, const float *bias, const float
 
 #define ATTEND_CHUNK 256 /* cached tokens per part: parts run on separate threads */
 
-#define ATTEND_ROWS 16 /* attend_bf16's most query rows per head: cpu_kernels.py ATTEND_ROWS */
-
-/* e^x for x <= 0 (softmax after its maximum), within 2e-7 relative, and exactly 0 below -87 (a
- * masked score): e^x = 2^n · e^r with |r| <= ln2/2 and a degree-6 Taylor polynomial. Unlike
- * libm's expf it vectorizes. n is rounded by adding and taking away 1.5 · 2^23, where a float's
- * spacing is 1. */
+/* e^x for x <= 0 (softmax after its maximum), within 2e-7 relative: e^x = 2^n · e^r with
+ * |r| <= ln2/2 and a degree-6 Taylor polynomial. Unlike libm's expf it vectorizes. n is rounded
+ * by adding and taking away 1.5 · 2^23, where a float's spacing is 1. */
 static inline float exp_nonpositive(float x) {
-    float y = fmaxf(x, -87.0f);
-    float n = (y * 1.44269504f + 12582912.0f) - 12582912.0f;
-    float r = y - n * 0.693145752f - n * 1.42860677e-6f;
+    x = fmaxf(x, -87.0f);
+    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693145752f - n * 1.42860677e-6f;
     float e = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
     int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, 4);
-    return x < -87.0f ? 0.0f : e * scale;
+    return e * scale;
 }
 
-/* One part of attend_bf16: tokens [first, first + n) of one K/V head against its `rows` query
- * rows (the group's heads, m rows each), D a constant where inlined so that the loops over a row
- * compile without remainders. top is -inf for a row that sees none of the part's tokens. */
+/* One part of attend_bf16: n cached tokens of one K/V head against its n_rep query heads (D a
+ * constant where inlined, so the loops over a row compile without remainders). */
 static inline __attribute__((always_inline)) void attend_part(
-    const float *q, const uint16_t *k, const uint16_t *v, int64_t first, int64_t n, int64_t rows,
-    int64_t m, const uint8_t *mask, int64_t masked_from, int64_t D, float sm_scale, float *row,
-    float *p, float *top, float *total, float *o) {
+    const float *q, const uint16_t *k, const uint16_t *v, int64_t n, int64_t n_rep, int64_t D,
+    float sm_scale, float *row, float *p, float *top, float *total, float *o) {
     for (int64_t t = 0; t < n; t++) {
         for (int64_t i = 0; i < D; i++) row[i] = from_bf16(k[t * D + i]);
-        int64_t new = first + t - masked_from; /* >= 0: one of the newest m rows */
-        for (int64_t r = 0; r < rows; r++) {
+        for (int64_t r = 0; r < n_rep; r++) {
             float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t i = 0; i < D; i++) dot += q[r * D + i] * row[i];
-            int hidden = new >= 0 && mask && !mask[(r % m) * m + new];
-            p[r * ATTEND_CHUNK + t] = hidden ? -INFINITY : dot * sm_scale;
+            p[r * ATTEND_CHUNK + t] = dot * sm_scale;
         }
     }
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = 0; r < n_rep; r++) {
         float *pr = p + r * ATTEND_CHUNK, best = -INFINITY, sum = 0.0f;
         for (int64_t t = 0; t < n; t++) best = fmaxf(best, pr[t]);
-        if (best == -INFINITY) { /* all masked: the merge skips this part */
-            for (int64_t t = 0; t < n; t++) pr[t] = 0.0f;
-            top[r] = best, total[r] = 0.0f;
-            continue;
-        }
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < n; t++) {
             pr[t] = exp_nonpositive(pr[t] - best);
@@ -193,54 +181,51 @@ static inline __attribute__((always_inline)) void attend_part(
     }
     for (int64_t t = 0; t < n; t++) {
         for (int64_t i = 0; i < D; i++) row[i] = from_bf16(v[t * D + i]);
-        for (int64_t r = 0; r < rows; r++) {
+        for (int64_t r = 0; r < n_rep; r++) {
             float weight = p[r * ATTEND_CHUNK + t];
             for (int64_t i = 0; i < D; i++) o[r * D + i] += weight * row[i];
         }
     }
 }
 
-/* Attention of the newest m rows (decode: 1; a drafter's tree: up to ATTEND_ROWS) on an exact
- * bf16 K/V cache: out (H, m, D) = softmax(q · Kᵀ · sm_scale) · V, q float32 (H, m, D), keys and
- * values (H_kv, stride, D) bf16 with the first T rows cached, the newest m of them the query
- * rows' own. Every query row sees the rows before those; among those, mask (m, m, nonzero:
- * visible) says which, or all when it is NULL. The cache is read once per call, as bf16, instead
- * of copied to float32 for PyTorch's attention; the query rows of a head group share each read.
- * Parts of ATTEND_CHUNK tokens run on separate threads and keep their own maximum and sum. */
-void attend_bf16(const float *q, int64_t m, const uint8_t *mask, const uint16_t *keys,
-                 const uint16_t *values, int64_t T, int64_t stride, int64_t n_heads, int64_t n_kv,
-                 int64_t D, float sm_scale, float *out, int threads) {
-    int64_t rows = n_heads / n_kv * m, chunks = (T + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
+/* Decode attention on an exact bf16 K/V cache, one query row per head: out (H, D) =
+ * softmax(q · Kᵀ · sm_scale) · V, q float32 (H, D), keys and values (H_kv, stride, D) bf16 with
+ * the first T rows cached. The cache is read once per step, as bf16, instead of copied to
+ * float32 for PyTorch's attention; the H / H_kv query heads of a group share each read. Parts of
+ * ATTEND_CHUNK tokens keep their own maximum and sum and are merged at the end. */
+void attend_bf16(const float *q, const uint16_t *keys, const uint16_t *values, int64_t T,
+                 int64_t stride, int64_t n_heads, int64_t n_kv, int64_t D, float sm_scale,
+                 float *out, int threads) {
+    int64_t n_rep = n_heads / n_kv, chunks = (T + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
     int64_t parts = n_kv * chunks;
-    float *top = malloc(parts * rows * sizeof(float)), *total = malloc(parts * rows * sizeof(float));
-    float *mixed = calloc(parts * rows * D, sizeof(float)); /* (n_kv, chunks, rows, D) */
+    float *top = malloc(parts * n_rep * sizeof(float)), *total = malloc(parts * n_rep * sizeof(float));
+    float *mixed = calloc(parts * n_rep * D, sizeof(float)); /* (n_kv, chunks, n_rep, D) */
 #pragma omp parallel num_threads(threads) if (parts > 1)
     {
-        float *row = malloc(D * sizeof(float)), *p = malloc(rows * ATTEND_CHUNK * sizeof(float));
+        float *row = malloc(D * sizeof(float)), *p = malloc(n_rep * ATTEND_CHUNK * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t part = 0; part < parts; part++) {
             int64_t h = part / chunks, first = (part % chunks) * ATTEND_CHUNK;
             int64_t n = T - first < ATTEND_CHUNK ? T - first : ATTEND_CHUNK;
             const uint16_t *k = keys + (h * stride + first) * D, *v = values + (h * stride + first) * D;
-            const float *qh = q + h * rows * D;
-            float *mx = top + part * rows, *l = total + part * rows, *o = mixed + part * rows * D;
+            const float *qh = q + h * n_rep * D;
+            float *m = top + part * n_rep, *l = total + part * n_rep, *o = mixed + part * n_rep * D;
             if (D == 64)
-                attend_part(qh, k, v, first, n, rows, m, mask, T - m, 64, sm_scale, row, p, mx, l, o);
+                attend_part(qh, k, v, n, n_rep, 64, sm_scale, row, p, m, l, o);
             else if (D == 128)
-                attend_part(qh, k, v, first, n, rows, m, mask, T - m, 128, sm_scale, row, p, mx, l, o);
+                attend_part(qh, k, v, n, n_rep, 128, sm_scale, row, p, m, l, o);
             else
-                attend_part(qh, k, v, first, n, rows, m, mask, T - m, D, sm_scale, row, p, mx, l, o);
+                attend_part(qh, k, v, n, n_rep, D, sm_scale, row, p, m, l, o);
         }
         free(row), free(p);
     }
     for (int64_t h = 0; h < n_kv; h++)
-        for (int64_t r = 0; r < rows; r++) {
-            float best = -INFINITY, sum = 0.0f, *y = out + (h * rows + r) * D;
-            for (int64_t c = 0; c < chunks; c++) best = fmaxf(best, top[(h * chunks + c) * rows + r]);
+        for (int64_t r = 0; r < n_rep; r++) {
+            float best = -INFINITY, sum = 0.0f, *y = out + (h * n_rep + r) * D;
+            for (int64_t c = 0; c < chunks; c++) best = fmaxf(best, top[(h * chunks + c) * n_rep + r]);
             for (int64_t i = 0; i < D; i++) y[i] = 0.0f;
             for (int64_t c = 0; c < chunks; c++) {
-                int64_t at = (h * chunks + c) * rows + r;
-                if (top[at] == -INFINITY) continue;
+                int64_t at = (h * chunks + c) * n_rep + r;
                 float scale = exp_nonpositive(top[at] - best);
                 sum += total[at] * scale;
                 for (int64_t i = 0; i < D; i++) y[i] += mixed[at * D + i] * scale;
