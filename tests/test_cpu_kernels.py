@@ -56,6 +56,25 @@ def test_one_block_and_one_column_wide_blocks(monkeypatch):
         assert torch.equal(values, quant.dequantize(q))
 
 
+def scores_case(d, t, keys_dtype, bias_and_norm, m=4):
+    """rope_scores' and rope_attend's operands, and the scores as the forward computes them."""
+    g = torch.Generator().manual_seed(0)
+    n_kv = 3
+    keys = torch.randn(t, n_kv * d, generator=g).to(keys_dtype)
+    q = torch.randn(n_kv, m, d, generator=g)
+    bias = torch.randn(n_kv * d, generator=g) if bias_and_norm else None
+    norm = 1 + 0.1 * torch.randn(d, generator=g) if bias_and_norm else None
+    angles = torch.arange(t)[:, None] * 0.3 ** torch.arange(d // 2)[None]
+    cos = torch.cat([angles.cos()] * 2, -1)
+    sin = torch.cat([-angles.sin(), angles.sin()], -1)  # the first half negated, as Rope's table
+    k = keys.float() + (0 if bias is None else bias)
+    k = k.view(t, n_kv, d).transpose(0, 1)
+    if norm is not None:
+        k = F.rms_norm(k, (d,), norm, 1e-6)
+    scores = q @ rotate(k, cos, sin).transpose(1, 2) * d**-0.5
+    return (keys, q, cos, sin, bias, norm, 1e-6), scores
+
+
 @needs_c
 @pytest.mark.parametrize("d", [64, 128, 80])
 @pytest.mark.parametrize("keys_dtype", [torch.float32, torch.bfloat16])
@@ -64,36 +83,43 @@ def test_scores_equal_the_torch_ops(d, keys_dtype, bias_and_norm):
     """Keys (T, H_kv * D) get the bias, the k-norm and RoPE at their positions, then the scaled
     products with each head's queries: as the forward computes them (head sizes 64 and 128 have
     their own compiled loops)."""
-    g = torch.Generator().manual_seed(0)
-    n_kv, m, t = 3, 4, 50
-    keys = torch.randn(t, n_kv * d, generator=g).to(keys_dtype)
-    q = torch.randn(n_kv, m, d, generator=g)
-    bias = torch.randn(n_kv * d, generator=g) if bias_and_norm else None
-    norm = 1 + 0.1 * torch.randn(d, generator=g) if bias_and_norm else None
-    angles = torch.arange(t)[:, None] * 0.3 ** torch.arange(d // 2)[None]
-    cos = torch.cat([angles.cos()] * 2, -1)
-    sin = torch.cat([-angles.sin(), angles.sin()], -1)  # the first half negated, as Rope's table
-    got = cpu_kernels.rope_scores(keys, q, cos, sin, bias, norm, 1e-6)
-    k = keys.float() + (0 if bias is None else bias)
-    k = k.view(t, n_kv, d).transpose(0, 1)
-    if norm is not None:
-        k = F.rms_norm(k, (d,), norm, 1e-6)
-    want = q @ rotate(k, cos, sin).transpose(1, 2) * d**-0.5
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    operands, want = scores_case(d, 50, keys_dtype, bias_and_norm)
+    torch.testing.assert_close(cpu_kernels.rope_scores(*operands), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize(
+    ("d", "t", "width"), [(64, 1, 192), (64, 700, 192), (128, 256, 80), (80, 257, 7)]
+)
+@pytest.mark.parametrize("keys_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias_and_norm", [False, True])
+def test_fused_attention_equals_the_torch_ops(d, t, width, keys_dtype, bias_and_norm):
+    """rope_attend: the same scores, their softmax and its weighted sum of rows every head
+    shares, with the log-sum-exp by which spans merge: one token, across parts of 256 tokens
+    (700, 257), rows of the tile (3 heads x 3 queries) and columns beyond whole tiles (80, 7)."""
+    operands, scores = scores_case(d, t, keys_dtype, bias_and_norm, m=3)
+    values = torch.randn(t, width, generator=torch.Generator().manual_seed(1))
+    out, lse = cpu_kernels.rope_attend(*operands, values)
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
 
 
 @needs_c
 @pytest.mark.parametrize("kind", ["kv-quant", "xquant", "xquant-cl"])
 @pytest.mark.parametrize("model", ["gqa-qwen3", "llama", "qwen2"])
-def test_decoding_with_and_without_the_c_passes(tiny_models, kind, model, monkeypatch):
+@pytest.mark.parametrize("span", [None, 64])
+def test_decoding_with_and_without_the_c_passes(tiny_models, kind, model, span, monkeypatch):
     """The logits of prefill chunks and decode steps (k-norm on Qwen3; MHA X on Llama; a K/V
     bias on Qwen2) are the same through the C passes and the torch ops. One base layer, so the
-    second layer stores differences that are added to the first's rows."""
+    second layer stores differences that are added to the first's rows. Spans of 64 tokens:
+    XQuant's attention over a long chat, merged span by span."""
     from xqchat.backends.cuda import cache as caches
 
     monkeypatch.setattr(caches, "BASE_LAYERS", 1)
+    if span:
+        monkeypatch.setattr(caches, "SPAN", span)
     calls = []
-    for name in ("dequantize", "rope_scores"):
+    for name in ("dequantize", "rope_scores", "rope_attend"):
         run = getattr(cpu_kernels, name)
         monkeypatch.setattr(
             cpu_kernels, name, lambda *a, _run=run, _name=name: calls.append(_name) or _run(*a)
@@ -107,7 +133,9 @@ def test_decoding_with_and_without_the_c_passes(tiny_models, kind, model, monkey
         session.prefill(list(range(400, 480)))
         chunk = session.logits(list(range(600, 610)))
         runs.append(np.concatenate([chunk, *(session.logits([t]) for t in (7, 8, 9))]))
-        expected = {"dequantize", "rope_scores"} if kind != "kv-quant" else {"dequantize"}
+        # chunks score through rope_scores; decode steps attend in one pass
+        expected = {"dequantize", "rope_scores", "rope_attend"}
+        expected = expected if kind != "kv-quant" else {"dequantize"}
         assert set(calls) == (expected if c_passes else set())
         calls.clear()
     torch.testing.assert_close(

@@ -91,7 +91,8 @@ class KVCache:
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def attend(self, layer, x, q, k, v, cos, sin, mask):
+    def attend(self, layer, x, q, cos, sin, mask):
+        k, v = layer.keys_values(x)
         start, end = self.offset, self.offset + k.shape[2]
         q, k = rotate(q, cos[start:end], sin[start:end]), rotate(k, cos[start:end], sin[start:end])
         keys, values = self.update_and_fetch(k, v)
@@ -376,7 +377,8 @@ class QuantKVCache:
     def offset(self) -> int:
         return len(self.keys)
 
-    def attend(self, layer, x, q, k, v, cos, sin, mask):
+    def attend(self, layer, x, q, cos, sin, mask):
+        k, v = layer.keys_values(x)
         start, end = self.offset, self.offset + k.shape[2]
         self.keys.append(_rows(k))
         self.values.append(_rows(v))
@@ -429,6 +431,13 @@ class QuantKVCache:
         return self.keys.n_exact
 
     reserved_bytes = nbytes
+
+
+def key_finish(layer):
+    """What the forward applies to x @ W_k before RoPE: (bias or None, k-norm weight or None, eps)."""
+    bias = None if layer.wkv.bias is None else layer.wkv.bias[: layer.kv_dim]
+    norm, eps = (layer.k_norm.weight, layer.k_norm.eps) if layer.qk_norm else (None, 0.0)
+    return bias, norm, eps
 
 
 def _rows(x):  # (1, H, T, D) -> (T, H * D)
@@ -484,7 +493,7 @@ class XQuantCache:
     def offset(self) -> int:
         return len(self.stores[0])
 
-    def attend(self, layer, x, q, k, v, cos, sin, mask):
+    def attend(self, layer, x, q, cos, sin, mask):
         start, end = self.offset, self.offset + x.shape[1]
         latents = self.latents
         for store, new in zip(
@@ -512,6 +521,8 @@ class XQuantCache:
             mask = torch.ones(t, end, dtype=torch.bool, device=device).tril(end - t)
         if mask is not None:
             mask = mask.repeat(q.shape[1] // t, 1)
+        # a decode step on the CPU: scores, softmax and weighted sum in one C pass per span
+        one_pass = t == 1 and mask is None and not q.is_cuda and cpu_kernels.library() is not None
         chained = [store.read(dtype) if store.chain is not None else None for store in self.stores]
         parts, n_sink = [], self.stores[0].sink.shape[0]
         for start, stop in itertools.pairwise([0, *range(n_sink + SPAN, end, SPAN), end]):
@@ -520,10 +531,17 @@ class XQuantCache:
                 for i, (store, rows) in enumerate(zip(self.stores, chained, strict=True))
             ]
             keys = latents.to_keys(cached[latents.key_stream])
+            values = cached[latents.value_stream]
+            if one_pass:
+                tables = cos[start:stop], sin[start:stop]
+                mixed, lse = cpu_kernels.rope_attend(keys, q, *tables, *key_finish(layer), values)
+                if stop - start == end:
+                    return mixed.to(dtype)
+                parts.append((mixed[:, None], lse[:, None], torch.ones_like(lse)[:, None]))
+                continue
             scores = self._scores(layer, q, keys, cos[start:stop], sin[start:stop])
             if mask is not None:
                 scores.masked_fill_(~mask[:, start:stop], float("-inf"))
-            values = cached[latents.value_stream]
             if stop - start == end:  # one span: a plain softmax
                 return torch.softmax(scores, dim=-1).to(dtype) @ values
             top = scores.amax(-1)
@@ -538,9 +556,7 @@ class XQuantCache:
         k-norm, RoPE, the scaled products, (H_kv, m, T) float32; in one C pass over the keys on
         the CPU (cpu_kernels.c), else as torch ops."""
         if not q.is_cuda and cpu_kernels.library() is not None:
-            bias = None if layer.wkv.bias is None else layer.wkv.bias[: layer.kv_dim]
-            norm, eps = (layer.k_norm.weight, layer.k_norm.eps) if layer.qk_norm else (None, 0.0)
-            return cpu_kernels.rope_scores(keys, q, cos, sin, bias, norm, eps)
+            return cpu_kernels.rope_scores(keys, q, cos, sin, *key_finish(layer))
         keys = layer.finish_keys(keys[None].to(q.dtype))
         rotated = self.scratch("rotated", keys.shape, q.dtype, q.device)
         keys = rotate(keys, cos, sin, out=rotated)

@@ -107,6 +107,34 @@ static inline void score_row(float *restrict k, const float *restrict norm, floa
     }
 }
 
+/* Row t of `width` values, bf16 or float32, as float32 in `out`. */
+static inline void load_row(const void *rows, int bf16, int64_t t, int64_t width, float *out) {
+    if (bf16) {
+        const uint16_t *row = (const uint16_t *)rows + t * width;
+        for (int64_t i = 0; i < width; i++) out[i] = from_bf16(row[i]);
+    } else
+        memcpy(out, (const float *)rows + t * width, width * sizeof(float));
+}
+
+/* Key row t (bias, k-norm, RoPE at position t) against the queries: its n_kv * m scores, written
+ * `stride` apart; k is a row of scratch. */
+static inline void key_scores(const void *keys, int keys_bf16, const float *bias,
+                              const float *norm, float eps, const float *cos, const float *sin,
+                              const float *q, int64_t t, int64_t n_kv, int64_t m, int64_t D,
+                              float sm_scale, float *k, float *scores, int64_t stride) {
+    int64_t width = n_kv * D;
+    load_row(keys, keys_bf16, t, width, k);
+    if (bias)
+        for (int64_t i = 0; i < width; i++) k[i] += bias[i];
+    const float *c = cos + t * D, *s = sin + t * D;
+    if (D == 64)
+        score_row(k, norm, eps, c, s, q, n_kv, m, 64, sm_scale, scores, stride);
+    else if (D == 128)
+        score_row(k, norm, eps, c, s, q, n_kv, m, 128, sm_scale, scores, stride);
+    else
+        score_row(k, norm, eps, c, s, q, n_kv, m, D, sm_scale, scores, stride);
+}
+
 /* Attention scores against keys rebuilt as rows @ W_k: keys (T, n_kv * D), bf16 (keys_bf16) or
  * float32, get the bias (n_kv * D, or NULL), the k-norm per head (weight (D), or NULL) and RoPE
  * at their positions (cos/sin (T, D), sin's first half negated, as model.py's tables); then
@@ -120,20 +148,8 @@ void rope_scores(const void *keys, int keys_bf16, const float *bias, const float
         float *k = malloc(width * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
-            if (keys_bf16) {
-                const uint16_t *row = (const uint16_t *)keys + t * width;
-                for (int64_t i = 0; i < width; i++) k[i] = from_bf16(row[i]);
-            } else
-                memcpy(k, (const float *)keys + t * width, width * sizeof(float));
-            if (bias)
-                for (int64_t i = 0; i < width; i++) k[i] += bias[i];
-            const float *c = cos + t * D, *s = sin + t * D;
-            if (D == 64)
-                score_row(k, norm, eps, c, s, q, n_kv, m, 64, sm_scale, scores + t, T);
-            else if (D == 128)
-                score_row(k, norm, eps, c, s, q, n_kv, m, 128, sm_scale, scores + t, T);
-            else
-                score_row(k, norm, eps, c, s, q, n_kv, m, D, sm_scale, scores + t, T);
+            key_scores(keys, keys_bf16, bias, norm, eps, cos, sin, q, t, n_kv, m, D, sm_scale,
+                       k, scores + t, T);
         }
         free(k);
     }
@@ -146,7 +162,7 @@ void rope_scores(const void *keys, int keys_bf16, const float *bias, const float
  * expf it vectorizes. n is rounded by adding and taking away 1.5 · 2^23, where a float's
  * spacing is 1. */
 static inline float exp_nonpositive(float x) {
-    x = fmaxf(x, -87.0f);
+    x = x > -87.0f ? x : -87.0f; /* not fmaxf: a libm call here, where this loop must vectorize */
     float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693145752f - n * 1.42860677e-6f;
     float e = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
@@ -154,6 +170,43 @@ static inline float exp_nonpositive(float x) {
     float scale;
     memcpy(&scale, &bits, 4);
     return e * scale;
+}
+
+/* Each of `rows` rows of n scores (ATTEND_CHUNK apart) -> e^(score - the row's maximum), with
+ * that maximum (top) and the sum (total) per row. */
+static inline void exp_part(float *p, int64_t rows, int64_t n, float *top, float *total) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *pr = p + r * ATTEND_CHUNK, best = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < n; t++) best = pr[t] > best ? pr[t] : best;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; t++) {
+            pr[t] = exp_nonpositive(pr[t] - best);
+            sum += pr[t];
+        }
+        top[r] = best, total[r] = sum;
+    }
+}
+
+/* Parts' weighted sums (`mixed`, W wide), maxima and sums -> the normalised rows out (n_rows, W)
+ * and, unless lse is NULL, each row's log-sum-exp of its scores. Part c of row r is at
+ * (r / group) * chunks * group + c * group + r % group. */
+static void merge_parts(int64_t n_rows, int64_t group, int64_t chunks, int64_t W,
+                        const float *mixed, const float *top, const float *total, float *out,
+                        float *lse) {
+    for (int64_t r = 0; r < n_rows; r++) {
+        int64_t first = (r / group) * chunks * group + r % group;
+        float best = -INFINITY, sum = 0.0f, *y = out + r * W;
+        for (int64_t c = 0; c < chunks; c++) best = fmaxf(best, top[first + c * group]);
+        for (int64_t i = 0; i < W; i++) y[i] = 0.0f;
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t at = first + c * group;
+            float scale = exp_nonpositive(top[at] - best);
+            sum += total[at] * scale;
+            for (int64_t i = 0; i < W; i++) y[i] += mixed[at * W + i] * scale;
+        }
+        for (int64_t i = 0; i < W; i++) y[i] /= sum;
+        if (lse) lse[r] = best + logf(sum);
+    }
 }
 
 /* One part of attend_bf16: n cached tokens of one K/V head against its n_rep query heads (D a
@@ -170,16 +223,7 @@ static inline __attribute__((always_inline)) void attend_part(
             p[r * ATTEND_CHUNK + t] = dot * sm_scale;
         }
     }
-    for (int64_t r = 0; r < n_rep; r++) {
-        float *pr = p + r * ATTEND_CHUNK, best = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t < n; t++) best = fmaxf(best, pr[t]);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; t++) {
-            pr[t] = exp_nonpositive(pr[t] - best);
-            sum += pr[t];
-        }
-        top[r] = best, total[r] = sum;
-    }
+    exp_part(p, n_rep, n, top, total);
     for (int64_t t = 0; t < n; t++) {
         for (int64_t i = 0; i < D; i++) row[i] = from_bf16(v[t * D + i]);
         for (int64_t r = 0; r < n_rep; r++) {
@@ -220,19 +264,74 @@ void attend_bf16(const float *q, const uint16_t *keys, const uint16_t *values, i
         }
         free(row), free(p);
     }
-    for (int64_t h = 0; h < n_kv; h++)
-        for (int64_t r = 0; r < n_rep; r++) {
-            float best = -INFINITY, sum = 0.0f, *y = out + (h * n_rep + r) * D;
-            for (int64_t c = 0; c < chunks; c++) best = fmaxf(best, top[(h * chunks + c) * n_rep + r]);
-            for (int64_t i = 0; i < D; i++) y[i] = 0.0f;
-            for (int64_t c = 0; c < chunks; c++) {
-                int64_t at = (h * chunks + c) * n_rep + r;
-                float scale = exp_nonpositive(top[at] - best);
-                sum += total[at] * scale;
-                for (int64_t i = 0; i < D; i++) y[i] += mixed[at * D + i] * scale;
-            }
-            for (int64_t i = 0; i < D; i++) y[i] /= sum;
+    merge_parts(n_heads, n_rep, chunks, D, mixed, top, total, out, NULL);
+    free(top), free(total), free(mixed);
+}
+
+#define TILE_ROWS 4 /* weighted_sum's tile: TILE_ROWS x TILE_VECTORS vectors of sums, in */
+#define TILE_VECTORS 4 /* registers, enough independent additions to hide their latency */
+#define LANES 16
+#define TILE_COLUMNS (TILE_VECTORS * LANES)
+typedef float lanes __attribute__((vector_size(LANES * sizeof(float))));
+
+/* out (rows, W) = p (rows, n; rows ATTEND_CHUNK apart, zero-padded to whole tiles of rows) ·
+ * values (n, W). A tile of sums stays in registers while the tokens stream past: each value is
+ * loaded once per tile and each sum stored once. */
+static void weighted_sum(const float *p, int64_t rows, int64_t n, const float *values, int64_t W,
+                         float *out) {
+    for (int64_t r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+        const float *pr = p + r0 * ATTEND_CHUNK;
+        int64_t j = 0;
+        for (; j + TILE_COLUMNS <= W; j += TILE_COLUMNS) {
+            lanes acc[TILE_ROWS][TILE_VECTORS] = {{0}};
+            for (int64_t t = 0; t < n; t++)
+                for (int i = 0; i < TILE_VECTORS; i++) {
+                    lanes v;
+                    memcpy(&v, values + t * W + j + i * LANES, sizeof v);
+                    for (int r = 0; r < TILE_ROWS; r++) acc[r][i] += pr[r * ATTEND_CHUNK + t] * v;
+                }
+            for (int r = 0; r < TILE_ROWS && r0 + r < rows; r++)
+                memcpy(out + (r0 + r) * W + j, acc[r], sizeof acc[r]);
         }
+        for (; j < W; j++) /* the columns left over */
+            for (int64_t r = r0; r < rows && r < r0 + TILE_ROWS; r++) {
+                float sum = 0.0f;
+                for (int64_t t = 0; t < n; t++) sum += p[r * ATTEND_CHUNK + t] * values[t * W + j];
+                out[r * W + j] = sum;
+            }
+    }
+}
+
+/* XQuant's decode attention, fused: one token's queries q (n_kv, m, D) against keys
+ * (T, n_kv * D) rebuilt from the cache, as rope_scores scores them; the softmax; and its
+ * weighted sum of the cached rows `values` (T, W) that every head shares (X, or the V latent,
+ * projected per head afterwards by the caller; float32) -> out (n_kv * m, W), normalised, and
+ * each row's log-sum-exp (lse), by which the caller merges spans. Keys are bf16 or float32. Each
+ * row is read once; parts of ATTEND_CHUNK tokens run on the threads and are merged at the end. */
+void rope_attend(const void *keys, int keys_bf16, const float *bias, const float *norm, float eps,
+                 const float *cos, const float *sin, const float *q, const float *values, int64_t T, int64_t n_kv, int64_t m, int64_t D, int64_t W,
+                 float sm_scale, float *out, float *lse, int threads) {
+    int64_t rows = n_kv * m, chunks = (T + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
+    int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
+    float *top = malloc(chunks * rows * sizeof(float)), *total = malloc(chunks * rows * sizeof(float));
+    float *mixed = malloc(chunks * rows * W * sizeof(float)); /* (chunks, rows, W) */
+#pragma omp parallel num_threads(threads) if (chunks > 1)
+    {
+        float *k = malloc(n_kv * D * sizeof(float));
+        /* whole tiles of rows: weighted_sum reads the padding's zero weights */
+        float *p = calloc(tiles * TILE_ROWS * ATTEND_CHUNK, sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t first = c * ATTEND_CHUNK, n = T - first < ATTEND_CHUNK ? T - first : ATTEND_CHUNK;
+            for (int64_t t = 0; t < n; t++)
+                key_scores(keys, keys_bf16, bias, norm, eps, cos, sin, q, first + t, n_kv, m, D,
+                           sm_scale, k, p + t, ATTEND_CHUNK);
+            exp_part(p, rows, n, top + c * rows, total + c * rows);
+            weighted_sum(p, rows, n, values + first * W, W, mixed + c * rows * W);
+        }
+        free(k), free(p);
+    }
+    merge_parts(rows, rows, chunks, W, mixed, top, total, out, lse);
     free(top), free(total), free(mixed);
 }
 

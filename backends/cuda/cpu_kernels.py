@@ -84,6 +84,8 @@ def library() -> ctypes.CDLL | None:
     lib.rope_scores.argtypes += [_i64, _i64, _i64, _i64, _f32, _ptr, _int]
     lib.int8_linear.argtypes = [_ptr, _i64, _i64, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _int]
     lib.attend_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _int]
+    lib.rope_attend.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr]
+    lib.rope_attend.argtypes += [_i64, _i64, _i64, _i64, _i64, _f32, _ptr, _ptr, _int]
     return lib
 
 
@@ -118,29 +120,58 @@ def dequantize(q, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
     return out
 
 
+def _rows(rows: torch.Tensor) -> torch.Tensor:  # bf16 and float32 rows are read as they are
+    return (rows if rows.dtype in (torch.float32, torch.bfloat16) else rows.float()).contiguous()
+
+
+def _key_operands(keys, q, cos, sin, bias, norm, what: str):
+    """rope_scores' and rope_attend's keys (T, H_kv * D), tables (T, D), bias, k-norm weight and
+    queries (H_kv, m, D), contiguous and float32 (the keys: or bf16), checked against each other."""
+    n_kv, _, d = q.shape
+    keys = _rows(keys)
+    bias, norm, cos, sin, q = (
+        None if x is None else x.float().contiguous() for x in (bias, norm, cos, sin, q)
+    )
+    t = keys.shape[0]
+    _check(
+        keys.shape == (t, n_kv * d) and cos.shape == sin.shape == (t, d)
+        and (bias is None or bias.shape == (n_kv * d,)) and (norm is None or norm.shape == (d,)),
+        f"the keys, tables and queries of {what} do not match",
+    )  # fmt: skip
+    return keys, bias, norm, cos, sin, q
+
+
 def rope_scores(keys, q, cos, sin, bias, norm, eps: float) -> torch.Tensor:
     """Scores (H_kv, m, T) of q (H_kv, m, D) against keys (T, H_kv * D) rebuilt as rows @ W_k
     (read as they are when bf16 or float32), after the bias, the k-norm (weight (D,)) and RoPE
     (tables (T, D))."""
     n_kv, m, d = q.shape
-    t = keys.shape[0]
-    keys = (keys if keys.dtype in (torch.float32, torch.bfloat16) else keys.float()).contiguous()
-    bias, norm, cos, sin, q = (
-        None if x is None else x.float().contiguous() for x in (bias, norm, cos, sin, q)
-    )
-    _check(
-        keys.dtype in (torch.float32, torch.bfloat16) and keys.shape == (t, n_kv * d)
-        and cos.shape == sin.shape == (t, d) and (bias is None or bias.shape == (n_kv * d,))
-        and (norm is None or norm.shape == (d,)),
-        "the keys, tables and queries of rope_scores do not match",
-    )  # fmt: skip
-    scores = torch.empty(n_kv, m, t, dtype=torch.float32)
+    keys, bias, norm, cos, sin, q = _key_operands(keys, q, cos, sin, bias, norm, "rope_scores")
+    scores = torch.empty(n_kv, m, keys.shape[0], dtype=torch.float32)
     library().rope_scores(
         _address(keys), int(keys.dtype == torch.bfloat16), _address(bias), _address(norm), eps,
-        _address(cos), _address(sin), _address(q), t, n_kv, m, d, d**-0.5, _address(scores),
-        torch.get_num_threads(),
+        _address(cos), _address(sin), _address(q), keys.shape[0], n_kv, m, d, d**-0.5,
+        _address(scores), torch.get_num_threads(),
     )  # fmt: skip
     return scores
+
+
+def rope_attend(keys, q, cos, sin, bias, norm, eps: float, values):
+    """One token's attention over rebuilt keys, as rope_scores scores them, and cached rows
+    `values` (T, W) that every head shares (float32), in one pass: (out (H_kv, m, W), the softmax-weighted
+    sums of the rows, and lse (H_kv, m), the log-sum-exp of the scores), float32."""
+    n_kv, m, d = q.shape
+    keys, bias, norm, cos, sin, q = _key_operands(keys, q, cos, sin, bias, norm, "rope_attend")
+    values = values.float().contiguous()
+    _check(values.dim() == 2 and values.shape[0] == keys.shape[0], "rope_attend's values")
+    out = torch.empty(n_kv, m, values.shape[1], dtype=torch.float32)
+    lse = torch.empty(n_kv, m, dtype=torch.float32)
+    library().rope_attend(
+        _address(keys), int(keys.dtype == torch.bfloat16), _address(bias), _address(norm), eps,
+        _address(cos), _address(sin), _address(q), _address(values), keys.shape[0], n_kv, m, d, values.shape[1], d**-0.5,
+        _address(out), _address(lse), torch.get_num_threads(),
+    )  # fmt: skip
+    return out, lse
 
 
 def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:

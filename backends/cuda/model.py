@@ -125,8 +125,8 @@ class Attention(nn.Module):
         q = self.wq(x).to(x.dtype).view(b, t, self.n_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
-        k, v = self.keys_values(x)
-        out = cache.attend(self, x, q.transpose(1, 2), k, v, cos, sin, mask)
+        # the cache computes K and V from x if it keeps them (XQuant keeps x instead)
+        out = cache.attend(self, x, q.transpose(1, 2), cos, sin, mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def keys_values(self, x):

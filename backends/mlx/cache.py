@@ -56,7 +56,8 @@ class KVCache:
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def attend(self, layer, x, q, k, v, rope, mask):
+    def attend(self, layer, x, q, rope, mask):
+        k, v = layer.keys_values(x)
         q, k = rope(q, self.offset), rope(k, self.offset)
         return attention(q, *self.update_and_fetch(k, v), mask)
 
@@ -341,7 +342,8 @@ class QuantKVCache:
     def offset(self) -> int:
         return len(self.keys)
 
-    def attend(self, layer, x, q, k, v, rope, mask):
+    def attend(self, layer, x, q, rope, mask):
+        k, v = layer.keys_values(x)
         start = self.offset
         self.keys.append(_rows(k))
         self.values.append(_rows(v))
@@ -420,7 +422,7 @@ class XQuantCache:
     def offset(self) -> int:
         return len(self.stores[0])
 
-    def attend(self, layer, x, q, k, v, rope, mask):
+    def attend(self, layer, x, q, rope, mask):
         start, t = self.offset, x.shape[1]
         end = start + t
         encode = self.latents.encode

@@ -140,9 +140,9 @@ class Attention(nn.Module):
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
-        k, v = self.keys_values(x)
         rope = self.rope if tree_rope is None else tree_rope
-        out = cache.attend(self, x, q.transpose(0, 2, 1, 3), k, v, rope, mask)
+        # the cache computes K and V from x if it keeps them (XQuant keeps x instead)
+        out = cache.attend(self, x, q.transpose(0, 2, 1, 3), rope, mask)
         return self.wo(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
 
     def keys_values(self, x):
