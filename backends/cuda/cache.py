@@ -188,6 +188,7 @@ class TokenStore:
         self.row_group = self.group if per_channel else row_group(width, spec.group)
         self.n_sink = spec.sink
         self.sink = self.exact = torch.empty(0, width, dtype=dtype, device=device)
+        self.window: torch.Tensor | None = None  # holds `exact` as its first rows, room after
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, packed bytes)
 
     @property
@@ -218,8 +219,21 @@ class TokenStore:
             return quantize_columns(block, self.bits)
         return quantize(block.flatten(), self.bits, self.row_group)
 
+    def _extended(self, rows: torch.Tensor) -> torch.Tensor:
+        """The exact rows followed by `rows`, written into the window's room: a decode step copies
+        its one row, not the whole window (a new window when the rows are elsewhere: after a
+        flush, a trim that cloned, a load)."""
+        n, k = self.exact.shape[0], rows.shape[0]
+        window = self.window
+        if window is None or len(window) < n + k or self.exact.data_ptr() != window.data_ptr():
+            window = self.exact.new_empty(max(n + k, self.residual + self.group), self.width)
+            window[:n] = self.exact
+            self.window = window
+        window[n : n + k] = rows
+        return window[: n + k]
+
     def append(self, rows: torch.Tensor) -> None:
-        self.exact = torch.cat([self.exact, rows.to(self.exact.dtype)])
+        self.exact = self._extended(rows)
         self._fill_sink()
         predictions = self.chain.blocks if self.delta else []
         flushed = []
@@ -450,16 +464,19 @@ class Latents:
     model's fastest x @ matrix in the weights' dtype; the per-head V projection, applied once per
     query, is a plain matrix in the activation dtype."""
 
-    def __init__(self, layer: LayerLatents, linear, act_dtype, device):
+    def __init__(self, layer: LayerLatents, linear, head_dim: int, act_dtype, device):
         self.encode = linear(np.concatenate([s.encode for s in layer.streams], axis=1))
         self.widths = [s.encode.shape[1] for s in layer.streams]
         self.per_channel = [s.per_channel for s in layer.streams]
         self.key_stream, self.value_stream = layer.keys[0], layer.values[0]
         self.to_keys = linear(layer.keys[1])
-        self.to_values = torch.from_numpy(layer.values[1]).to(device=device, dtype=act_dtype)
+        to_values = torch.from_numpy(layer.values[1]).to(device=device, dtype=act_dtype)
+        # (H_kv, width, D): each K/V head's block of the value projection
+        heads = to_values.view(to_values.shape[0], -1, head_dim).transpose(0, 1)
+        self.value_heads = heads.contiguous()
         self.nbytes = sum(
             t.numel() * t.element_size()
-            for t in (self.encode.weight, self.to_keys.weight, self.to_values)
+            for t in (self.encode.weight, self.to_keys.weight, self.value_heads)
         )
 
 
@@ -505,9 +522,8 @@ class XQuantCache:
             mixed = self._fused_mixed(layer, q, cos[:end], sin[:end])
         else:
             mixed = self._mixed(layer, q, cos[:end], sin[:end], mask)
-        n_kv, to_values = mixed.shape[0], latents.to_values
-        heads = to_values.view(to_values.shape[0], n_kv, -1).transpose(0, 1)
-        return layer.finish_values((mixed @ heads).view(1, q.shape[1], q.shape[2], -1))
+        out = mixed @ latents.value_heads
+        return layer.finish_values(out.view(1, q.shape[1], q.shape[2], -1))
 
     def _mixed(self, layer, q, cos, sin, mask):
         """The attention-weighted sums of the value stream's rows, (H_kv, n_rep * T, width):

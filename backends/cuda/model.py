@@ -275,7 +275,8 @@ class Transformer(nn.Module):
             )
             device, act_dtype = self.embed.weight.device, self.norm.weight.dtype
             self.latent_layers[key] = [
-                Latents(layer, self.linear, act_dtype, device) for layer in layers
+                Latents(layer, self.linear, self.spec.head_dim, act_dtype, device)
+                for layer in layers
             ]
         return self.latent_layers[key]
 
