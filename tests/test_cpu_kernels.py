@@ -235,9 +235,28 @@ def test_decode_attention_on_a_bf16_cache_equals_the_torch_ops(heads, kv_heads, 
 
 
 @needs_c
+@pytest.mark.parametrize("m, n", [(7, 300), (7, 258), (16, 520), (5, 5)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tree_attention_on_a_bf16_cache_equals_the_torch_ops(m, n, causal):
+    """m new rows (a prefill chunk's causal mask, or a drafter's tree) see every row before them
+    and the new rows their mask allows. At n = 258 the new rows straddle two parts, and the first
+    five see none of the second part's: that part is skipped in the merge."""
+    g = torch.Generator().manual_seed(m * n)
+    q = 3 * torch.randn(1, 9, m, 64, generator=g)
+    keys, values = (torch.randn(1, 3, 600, 64, generator=g).bfloat16() for _ in range(2))
+    newest = torch.ones(m, m, dtype=torch.bool).tril()
+    if not causal:  # a tree: each row sees itself and some of the rows before it
+        newest &= (torch.rand(m, m, generator=g) < 0.5) | torch.eye(m, dtype=torch.bool)
+    mask = torch.cat([torch.ones(m, n - m, dtype=torch.bool), newest], dim=1)
+    got = cpu_kernels.attend_bf16(q, keys, values, n, newest)
+    want = attention(q, keys[:, :, :n].float(), values[:, :, :n].float(), mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_c
 def test_bf16_decoding_with_and_without_the_attention_pass(tiny_models, monkeypatch):
-    """A bf16 model's decode steps on the exact cache go through the pass (not its prefill chunks
-    or a drafter-sized tree, which have several query rows) and give the torch ops' logits."""
+    """A bf16 model's chunk of 7 rows (causal among themselves) and its decode steps on the exact
+    cache go through the pass, not its first prefill, and give the torch ops' logits."""
     calls = []
     run = cpu_kernels.attend_bf16
     monkeypatch.setattr(cpu_kernels, "attend_bf16", lambda *a: calls.append(a[3]) or run(*a))
@@ -253,7 +272,7 @@ def test_bf16_decoding_with_and_without_the_attention_pass(tiny_models, monkeypa
         chunk = session.logits(list(range(600, 607)))
         runs.append(np.concatenate([chunk, *(session.logits([t]) for t in (7, 8, 9))]))
         layers = engine.spec.n_layers
-        assert calls == ([*[208] * layers, *[209] * layers, *[210] * layers] if c_pass else [])
+        assert calls == ([n for n in (207, 208, 209, 210) for _ in range(layers)] if c_pass else [])
         calls.clear()
     torch.testing.assert_close(
         torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4

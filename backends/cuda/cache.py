@@ -96,19 +96,23 @@ class KVCache:
         start, end = self.offset, self.offset + k.shape[2]
         q, k = rotate(q, cos[start:end], sin[start:end]), rotate(k, cos[start:end], sin[start:end])
         keys, values = self.update_and_fetch(k, v)
-        if self.one_pass(q, mask):
-            return cpu_kernels.attend_bf16(q, self.keys, self.values, end)
+        if self.one_pass(q, mask, start):
+            newest = None if mask is None else mask[:, start:]
+            return cpu_kernels.attend_bf16(q, self.keys, self.values, end, newest)
         if keys.dtype != q.dtype:  # attention runs in the activation dtype (fp32 on CPU)
             keys = self.scratch("keys", keys.shape, q.dtype, q.device).copy_(keys)
             values = self.scratch("values", values.shape, q.dtype, q.device).copy_(values)
         return attention(q, keys, values, mask)
 
-    def one_pass(self, q, mask) -> bool:
-        """A CPU decode step on bf16 K/V goes through one C pass that reads the cache as it is
-        (cpu_kernels.attend_bf16) instead of a float32 copy of it and PyTorch's attention."""
+    def one_pass(self, q, mask, start: int) -> bool:
+        """A CPU decode step or drafter's tree on bf16 K/V goes through one C pass that reads the
+        cache as it is (cpu_kernels.attend_bf16) instead of a float32 copy of it and PyTorch's
+        attention. The pass lets every new row see all rows cached before them."""
+        rows = q.shape[2]
         return (
-            q.shape[2] == 1 and mask is None and not q.is_cuda and q.dtype == torch.float32
-            and self.dtype == torch.bfloat16 and cpu_kernels.library() is not None
+            (rows == 1 or mask is not None) and rows <= cpu_kernels.ATTEND_ROWS
+            and not q.is_cuda and q.dtype == torch.float32 and self.dtype == torch.bfloat16
+            and cpu_kernels.library() is not None and (mask is None or bool(mask[:, :start].all()))
         )  # fmt: skip
 
     def trim(self, n_keep: int) -> None:

@@ -28,6 +28,27 @@ static inline float lanes_sum(lanes v) {
 #endif
 }
 
+/* x in every lane (not {} + x, which costs an addition: -0.0 + 0.0 is not -0.0) */
+static inline lanes splat(float x) {
+#ifdef __AVX512F__
+    return (lanes)_mm512_set1_ps(x);
+#else
+    lanes v;
+    for (int i = 0; i < LANES; i++) v[i] = x;
+    return v;
+#endif
+}
+
+/* a * b + c, fused where the CPU has the instruction (the build keeps -ffp-contract=off for the
+ * passes that must round as the torch ops do) */
+static inline lanes fma_lanes(lanes a, lanes b, lanes c) {
+#ifdef __AVX512F__
+    return (lanes)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+    return a * b + c;
+#endif
+}
+
 /* sum_i a[i] * b[i] for i < n: whole vectors when n allows (the head widths do). */
 static inline float dot(const float *a, const float *b, int64_t n) {
     if (n % LANES) {
@@ -205,7 +226,13 @@ static inline float exp_nonpositive(float x) {
 static inline void exp_part(float *p, int64_t rows, int64_t n, float *top, float *total) {
     for (int64_t r = 0; r < rows; r++) {
         float *pr = p + r * ATTEND_CHUNK, best = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : best)
         for (int64_t t = 0; t < n; t++) best = pr[t] > best ? pr[t] : best;
+        if (best == -INFINITY) { /* the row sees none of these tokens: weights 0, no NaN */
+            memset(pr, 0, n * sizeof(float));
+            top[r] = best, total[r] = 0.0f;
+            continue;
+        }
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < n; t++) {
             pr[t] = exp_nonpositive(pr[t] - best);
@@ -237,65 +264,6 @@ static void merge_parts(int64_t n_rows, int64_t group, int64_t chunks, int64_t W
     }
 }
 
-/* One part of attend_bf16: n cached tokens of one K/V head against its n_rep query heads (D a
- * constant where inlined, so the loops over a row compile without remainders). */
-static inline __attribute__((always_inline)) void attend_part(
-    const float *q, const uint16_t *k, const uint16_t *v, int64_t n, int64_t n_rep, int64_t D,
-    float sm_scale, float *row, float *p, float *top, float *total, float *o) {
-    for (int64_t t = 0; t < n; t++) {
-        for (int64_t i = 0; i < D; i++) row[i] = from_bf16(k[t * D + i]);
-        for (int64_t r = 0; r < n_rep; r++) {
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < D; i++) dot += q[r * D + i] * row[i];
-            p[r * ATTEND_CHUNK + t] = dot * sm_scale;
-        }
-    }
-    exp_part(p, n_rep, n, top, total);
-    for (int64_t t = 0; t < n; t++) {
-        for (int64_t i = 0; i < D; i++) row[i] = from_bf16(v[t * D + i]);
-        for (int64_t r = 0; r < n_rep; r++) {
-            float weight = p[r * ATTEND_CHUNK + t];
-            for (int64_t i = 0; i < D; i++) o[r * D + i] += weight * row[i];
-        }
-    }
-}
-
-/* Decode attention on an exact bf16 K/V cache, one query row per head: out (H, D) =
- * softmax(q · Kᵀ · sm_scale) · V, q float32 (H, D), keys and values (H_kv, stride, D) bf16 with
- * the first T rows cached. The cache is read once per step, as bf16, instead of copied to
- * float32 for PyTorch's attention; the H / H_kv query heads of a group share each read. Parts of
- * ATTEND_CHUNK tokens keep their own maximum and sum and are merged at the end. */
-void attend_bf16(const float *q, const uint16_t *keys, const uint16_t *values, int64_t T,
-                 int64_t stride, int64_t n_heads, int64_t n_kv, int64_t D, float sm_scale,
-                 float *out, int threads) {
-    int64_t n_rep = n_heads / n_kv, chunks = (T + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
-    int64_t parts = n_kv * chunks;
-    float *top = malloc(parts * n_rep * sizeof(float)), *total = malloc(parts * n_rep * sizeof(float));
-    float *mixed = calloc(parts * n_rep * D, sizeof(float)); /* (n_kv, chunks, n_rep, D) */
-#pragma omp parallel num_threads(threads) if (parts > 1)
-    {
-        float *row = malloc(D * sizeof(float)), *p = malloc(n_rep * ATTEND_CHUNK * sizeof(float));
-#pragma omp for schedule(static)
-        for (int64_t part = 0; part < parts; part++) {
-            int64_t h = part / chunks, first = (part % chunks) * ATTEND_CHUNK;
-            int64_t n = T - first < ATTEND_CHUNK ? T - first : ATTEND_CHUNK;
-            const uint16_t *k = keys + (h * stride + first) * D, *v = values + (h * stride + first) * D;
-            const float *qh = q + h * n_rep * D;
-            float *m = top + part * n_rep, *l = total + part * n_rep, *o = mixed + part * n_rep * D;
-            if (D == 64)
-                attend_part(qh, k, v, n, n_rep, 64, sm_scale, row, p, m, l, o);
-            else if (D == 128)
-                attend_part(qh, k, v, n, n_rep, 128, sm_scale, row, p, m, l, o);
-            else
-                attend_part(qh, k, v, n, n_rep, D, sm_scale, row, p, m, l, o);
-        }
-        free(row), free(p);
-    }
-    merge_parts(n_heads, n_rep, chunks, D, mixed, top, total, out, NULL);
-    free(top), free(total), free(mixed);
-}
-
 /* weighted_sum's tile: TILE_ROWS x TILE_VECTORS vectors of sums, held in registers, enough
  * independent additions to hide their latency. Rows are padded to whole tiles: 3 fits the
  * 3 x 3 and 9 x 1 query rows of the default model's GQA and MHA forms. */
@@ -303,22 +271,40 @@ void attend_bf16(const float *q, const uint16_t *keys, const uint16_t *values, i
 #define TILE_VECTORS 4
 #define TILE_COLUMNS (TILE_VECTORS * LANES)
 
+/* LANES values from `values` (float32, or bf16 when `bf16`) at index `at`, as float32. */
+static inline lanes load_lanes(const void *values, int bf16, int64_t at) {
+    lanes x;
+    if (bf16) {
+        typedef uint16_t halves __attribute__((vector_size(LANES * sizeof(uint16_t))));
+        typedef uint32_t words __attribute__((vector_size(LANES * sizeof(uint32_t))));
+        halves h;
+        memcpy(&h, (const uint16_t *)values + at, sizeof h);
+        words w = __builtin_convertvector(h, words) << 16;
+        memcpy(&x, &w, sizeof x);
+    } else
+        memcpy(&x, (const float *)values + at, sizeof x);
+    return x;
+}
+
+static inline float load_one(const void *values, int bf16, int64_t at) {
+    return bf16 ? from_bf16(((const uint16_t *)values)[at]) : ((const float *)values)[at];
+}
+
 /* out (rows, W) = p (rows, n; rows ATTEND_CHUNK apart, zero-padded to whole tiles of rows) ·
- * values (n, W). A tile of sums stays in registers while the tokens stream past: each value is
- * loaded once per tile and each sum stored once. */
-__attribute__((optimize("fp-contract=fast"))) /* fused multiply-adds */
-static void weighted_sum(const float *p, int64_t rows, int64_t n, const float *values, int64_t W,
-                         float *out) {
+ * values (n, W; float32, or bf16 when `bf16`). A tile of sums stays in registers while the
+ * tokens stream past: each value is loaded once per tile and each sum stored once. */
+static void weighted_sum(const float *p, int64_t rows, int64_t n, const void *values, int bf16,
+                         int64_t W, float *out) {
     for (int64_t r0 = 0; r0 < rows; r0 += TILE_ROWS) {
         const float *pr = p + r0 * ATTEND_CHUNK;
         int64_t j = 0;
         for (; j + TILE_COLUMNS <= W; j += TILE_COLUMNS) {
-            lanes acc[TILE_ROWS][TILE_VECTORS] = {{0}};
+            lanes acc[TILE_ROWS][TILE_VECTORS] = {{{0}}};
             for (int64_t t = 0; t < n; t++)
                 for (int i = 0; i < TILE_VECTORS; i++) {
-                    lanes v;
-                    memcpy(&v, values + t * W + j + i * LANES, sizeof v);
-                    for (int r = 0; r < TILE_ROWS; r++) acc[r][i] += pr[r * ATTEND_CHUNK + t] * v;
+                    lanes v = load_lanes(values, bf16, t * W + j + i * LANES);
+                    for (int r = 0; r < TILE_ROWS; r++)
+                        acc[r][i] = fma_lanes(splat(pr[r * ATTEND_CHUNK + t]), v, acc[r][i]);
                 }
             for (int r = 0; r < TILE_ROWS && r0 + r < rows; r++)
                 memcpy(out + (r0 + r) * W + j, acc[r], sizeof acc[r]);
@@ -326,10 +312,106 @@ static void weighted_sum(const float *p, int64_t rows, int64_t n, const float *v
         for (; j < W; j++) /* the columns left over */
             for (int64_t r = r0; r < rows && r < r0 + TILE_ROWS; r++) {
                 float sum = 0.0f;
-                for (int64_t t = 0; t < n; t++) sum += p[r * ATTEND_CHUNK + t] * values[t * W + j];
+                for (int64_t t = 0; t < n; t++)
+                    sum += p[r * ATTEND_CHUNK + t] * load_one(values, bf16, t * W + j);
                 out[r * W + j] = sum;
             }
     }
+}
+
+#define KEY_TILE LANES /* keys a tree's rows score at once: one vector */
+
+/* Scores of `rows` query rows (D wide) against n bf16 keys, written ATTEND_CHUNK apart. The keys
+ * go KEY_TILE at a time into a transposed float32 tile `kt` (D, KEY_TILE), so each query value
+ * multiplies a vector of keys: no sum across a vector's lanes per score, which is what pays when
+ * many rows share the tile (a drafter's tree). */
+static inline __attribute__((always_inline)) void tile_scores(const float *q, int64_t rows,
+                                                              const uint16_t *k, int64_t n,
+                                                              const int64_t D, float sm_scale,
+                                                              float *kt, float *p) {
+    for (int64_t t0 = 0; t0 < n; t0 += KEY_TILE) {
+        int64_t width = n - t0 < KEY_TILE ? n - t0 : KEY_TILE;
+        for (int64_t j = 0; j < width; j++)
+            for (int64_t d = 0; d < D; d++) kt[d * KEY_TILE + j] = from_bf16(k[(t0 + j) * D + d]);
+        for (int64_t j = width; j < KEY_TILE; j++)
+            for (int64_t d = 0; d < D; d++) kt[d * KEY_TILE + j] = 0.0f;
+        for (int64_t r = 0; r < rows; r++) {
+            lanes acc[8] = {{0}}; /* eight independent chains: enough to keep both FMA units busy */
+            for (int64_t d = 0; d < D; d += 8)
+                for (int i = 0; i < 8; i++) {
+                    lanes key;
+                    memcpy(&key, kt + (d + i) * KEY_TILE, sizeof key);
+                    acc[i] = fma_lanes(splat(q[r * D + d + i]), key, acc[i]);
+                }
+            lanes scores = (((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+                            ((acc[4] + acc[5]) + (acc[6] + acc[7]))) * sm_scale;
+            memcpy(p + r * ATTEND_CHUNK + t0, &scores, sizeof scores); /* within the row's room */
+        }
+    }
+}
+
+/* One part of attend_bf16: n cached tokens of one K/V head against its n_rep query heads' m new
+ * rows each (rows r = rep * m + i), D a constant where inlined. The last rows of the cache are
+ * the new rows' own: the part's token t is new row j = t - newest when t >= newest, seen by row i
+ * where mask[i * m + j] (mask NULL: all). */
+static inline __attribute__((always_inline)) void attend_part(
+    const float *q, int64_t m, const uint8_t *mask, int64_t newest, const uint16_t *k,
+    const uint16_t *v, int64_t n, int64_t n_rep, int64_t D, float sm_scale, float *scratch,
+    float *p, float *top, float *total, float *o) {
+    int64_t rows = n_rep * m;
+    if (m == 1 || D % 8) /* a decode step: a few rows, each score one dot product */
+        for (int64_t t = 0; t < n; t++) {
+            for (int64_t i = 0; i < D; i++) scratch[i] = from_bf16(k[t * D + i]);
+            for (int64_t r = 0; r < rows; r++)
+                p[r * ATTEND_CHUNK + t] = dot(q + r * D, scratch, D) * sm_scale;
+        }
+    else
+        tile_scores(q, rows, k, n, D, sm_scale, scratch, p);
+    if (mask)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t t = newest > 0 ? newest : 0; t < n; t++)
+                if (!mask[(r % m) * m + t - newest]) p[r * ATTEND_CHUNK + t] = -INFINITY;
+    exp_part(p, rows, n, top, total);
+    weighted_sum(p, rows, n, v, 1, D, o);
+}
+
+/* Attention of the newest m rows (a decode step, or a drafter's tree) on an
+ * exact bf16 K/V cache: out (H, m, D) = softmax(q · Kᵀ · sm_scale) · V, q float32 (H, m, D),
+ * keys and values (H_kv, stride, D) bf16 with the first T rows cached, the last m of them the
+ * new rows' own. Every new row sees the T - m rows before them, and of the newest m those its
+ * mask row allows (mask (m, m) bytes, or NULL: all). The cache is read once, as bf16, instead of
+ * copied to float32 for PyTorch's attention; the H / H_kv query heads of a group share each read.
+ * Parts of ATTEND_CHUNK tokens keep their own maxima and sums and are merged at the end. */
+void attend_bf16(const float *q, int64_t m, const uint8_t *mask, const uint16_t *keys,
+                 const uint16_t *values, int64_t T, int64_t stride, int64_t n_heads, int64_t n_kv,
+                 int64_t D, float sm_scale, float *out, int threads) {
+    int64_t n_rep = n_heads / n_kv, rows = n_rep * m, chunks = (T + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
+    int64_t parts = n_kv * chunks, padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+    float *top = malloc(parts * rows * sizeof(float)), *total = malloc(parts * rows * sizeof(float));
+    float *mixed = malloc(parts * rows * D * sizeof(float)); /* (n_kv, chunks, rows, D) */
+#pragma omp parallel num_threads(threads) if (parts > 1)
+    {
+        /* a key row, or a tree's transposed tile of keys; the scores, padded to whole tiles */
+        float *scratch = malloc(D * KEY_TILE * sizeof(float));
+        float *p = calloc(padded * ATTEND_CHUNK, sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t part = 0; part < parts; part++) {
+            int64_t h = part / chunks, first = (part % chunks) * ATTEND_CHUNK;
+            int64_t n = T - first < ATTEND_CHUNK ? T - first : ATTEND_CHUNK, newest = T - m - first;
+            const uint16_t *k = keys + (h * stride + first) * D, *v = values + (h * stride + first) * D;
+            const float *qh = q + h * rows * D;
+            float *mx = top + part * rows, *l = total + part * rows, *o = mixed + part * rows * D;
+            if (D == 64)
+                attend_part(qh, m, mask, newest, k, v, n, n_rep, 64, sm_scale, scratch, p, mx, l, o);
+            else if (D == 128)
+                attend_part(qh, m, mask, newest, k, v, n, n_rep, 128, sm_scale, scratch, p, mx, l, o);
+            else
+                attend_part(qh, m, mask, newest, k, v, n, n_rep, D, sm_scale, scratch, p, mx, l, o);
+        }
+        free(scratch), free(p);
+    }
+    merge_parts(n_heads * m, rows, chunks, D, mixed, top, total, out, NULL);
+    free(top), free(total), free(mixed);
 }
 
 /* XQuant's decode attention, fused: one token's queries q (n_kv, m, D) against keys
@@ -357,7 +439,7 @@ void rope_attend(const void *keys, int keys_bf16, const float *bias, const float
                 key_scores(keys, keys_bf16, bias, norm, eps, cos, sin, q, first + t, n_kv, m, D,
                            sm_scale, k, p + t, ATTEND_CHUNK);
             exp_part(p, rows, n, top + c * rows, total + c * rows);
-            weighted_sum(p, rows, n, values + first * W, W, mixed + c * rows * W);
+            weighted_sum(p, rows, n, values + first * W, 0, W, mixed + c * rows * W);
         }
         free(k), free(p);
     }

@@ -31,6 +31,9 @@ _lock = threading.Lock()
 # int8_linear's most rows (cpu_kernels.c's INT8_ROWS): decode and a drafter's tree, where reading
 # each weight row once for all rows wins; longer prefill chunks go to oneDNN's blocked int8 GEMM.
 INT8_ROWS = 16
+# attend_bf16's most new rows per head: decode and a drafter's tree (longer prefill chunks go to
+# PyTorch's attention, a matrix product on a float32 copy).
+ATTEND_ROWS = 16
 
 
 def _cpu() -> str:
@@ -83,7 +86,8 @@ def library() -> ctypes.CDLL | None:
     lib.rope_scores.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr]
     lib.rope_scores.argtypes += [_i64, _i64, _i64, _i64, _f32, _ptr, _int]
     lib.int8_linear.argtypes = [_ptr, _i64, _i64, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _int]
-    lib.attend_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _int]
+    lib.attend_bf16.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32]
+    lib.attend_bf16.argtypes += [_ptr, _int]
     lib.rope_attend.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr]
     lib.rope_attend.argtypes += [_i64, _i64, _i64, _i64, _i64, _f32, _ptr, _ptr, _int]
     return lib
@@ -174,23 +178,26 @@ def rope_attend(keys, q, cos, sin, bias, norm, eps: float, values):
     return out, lse
 
 
-def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """Decode attention (one query row per head) on the first n rows of an exact bf16 cache:
-    q (1, H, 1, D) float32, keys and values (1, H_kv, capacity, D) bf16 -> (1, H, 1, D) float32."""
-    _, n_heads, _, d = q.shape
+def attend_bf16(q, keys, values, n: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of the newest m rows on the first n rows of an exact bf16 cache: q (1, H, m, D)
+    float32 (m <= ATTEND_ROWS), keys and values (1, H_kv, capacity, D) bf16, the last m of the n
+    rows the new rows' own -> (1, H, m, D) float32. Every new row sees the n - m rows before
+    them; mask (m, m) bool says which of the newest m each sees (None: all)."""
+    _, n_heads, m, d = q.shape
     _, n_kv, capacity, _ = keys.shape
     q = q.contiguous()
+    mask = None if mask is None else mask.to(torch.uint8).contiguous()
     _check(
-        q.shape == (1, n_heads, 1, d) and q.dtype == torch.float32 and n_heads % n_kv == 0
+        q.dtype == torch.float32 and 1 <= m <= ATTEND_ROWS and n_heads % n_kv == 0
         and keys.dtype == values.dtype == torch.bfloat16 and keys.shape == values.shape
         and keys.shape[3] == d and keys.is_contiguous() and values.is_contiguous()
-        and 0 < n <= capacity and not keys.is_cuda,
-        "the query and cache of attend_bf16 do not match",
+        and m <= n <= capacity and not keys.is_cuda and (mask is None or mask.shape == (m, m)),
+        "the query, cache and mask of attend_bf16 do not match",
     )  # fmt: skip
     out = torch.empty_like(q)
     library().attend_bf16(
-        q.data_ptr(), keys.data_ptr(), values.data_ptr(), n, capacity, n_heads, n_kv, d,
-        d**-0.5, out.data_ptr(), torch.get_num_threads(),
+        q.data_ptr(), m, _address(mask), keys.data_ptr(), values.data_ptr(), n, capacity,
+        n_heads, n_kv, d, d**-0.5, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
