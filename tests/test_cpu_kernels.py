@@ -235,15 +235,18 @@ def test_decode_attention_on_a_bf16_cache_equals_the_torch_ops(heads, kv_heads, 
 
 
 @needs_c
-@pytest.mark.parametrize("m, n", [(7, 300), (7, 258), (16, 520), (5, 5)])
+@pytest.mark.parametrize(
+    ("m", "n", "d"), [(7, 300, 64), (7, 258, 64), (16, 520, 64), (5, 5, 64), (7, 300, 20)]
+)
 @pytest.mark.parametrize("causal", [True, False])
-def test_tree_attention_on_a_bf16_cache_equals_the_torch_ops(m, n, causal):
+def test_tree_attention_on_a_bf16_cache_equals_the_torch_ops(m, n, d, causal):
     """m new rows (a prefill chunk's causal mask, or a drafter's tree) see every row before them
     and the new rows their mask allows. At n = 258 the new rows straddle two parts, and the first
-    five see none of the second part's: that part is skipped in the merge."""
+    five see none of the second part's: that part weighs nothing in the merge (and is no NaN).
+    Heads 20 wide are scored one dot product at a time, not from the 8-deep key tiles."""
     g = torch.Generator().manual_seed(m * n)
-    q = 3 * torch.randn(1, 9, m, 64, generator=g)
-    keys, values = (torch.randn(1, 3, 600, 64, generator=g).bfloat16() for _ in range(2))
+    q = 3 * torch.randn(1, 9, m, d, generator=g)
+    keys, values = (torch.randn(1, 3, 600, d, generator=g).bfloat16() for _ in range(2))
     newest = torch.ones(m, m, dtype=torch.bool).tril()
     if not causal:  # a tree: each row sees itself and some of the rows before it
         newest &= (torch.rand(m, m, generator=g) < 0.5) | torch.eye(m, dtype=torch.bool)

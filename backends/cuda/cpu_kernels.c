@@ -424,14 +424,13 @@ void rope_attend(const void *keys, int keys_bf16, const float *bias, const float
                  const float *cos, const float *sin, const float *q, const float *values, int64_t T, int64_t n_kv, int64_t m, int64_t D, int64_t W,
                  float sm_scale, float *out, float *lse, int threads) {
     int64_t rows = n_kv * m, chunks = (T + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
-    int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     float *top = malloc(chunks * rows * sizeof(float)), *total = malloc(chunks * rows * sizeof(float));
     float *mixed = malloc(chunks * rows * W * sizeof(float)); /* (chunks, rows, W) */
 #pragma omp parallel num_threads(threads) if (chunks > 1)
     {
         float *k = malloc(n_kv * D * sizeof(float));
-        /* whole tiles of rows: weighted_sum reads the padding's zero weights */
-        float *p = calloc(tiles * TILE_ROWS * ATTEND_CHUNK, sizeof(float));
+        float *p = calloc(padded * ATTEND_CHUNK, sizeof(float)); /* scores, whole tiles of rows */
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < chunks; c++) {
             int64_t first = c * ATTEND_CHUNK, n = T - first < ATTEND_CHUNK ? T - first : ATTEND_CHUNK;

@@ -162,7 +162,7 @@ def rope_scores(keys, q, cos, sin, bias, norm, eps: float) -> torch.Tensor:
 
 def rope_attend(keys, q, cos, sin, bias, norm, eps: float, values):
     """One token's attention over rebuilt keys, as rope_scores scores them, and cached rows
-    `values` (T, W) that every head shares (float32), in one pass: (out (H_kv, m, W), the softmax-weighted
+    `values` (T, W) that every head shares, in one pass: (out (H_kv, m, W), the softmax-weighted
     sums of the rows, and lse (H_kv, m), the log-sum-exp of the scores), float32."""
     n_kv, m, d = q.shape
     keys, bias, norm, cos, sin, q = _key_operands(keys, q, cos, sin, bias, norm, "rope_attend")
@@ -172,8 +172,8 @@ def rope_attend(keys, q, cos, sin, bias, norm, eps: float, values):
     lse = torch.empty(n_kv, m, dtype=torch.float32)
     library().rope_attend(
         _address(keys), int(keys.dtype == torch.bfloat16), _address(bias), _address(norm), eps,
-        _address(cos), _address(sin), _address(q), _address(values), keys.shape[0], n_kv, m, d, values.shape[1], d**-0.5,
-        _address(out), _address(lse), torch.get_num_threads(),
+        _address(cos), _address(sin), _address(q), _address(values), keys.shape[0], n_kv, m, d,
+        values.shape[1], d**-0.5, _address(out), _address(lse), torch.get_num_threads(),
     )  # fmt: skip
     return out, lse
 
