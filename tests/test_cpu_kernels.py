@@ -94,13 +94,17 @@ def test_scores_equal_the_torch_ops(d, keys_dtype, bias_and_norm):
 @pytest.mark.parametrize("keys_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias_and_norm", [False, True])
 def test_fused_attention_equals_the_torch_ops(d, t, width, keys_dtype, bias_and_norm):
-    """rope_attend: the same scores, their softmax and its weighted sum of rows every head
-    shares, with the log-sum-exp by which spans merge: one token, across parts of 256 tokens
-    (700, 257), rows of the tile (3 heads x 3 queries) and columns beyond whole tiles (80, 7)."""
+    """rope_attend: the same scores, their softmax, its weighted sum of rows every head shares
+    and that sum through each head's value projection, with the log-sum-exp by which spans
+    merge: one token, across parts of 256 tokens (700, 257), rows of the tile (3 heads x 3
+    queries) and columns beyond whole tiles (80, 7)."""
     operands, scores = scores_case(d, t, keys_dtype, bias_and_norm, m=3)
-    values = torch.randn(t, width, generator=torch.Generator().manual_seed(1))
-    out, lse = cpu_kernels.rope_attend(*operands, values)
-    torch.testing.assert_close(out, torch.softmax(scores, -1) @ values, rtol=1e-5, atol=1e-5)
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(t, width, generator=generator)
+    value_heads = torch.randn(scores.shape[0], width, d, generator=generator)
+    out, lse = cpu_kernels.rope_attend(*operands, values, value_heads)
+    want = torch.softmax(scores, -1) @ values @ value_heads
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
 
 

@@ -523,18 +523,19 @@ class XQuantCache:
             store.append(new)
         q = rotate(q, cos[start:end], sin[start:end])
         if q.shape[2] == 1 and self._fused(q):
-            mixed = self._fused_mixed(layer, q, cos[:end], sin[:end])
+            mixed = self._fused_mixed(layer, q, cos[:end], sin[:end]) @ latents.value_heads
         else:
             mixed = self._mixed(layer, q, cos[:end], sin[:end], mask)
-        out = mixed @ latents.value_heads
-        return layer.finish_values(out.view(1, q.shape[1], q.shape[2], -1))
+        return layer.finish_values(mixed.view(1, q.shape[1], q.shape[2], -1))
 
     def _mixed(self, layer, q, cos, sin, mask):
-        """The attention-weighted sums of the value stream's rows, (H_kv, n_rep * T, width):
-        the cache is read SPAN tokens at a time into reused buffers (K rebuilt and rotated for
-        that span only; spans merged by their softmax maxima and sums), so the transient memory
-        stays bounded however long the chat. A chain's accumulated rows are whole by nature."""
+        """The attention-weighted sums of the value stream's rows, each head's through its block
+        of the value projection, (H_kv, n_rep * T, D): the cache is read SPAN tokens at a time
+        into reused buffers (K rebuilt and rotated for that span only; spans merged by their
+        softmax maxima and sums), so the transient memory stays bounded however long the chat.
+        A chain's accumulated rows are whole by nature."""
         latents, dtype, device, end = self.latents, q.dtype, q.device, cos.shape[0]
+        heads = latents.value_heads
         n_kv, t = layer.n_kv_heads, q.shape[2]
         q = q.reshape(n_kv, -1, q.shape[-1])
         if mask is None and t > 1:
@@ -554,7 +555,8 @@ class XQuantCache:
             values = cached[latents.value_stream]
             if one_pass:
                 tables = cos[start:stop], sin[start:stop]
-                mixed, lse = cpu_kernels.rope_attend(keys, q, *tables, *key_finish(layer), values)
+                finish = key_finish(layer)
+                mixed, lse = cpu_kernels.rope_attend(keys, q, *tables, *finish, values, heads)
                 if stop - start == end:
                     return mixed.to(dtype)
                 parts.append((mixed[:, None], lse[:, None], torch.ones_like(lse)[:, None]))
@@ -563,12 +565,11 @@ class XQuantCache:
             if mask is not None:
                 scores.masked_fill_(~mask[:, start:stop], float("-inf"))
             if stop - start == end:  # one span: a plain softmax
-                return torch.softmax(scores, dim=-1).to(dtype) @ values
+                return torch.softmax(scores, dim=-1).to(dtype) @ values @ heads
             top = scores.amax(-1)
             weights = torch.exp(scores - top.nan_to_num(neginf=0.0)[..., None])
-            parts.append(
-                ((weights.to(dtype) @ values)[:, None], top[:, None], weights.sum(-1)[:, None])
-            )
+            mixed = weights.to(dtype) @ values @ heads
+            parts.append((mixed[:, None], top[:, None], weights.sum(-1)[:, None]))
         return kernels.merge_partials(parts).to(dtype)
 
     def _scores(self, layer, q, keys, cos, sin):

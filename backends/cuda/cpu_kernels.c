@@ -415,13 +415,15 @@ void attend_bf16(const float *q, int64_t m, const uint8_t *mask, const uint16_t 
 }
 
 /* XQuant's decode attention, fused: one token's queries q (n_kv, m, D) against keys
- * (T, n_kv * D) rebuilt from the cache, as rope_scores scores them; the softmax; and its
- * weighted sum of the cached rows `values` (T, W) that every head shares (X, or the V latent,
- * projected per head afterwards by the caller; float32) -> out (n_kv * m, W), normalised, and
- * each row's log-sum-exp (lse), by which the caller merges spans. Keys are bf16 or float32. Each
- * row is read once; parts of ATTEND_CHUNK tokens run on the threads and are merged at the end. */
+ * (T, n_kv * D) rebuilt from the cache, as rope_scores scores them; the softmax; its weighted
+ * sum of the cached rows `values` (T, W) that every head shares (X, or the V latent; float32);
+ * and that sum projected by its head's block of the value projection, value_heads (n_kv, W, D)
+ * -> out (n_kv * m, D), and each row's log-sum-exp (lse), by which the caller merges spans.
+ * Keys are bf16 or float32. Each row is read once; parts of ATTEND_CHUNK tokens run on the
+ * threads and are merged at the end. */
 void rope_attend(const void *keys, int keys_bf16, const float *bias, const float *norm, float eps,
-                 const float *cos, const float *sin, const float *q, const float *values, int64_t T, int64_t n_kv, int64_t m, int64_t D, int64_t W,
+                 const float *cos, const float *sin, const float *q, const float *values,
+                 int64_t T, int64_t n_kv, int64_t m, int64_t D, int64_t W, const float *value_heads,
                  float sm_scale, float *out, float *lse, int threads) {
     int64_t rows = n_kv * m, chunks = (T + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
     int64_t padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
@@ -442,8 +444,16 @@ void rope_attend(const void *keys, int keys_bf16, const float *bias, const float
         }
         free(k), free(p);
     }
-    merge_parts(rows, rows, chunks, W, mixed, top, total, out, lse);
-    free(top), free(total), free(mixed);
+    float *merged = malloc(rows * W * sizeof(float));
+    merge_parts(rows, rows, chunks, W, mixed, top, total, merged, lse);
+    for (int64_t r = 0; r < rows; r++) { /* a few rows: the projection costs next to nothing */
+        const float *heads = value_heads + (r / m) * W * D, *x = merged + r * W;
+        float *y = out + r * D;
+        for (int64_t d = 0; d < D; d++) y[d] = 0.0f;
+        for (int64_t w = 0; w < W; w++)
+            for (int64_t d = 0; d < D; d++) y[d] += x[w] * heads[w * D + d];
+    }
+    free(top), free(total), free(mixed), free(merged);
 }
 
 #define INT8_ROWS 16 /* int8_linear's most rows of x: cpu_kernels.py INT8_ROWS */

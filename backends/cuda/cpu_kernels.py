@@ -89,7 +89,7 @@ def library() -> ctypes.CDLL | None:
     lib.attend_bf16.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32]
     lib.attend_bf16.argtypes += [_ptr, _int]
     lib.rope_attend.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr]
-    lib.rope_attend.argtypes += [_i64, _i64, _i64, _i64, _i64, _f32, _ptr, _ptr, _int]
+    lib.rope_attend.argtypes += [_i64, _i64, _i64, _i64, _i64, _ptr, _f32, _ptr, _ptr, _int]
     return lib
 
 
@@ -160,20 +160,26 @@ def rope_scores(keys, q, cos, sin, bias, norm, eps: float) -> torch.Tensor:
     return scores
 
 
-def rope_attend(keys, q, cos, sin, bias, norm, eps: float, values):
+def rope_attend(keys, q, cos, sin, bias, norm, eps: float, values, value_heads):
     """One token's attention over rebuilt keys, as rope_scores scores them, and cached rows
-    `values` (T, W) that every head shares, in one pass: (out (H_kv, m, W), the softmax-weighted
-    sums of the rows, and lse (H_kv, m), the log-sum-exp of the scores), float32."""
+    `values` (T, W) that every head shares, in one pass: (out (H_kv, m, D), the softmax-weighted
+    sums of the rows projected by their head's value_heads (H_kv, W, D), and lse (H_kv, m), the
+    log-sum-exp of the scores), float32."""
     n_kv, m, d = q.shape
     keys, bias, norm, cos, sin, q = _key_operands(keys, q, cos, sin, bias, norm, "rope_attend")
-    values = values.float().contiguous()
-    _check(values.dim() == 2 and values.shape[0] == keys.shape[0], "rope_attend's values")
-    out = torch.empty(n_kv, m, values.shape[1], dtype=torch.float32)
+    values, value_heads = values.float().contiguous(), value_heads.float().contiguous()
+    w = values.shape[1]
+    _check(
+        values.dim() == 2 and values.shape[0] == keys.shape[0]
+        and value_heads.shape == (n_kv, w, d),
+        "rope_attend's values and value projection do not match",
+    )  # fmt: skip
+    out = torch.empty(n_kv, m, d, dtype=torch.float32)
     lse = torch.empty(n_kv, m, dtype=torch.float32)
     library().rope_attend(
         _address(keys), int(keys.dtype == torch.bfloat16), _address(bias), _address(norm), eps,
         _address(cos), _address(sin), _address(q), _address(values), keys.shape[0], n_kv, m, d,
-        values.shape[1], d**-0.5, _address(out), _address(lse), torch.get_num_threads(),
+        w, _address(value_heads), d**-0.5, _address(out), _address(lse), torch.get_num_threads(),
     )  # fmt: skip
     return out, lse
 
