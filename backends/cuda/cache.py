@@ -270,14 +270,12 @@ class TokenStore:
         first = max(0, start - n_sink) // self.group
         last = min(self.n_blocks, -(-(stop - n_sink) // self.group))
         if first < last:
-            blocks = _take(self.blocks, first, last)
-            codes = self.scratch(
-                "codes", (last - first, self.group * self.width), torch.uint8, out.device
-            )
             at = n_sink + first * self.group - start
             flushed = rows[at : at + (last - first) * self.group].view(last - first, -1)
-            delta = self.scratch("delta", flushed.shape, dtype, out.device) if self.delta else None
-            dequantize(blocks, dtype, flushed, codes, accumulate=self.delta, values=delta)
+            dequantize(
+                _take(self.blocks, first, last), dtype, flushed, self.delta,
+                lambda name, shape, dtype: self.scratch(name, shape, dtype, out.device),
+            )  # fmt: skip
         if stop > n_old:
             rows[max(0, n_old - start) :] = self.exact[max(0, start - n_old) : stop - n_old]
         return rows

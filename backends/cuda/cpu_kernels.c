@@ -72,6 +72,20 @@ static inline float from_bf16(uint16_t h) {
     return f;
 }
 
+/* An IEEE half (the caches' scales and zero points) as a float: exact. */
+static inline float from_half(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        float f = (float)mantissa * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    uint32_t u = sign | (exponent == 31 ? 0x7f800000 | mantissa << 13
+                                        : (exponent + 112) << 23 | mantissa << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* One block's n codes from its bit planes (backends/cuda/quant.py: byte i holds code i of each
  * of the 8/bits consecutive segments; 3 bits: a 2-bit plane of the low bits, then a 1-bit plane
  * of the high bits). */
@@ -96,19 +110,23 @@ static void unpack(const uint8_t *packed, int64_t n, int bits, uint8_t *code) {
 
 /* `n_blocks` packed blocks of n values each -> float32 values code * scale + zero, written to
  * `out` (accumulate = 0) or added to it (accumulate = 1: XQuant-CL's layer differences). Per
- * block, scale and zero (float32) hold one value per column of the block's `inner`-wide rows
- * (columns = 1), or one per `inner` consecutive values. */
-void dequantize(const uint8_t *codes, const float *scale, const float *zero, int64_t n_blocks,
-                int64_t n, int bits, int64_t inner, int columns, int accumulate, float *out,
-                int threads) {
+ * block, scale and zero (fp16, as the caches hold them) have one value per column of the
+ * block's `inner`-wide rows (columns = 1), or one per `inner` consecutive values. */
+void dequantize(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero,
+                int64_t n_blocks, int64_t n, int bits, int64_t inner, int columns, int accumulate,
+                float *out, int threads) {
     int64_t packed_bytes = n * bits / 8, n_scales = columns ? inner : n / inner;
 #pragma omp parallel num_threads(threads) if (n_blocks > 1)
     {
         uint8_t *code = malloc(n);
+        float *s = malloc(2 * n_scales * sizeof(float)), *z = s + n_scales;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < n_blocks; b++) {
             unpack(codes + b * packed_bytes, n, bits, code);
-            const float *s = scale + b * n_scales, *z = zero + b * n_scales;
+            for (int64_t i = 0; i < n_scales; i++) {
+                s[i] = from_half(scale[b * n_scales + i]);
+                z[i] = from_half(zero[b * n_scales + i]);
+            }
             for (int64_t start = 0; start < n; start += inner) {
                 const uint8_t *c = code + start;
                 float *o = out + b * n + start;
@@ -125,7 +143,7 @@ void dequantize(const uint8_t *codes, const float *scale, const float *zero, int
                 }
             }
         }
-        free(code);
+        free(code), free(s);
     }
 }
 

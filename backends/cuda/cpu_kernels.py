@@ -103,16 +103,17 @@ def _check(condition: bool, what: str) -> None:
 
 
 def dequantize(q, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
-    """quant.dequantize's values (float32) for the packed blocks `q`, written into `out` or added
-    to it."""
+    """quant.dequantize's values (float32) for the packed blocks `q` (fp16 scales and zero
+    points, read as they are), written into `out` or added to it."""
     n = q.shape[0] * q.shape[1]
     blocks = out.numel() // n
     # quantize_columns: one scale per column (..., 1, columns); quantize: one per group (..., groups, 1)
     columns = q.scale.shape[-2] == 1 and q.scale.shape[-1] == q.shape[1]
     n_scales = q.shape[1] if columns else q.shape[0]
-    codes, scale, zero = (t.contiguous() for t in (q.codes, q.scale.float(), q.zero.float()))
+    codes, scale, zero = (t.contiguous() for t in (q.codes, q.scale, q.zero))
     _check(
         out.dtype == torch.float32 and out.is_contiguous() and not out.is_cuda
+        and scale.dtype == zero.dtype == torch.float16
         and out.numel() == blocks * n and codes.numel() == blocks * n * q.bits // 8
         and scale.numel() == zero.numel() == blocks * n_scales,
         "the codes, scales and output of dequantize do not match",

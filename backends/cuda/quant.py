@@ -138,21 +138,23 @@ def dequantize(
     q: Quantized,
     dtype=torch.float32,
     out: torch.Tensor | None = None,
-    codes=None,
     accumulate=False,
-    values=None,
+    buffers=None,
 ) -> torch.Tensor:
     """Values (..., n) in `dtype`, n = the packed row's values; written into `out` (contiguous)
-    when given, or added to it (`accumulate`, through the buffer `values` when given), unpacking
-    through the uint8 buffer `codes` when given (all reused buffers). Float32 on the CPU runs in
-    one fused C pass (cpu_kernels.c), which needs neither buffer."""
+    when given, or added to it (`accumulate`). Float32 on the CPU runs in one fused C pass
+    (cpu_kernels.c); the torch ops unpack the codes, and take the values to add, through
+    `buffers(name, shape, dtype)` when given (reused buffers) or fresh tensors."""
     shape = (*q.codes.shape[:-1], math.prod(q.shape))
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=q.codes.device)
     if out.dtype == torch.float32 and not out.is_cuda and cpu_kernels.library() is not None:
         return cpu_kernels.dequantize(q, out, accumulate).view(shape)
+    codes = None if buffers is None else buffers("codes", shape, torch.uint8)
     codes = unpack(q.codes, q.bits, out=codes)
-    target = out if not accumulate else torch.empty_like(out) if values is None else values
+    target = out
+    if accumulate:
+        target = torch.empty_like(out) if buffers is None else buffers("addend", out.shape, dtype)
     rows = target.view(*codes.shape[:-1], *q.shape)
     rows.copy_(codes.view(rows.shape))
     rows.mul_(q.scale.to(dtype)).add_(q.zero.to(dtype))
