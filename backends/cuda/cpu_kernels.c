@@ -74,7 +74,8 @@ static inline float from_bf16(uint16_t h) {
 
 /* An IEEE half (the caches' scales and zero points) as a float: exact. */
 static inline float from_half(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
     if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
         float f = (float)mantissa * 5.9604644775390625e-8f;
         return sign ? -f : f;
@@ -200,10 +201,10 @@ static inline void load_key_row(key_rows keys, int64_t t, int64_t width, float *
 
 /* Key row t (bias, k-norm, RoPE at position t) against the queries: its n_kv * m scores, written
  * `stride` apart; k is a row of scratch. */
-static inline void key_scores(key_rows keys, const float *bias,
-                              const float *norm, float eps, const float *cos, const float *sin,
-                              const float *q, int64_t t, int64_t n_kv, int64_t m, int64_t D,
-                              float sm_scale, float *k, float *scores, int64_t stride) {
+static inline void key_scores(key_rows keys, const float *bias, const float *norm, float eps,
+                              const float *cos, const float *sin, const float *q, int64_t t,
+                              int64_t n_kv, int64_t m, int64_t D, float sm_scale, float *k,
+                              float *scores, int64_t stride) {
     int64_t width = n_kv * D;
     load_key_row(keys, t, width, k);
     if (bias)
@@ -217,10 +218,11 @@ static inline void key_scores(key_rows keys, const float *bias,
         score_row(k, norm, eps, c, s, q, n_kv, m, D, sm_scale, scores, stride);
 }
 
-/* Attention scores against keys rebuilt as rows @ W_k: keys (T, n_kv * D), float32, bf16 or
- * int32 with their scales (keys_kind, key_rows), get the bias (n_kv * D, or NULL), the k-norm per head (weight (D), or NULL) and RoPE
- * at their positions (cos/sin (T, D), sin's first half negated, as model.py's tables); then
- * scores (n_kv, m, T) = q (n_kv, m, D) . key * sm_scale. Each key row is read once. */
+/* Attention scores against keys rebuilt as rows @ W_k: keys (T, n_kv * D; float32, bf16 or
+ * int32 with their scales, as key_rows takes them) get the bias (n_kv * D, or NULL), the k-norm
+ * per head (weight (D), or NULL) and RoPE at their positions (cos/sin (T, D), sin's first half
+ * negated, as model.py's tables); then scores (n_kv, m, T) = q (n_kv, m, D) . key * sm_scale.
+ * Each key row is read once. */
 void rope_scores(const void *keys, int keys_kind, const float *key_row_scale,
                  const float *key_column_scale, const float *bias, const float *norm, float eps,
                  const float *cos, const float *sin, const float *q, int64_t T, int64_t n_kv,
@@ -454,7 +456,7 @@ void attend_bf16(const float *q, int64_t m, const uint8_t *mask, const uint16_t 
  * sum of the cached rows `values` (T, W) that every head shares (X, or the V latent; float32);
  * and that sum projected by its head's block of the value projection, value_heads (n_kv, W, D)
  * -> out (n_kv * m, D), and each row's log-sum-exp (lse), by which the caller merges spans.
- * Keys are bf16 or float32. Each row is read once; parts of ATTEND_CHUNK tokens run on the
+ * Keys as key_rows takes them. Each row is read once; parts of ATTEND_CHUNK tokens run on the
  * threads and are merged at the end. */
 void rope_attend(const void *keys, int keys_kind, const float *key_row_scale,
                  const float *key_column_scale, const float *bias, const float *norm, float eps,
