@@ -543,3 +543,23 @@ def test_long_caches_are_read_in_spans(tiny_models, backend, kind, monkeypatch):
     torch.testing.assert_close(
         torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=2e-4
     )
+
+
+def test_scratch_buffers_keep_their_size_when_dtypes_alternate():
+    """A slot asked for in two dtypes keeps a buffer for each, which grows only when more is
+    asked of it (one buffer regrown at every switch had doubled each time)."""
+    import torch
+
+    from xqchat.backends.cuda.cache import Scratch
+
+    scratch = Scratch()
+    for _ in range(40):
+        for dtype in (torch.float32, torch.bfloat16):
+            rows = scratch("rows", (100, 8), dtype, "cpu")
+            assert rows.dtype == dtype and rows.shape == (100, 8)
+    assert {key: b.numel() for key, b in scratch.buffers.items()} == {
+        ("rows", torch.float32): 800,
+        ("rows", torch.bfloat16): 800,
+    }
+    assert scratch("rows", (300, 8), torch.float32, "cpu").shape == (300, 8)
+    assert scratch.buffers["rows", torch.float32].numel() == 2400  # grown: max(asked, twice)

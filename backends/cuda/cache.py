@@ -50,10 +50,10 @@ class Scratch:
 
     def __call__(self, slot, shape, dtype, device) -> torch.Tensor:
         n = math.prod(shape)
-        buffer = self.buffers.get(slot)
-        if buffer is None or buffer.numel() < n or buffer.dtype != dtype:
+        buffer = self.buffers.get((slot, dtype))
+        if buffer is None or buffer.numel() < n:
             size = max(n, 2 * (0 if buffer is None else buffer.numel()))
-            buffer = self.buffers[slot] = torch.empty(size, dtype=dtype, device=device)
+            buffer = self.buffers[slot, dtype] = torch.empty(size, dtype=dtype, device=device)
         return buffer[:n].view(shape)
 
 
