@@ -478,13 +478,11 @@ class Latents:
         self.key_codes, self.key_scale = (torch.from_numpy(a).to(device) for a in (codes, scale))
         to_values = torch.from_numpy(layer.values[1]).to(device=device, dtype=act_dtype)
         # (H_kv, width, D): each K/V head's block of the value projection
-        heads = to_values.view(to_values.shape[0], -1, head_dim).transpose(0, 1)
-        self.value_heads = heads.contiguous()
-        self.nbytes = sum(
-            t.numel() * t.element_size()
-            for t in (self.encode.weight, self.to_keys.weight, self.key_codes, self.key_scale)
-            + (self.value_heads,)
+        self.value_heads = heads = (
+            to_values.view(to_values.shape[0], -1, head_dim).transpose(0, 1).contiguous()
         )
+        held = (self.encode.weight, self.to_keys.weight, self.key_codes, self.key_scale, heads)
+        self.nbytes = sum(t.numel() * t.element_size() for t in held)
 
     def int8_keys(self, rows: torch.Tensor) -> cpu_kernels.IntKeys:
         """K before bias, k-norm and RoPE, (T, kv_dim), from float32 rows as LLM.int8()
@@ -510,7 +508,7 @@ class XQuantCache:
     ):
         self.kind, self.latents, self.scratch = cache.kind, latents, scratch
         # decode on the CPU rebuilds keys in int8 where the cache's own error dwarfs int8's
-        self.int8_keys = cache.bits <= INT8_KEYS_BITS
+        self.keys_in_int8 = cache.bits <= INT8_KEYS_BITS
         self.stores = [
             TokenStore(w, cache, pc, dtype, device, scratch, chains[i] if chains else None, delta)
             for i, (w, pc) in enumerate(zip(latents.widths, latents.per_channel, strict=True))
@@ -566,11 +564,11 @@ class XQuantCache:
                 rows[start:stop] if rows is not None else self._span(i, store, start, stop, dtype)
                 for i, (store, rows) in enumerate(zip(self.stores, chained, strict=True))
             ]
-            rows, values = cached[latents.key_stream], cached[latents.value_stream]
-            if one_pass and self.int8_keys:
-                keys = latents.int8_keys(rows.float())
+            key_rows, values = cached[latents.key_stream], cached[latents.value_stream]
+            if one_pass and self.keys_in_int8:
+                keys = latents.int8_keys(key_rows.float())
             else:
-                keys = latents.to_keys(rows)
+                keys = latents.to_keys(key_rows)
             if one_pass:
                 tables = cos[start:stop], sin[start:stop]
                 finish = key_finish(layer)
