@@ -290,13 +290,9 @@ def tiny_gqa(request, tiny_models, backend):
 
 
 @pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
-def test_latents_rebuild_keys_and_values_exactly(tiny_gqa, kind, monkeypatch):
+def test_latents_rebuild_keys_and_values_exactly(tiny_gqa, kind):
     """Before any quantization (the exact window holds everything) attention from latents, with
-    V never rebuilt, equals attention over exact K/V (keys rebuilt in float: a decode step's int8
-    rebuild, for caches of 4 bits or fewer, is tested in test_cpu_kernels)."""
-    from xqchat.backends.cuda import cache as caches
-
-    monkeypatch.setattr(caches, "INT8_KEYS_BITS", 0)
+    V never rebuilt, equals attention over exact K/V."""
     ids = list(range(700, 800))
     exact = tiny_gqa.new_session().logits(ids)
     session = tiny_gqa.new_session(CacheSpec(kind=kind, residual=128))
