@@ -191,14 +191,18 @@ def test_xquant_trim_inside_the_exact_window_reproduces_the_run(tiny_mha):
     assert np.array_equal(session.logits(ids[90:]), first)
 
 
-def test_backends_agree_on_xquant(tiny_models):
+def test_backends_agree_on_xquant(tiny_models, monkeypatch):
+    """The same algorithm in both: keys rebuilt in float (the torch CPU engine's int8 rebuild,
+    which MLX has not, is tested in test_cpu_kernels)."""
     from conftest import BACKENDS
 
     from xqchat.backends.base import EngineOptions, load_model
+    from xqchat.backends.cuda import cache as caches
     from xqchat.models import resolve
 
     if len(BACKENDS) < 2:
         pytest.skip("needs both backends")
+    monkeypatch.setattr(caches, "INT8_KEYS_BITS", 0)
     cache = CacheSpec(kind="xquant", bits=4, group=32, residual=16)
     opts = [EngineOptions(backend=b, weights="fp32", mha=True, cache=cache) for b in BACKENDS]
     ids = list(range(600, 700))
@@ -290,9 +294,13 @@ def tiny_gqa(request, tiny_models, backend):
 
 
 @pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
-def test_latents_rebuild_keys_and_values_exactly(tiny_gqa, kind):
+def test_latents_rebuild_keys_and_values_exactly(tiny_gqa, kind, monkeypatch):
     """Before any quantization (the exact window holds everything) attention from latents, with
-    V never rebuilt, equals attention over exact K/V."""
+    V never rebuilt, equals attention over exact K/V (keys rebuilt in float: the CPU engine's int8
+    rebuild, for caches of 4 bits or fewer, is tested in test_cpu_kernels)."""
+    from xqchat.backends.cuda import cache as caches
+
+    monkeypatch.setattr(caches, "INT8_KEYS_BITS", 0)
     ids = list(range(700, 800))
     exact = tiny_gqa.new_session().logits(ids)
     session = tiny_gqa.new_session(CacheSpec(kind=kind, residual=128))

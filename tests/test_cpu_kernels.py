@@ -120,6 +120,7 @@ def test_decoding_with_and_without_the_c_passes(tiny_models, kind, model, span, 
     from xqchat.backends.cuda import cache as caches
 
     monkeypatch.setattr(caches, "BASE_LAYERS", 1)
+    monkeypatch.setattr(caches, "INT8_KEYS_BITS", 0)  # keys rebuilt in float, as the torch ops do
     if span:
         monkeypatch.setattr(caches, "SPAN", span)
     calls = []
@@ -145,6 +146,107 @@ def test_decoding_with_and_without_the_c_passes(tiny_models, kind, model, span, 
     torch.testing.assert_close(
         torch.from_numpy(runs[1]), torch.from_numpy(runs[0]), rtol=1e-4, atol=1e-4
     )
+
+
+@needs_c
+def test_quantize_rows_equals_the_torch_ops_bit_for_bit():
+    """Rows of every scale, a row of zeros, and values on rounding ties (half to even)."""
+    from xqchat.backends.cuda.int8 import quantize_rows, row_absmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 192, generator=g) * torch.logspace(-3, 3, 300)[:, None]
+    x[7] = 0
+    x[8, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: codes 127, 0, 2, -2
+    codes, scale = cpu_kernels.quantize_rows(x)
+    want_codes, want_scale = quantize_rows(x, row_absmax(x))
+    assert torch.equal(codes, want_codes) and torch.equal(scale, want_scale)
+    assert codes[8, :4].tolist() == [127, 0, 2, -2]
+
+
+@needs_c
+def test_int8_keys_stay_within_int8_error():
+    """Latents.int8_keys against the float product, on rows with an outlier channel (as the key
+    latent's first channels are): within 1.5% of K's norm. Without the per-channel scales of the
+    rebuild matrix, or without the row scales, the error would be of order one."""
+    from xqchat.backends.cuda.cache import Latents
+    from xqchat.backends.latents import LayerLatents, Stream
+
+    g = np.random.default_rng(0)
+    width, kv_dim = 48, 64
+    layer = LayerLatents(
+        (Stream(g.standard_normal((96, width)).astype(np.float32), per_channel=True),),
+        (0, (g.standard_normal((width, kv_dim)) * g.uniform(0.1, 3, kv_dim)).astype(np.float32)),
+        (0, g.standard_normal((width, kv_dim)).astype(np.float32)),
+    )
+    latents = Latents(layer, lambda m: torch.nn.Linear(*m.shape), 16, torch.float32, "cpu")
+    rows = torch.from_numpy(g.standard_normal((500, width)).astype(np.float32))
+    rows[:, 0] *= 8
+    want = rows.double() @ torch.from_numpy(layer.keys[1]).double()
+    products, row_scale, column_scale = latents.int8_keys(rows)
+    assert products.dtype == torch.int32
+    error = (products.double() * column_scale * row_scale - want).norm() / want.norm()
+    assert error < 0.015
+
+
+@needs_c
+def test_rope_attend_applies_the_scales_of_int8_keys_as_the_torch_ops_do():
+    """Keys handed over as int32 products and scales attend exactly as the keys the torch
+    epilogue (int8_product) makes of them."""
+    from xqchat.backends.cuda.int8 import int8_product
+
+    operands, _ = scores_case(64, 300, torch.float32, True, m=3)
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(-127, 128, (300, 40), dtype=torch.int8, generator=g)
+    weight = torch.randint(-127, 128, (192, 40), dtype=torch.int8, generator=g)
+    row_scale, column_scale = torch.rand(300, 1, generator=g), torch.rand(192, generator=g)
+    keys = cpu_kernels.IntKeys(torch._int_mm(codes, weight.t()), row_scale, column_scale)
+    values = torch.randn(300, 50, generator=g)
+    value_heads = torch.randn(3, 50, 64, generator=g)
+    float_keys = int8_product(codes, row_scale, weight, column_scale)
+    for got, want in zip(
+        cpu_kernels.rope_attend(keys, *operands[1:], values, value_heads),
+        cpu_kernels.rope_attend(float_keys, *operands[1:], values, value_heads),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
+    assert torch.equal(
+        cpu_kernels.rope_scores(keys, *operands[1:]),
+        cpu_kernels.rope_scores(float_keys, *operands[1:]),
+    )
+
+
+@needs_c
+@pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
+@pytest.mark.parametrize("model", ["gqa-qwen3", "llama"])
+def test_keys_rebuilt_in_int8_at_4_bits_or_fewer(tiny_models, kind, model, monkeypatch):
+    """Caches of 4 bits or fewer rebuild their keys in int8 on every pass, prefill chunks and
+    decode steps alike (a drafter's tree is a chunk: it must score as a step does), once per
+    layer and pass; 8-bit caches in float. The error int8 adds is small beside the cache's."""
+    from xqchat.backends.cuda import cache as caches
+
+    calls = []
+    run = cpu_kernels.quantize_rows
+    monkeypatch.setattr(cpu_kernels, "quantize_rows", lambda x: calls.append(len(x)) or run(x))
+    engine = load_tiny(tiny_models, model, "torch")
+
+    def logits(cache):  # of a chunk after a prefill, then of three steps
+        session = engine.new_session(cache)
+        session.prefill(list(range(400, 480)))
+        calls.clear()
+        chunk = session.logits(list(range(600, 610)))
+        return np.concatenate([chunk] + [session.logits([t]) for t in (7, 8, 9)])
+
+    n, runs = engine.spec.n_layers, []
+    for bits, int8_bits in ((4, 4), (4, 0), (8, 4)):
+        monkeypatch.setattr(caches, "INT8_KEYS_BITS", int8_bits)
+        runs.append(logits(CacheSpec(kind=kind, bits=bits, group=32, residual=8)))
+        int8 = bits <= int8_bits
+        assert calls == ([90] * n + [91] * n + [92] * n + [93] * n if int8 else [])
+    exact = logits(CacheSpec(kind="kv"))
+    in_int8, in_float = runs[:2]
+    # int8's error is a small part of the 4-bit cache's own (~11% on these models)
+    assert np.linalg.norm(in_int8 - in_float) < np.linalg.norm(in_float - exact) / 4
+    assert not np.array_equal(in_int8, in_float)
 
 
 def int8_layer(n, k, bias: bool, threshold=int8.THRESHOLD, seed=0) -> Int8Linear:

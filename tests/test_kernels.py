@@ -109,11 +109,13 @@ def test_float_rows_in_several_chunks_equal_one_softmax():
 def test_decoding_through_the_kernel_equals_the_torch_path(tiny_models, kind, model, monkeypatch):
     """The cache's fused decode (blocks + exact rows, or a chain's accumulated rows; k-norm on
     Qwen3; MHA X on Llama, one stream for keys and values) gives the logits of its plain-torch
-    path. One base layer, so the second of the two stores deltas."""
+    path. One base layer, so the second of the two stores deltas. Keys rebuilt in float on both
+    (the CPU engine's int8 rebuild is not CUDA's)."""
     from xqchat.backends.cuda import cache as caches
     from xqchat.backends.cuda.cache import XQuantCache
 
     monkeypatch.setattr(caches, "BASE_LAYERS", 1)
+    monkeypatch.setattr(caches, "INT8_KEYS_BITS", 0)
     engine = load_tiny(tiny_models, model, "torch", device=DEVICE)
     cache = CacheSpec(kind=kind, bits=4, group=32, residual=8)
     runs = []

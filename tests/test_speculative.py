@@ -151,11 +151,13 @@ def test_greedy_text_and_cache_equal_plain_decoding(tiny, arch, kind):
             for name, x in sa.items():
                 y = sb[name]
                 assert x.shape == y.shape, name
-                if name.endswith("codes"):  # on a rounding edge, a code may differ (on a GPU,
-                    # products of different row counts round differently)
+                # a tree and a step sum in different orders (on a GPU, products of different
+                # row counts round differently; on the CPU, keys rebuilt in int8 carry that noise
+                # across their own rounding edges): a code may differ, a half by one step
+                if name.endswith("codes"):
                     assert (x != y).sum() <= max(2, x.size // 1000), name
                 else:
-                    np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4, err_msg=name)
+                    np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-3, err_msg=name)
         # and go on alike: one more plain token from each
         session.prefill([expected[-1]])
         plain.prefill([expected[-1]])

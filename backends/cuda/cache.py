@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
+from ..int8 import quantize as quantize_int8
 from ..latents import LayerLatents, row_group
 from . import cpu_kernels, kernels
 from .quant import Quantized, dequantize, quantize, quantize_columns
@@ -464,7 +465,8 @@ class Latents:
     """One layer's XQuant streams and rebuild matrices (backends/latents.py) as tensors. The
     products over every cached token (encode, rebuild K) run through `linear(matrix)`, the
     model's fastest x @ matrix in the weights' dtype; the per-head V projection, applied once per
-    query, is a plain matrix in the activation dtype."""
+    query, is a plain matrix in the activation dtype. The key rebuild is also kept as int8 codes
+    per output channel, for `int8_keys`."""
 
     def __init__(self, layer: LayerLatents, linear, head_dim: int, act_dtype, device):
         self.encode = linear(np.concatenate([s.encode for s in layer.streams], axis=1))
@@ -472,13 +474,24 @@ class Latents:
         self.per_channel = [s.per_channel for s in layer.streams]
         self.key_stream, self.value_stream = layer.keys[0], layer.values[0]
         self.to_keys = linear(layer.keys[1])
+        codes, scale = quantize_int8(layer.keys[1].T)
+        self.key_codes, self.key_scale = (torch.from_numpy(a).to(device) for a in (codes, scale))
         to_values = torch.from_numpy(layer.values[1]).to(device=device, dtype=act_dtype)
         # (H_kv, width, D): each K/V head's block of the value projection
-        heads = to_values.view(to_values.shape[0], -1, head_dim).transpose(0, 1)
-        self.value_heads = heads.contiguous()
-        self.nbytes = sum(
-            t.numel() * t.element_size()
-            for t in (self.encode.weight, self.to_keys.weight, self.value_heads)
+        self.value_heads = heads = (
+            to_values.view(to_values.shape[0], -1, head_dim).transpose(0, 1).contiguous()
+        )
+        held = (self.encode.weight, self.to_keys.weight, self.key_codes, self.key_scale, heads)
+        self.nbytes = sum(t.numel() * t.element_size() for t in held)
+
+    def int8_keys(self, rows: torch.Tensor) -> cpu_kernels.IntKeys:
+        """K before bias, k-norm and RoPE, (T, kv_dim), from float32 rows as LLM.int8()
+        multiplies (no outliers): each row quantized to int8 by its absmax, products in int32 (the
+        CPU's VNNI dot products: twice bf16's rate), both scales applied as the C pass reads them.
+        It adds ~0.7% of K's norm as error, where a cache of 4 bits or fewer carries 4-11%."""
+        codes, row_scale = cpu_kernels.quantize_rows(rows)
+        return cpu_kernels.IntKeys(
+            torch._int_mm(codes, self.key_codes.t()), row_scale, self.key_scale
         )
 
 
@@ -494,6 +507,8 @@ class XQuantCache:
         self, latents: Latents, cache: CacheSpec, dtype, device, scratch, chains=None, delta=False
     ):
         self.kind, self.latents, self.scratch = cache.kind, latents, scratch
+        # the CPU engine rebuilds keys in int8 where the cache's own error dwarfs int8's
+        self.keys_in_int8 = cache.bits <= INT8_KEYS_BITS
         self.stores = [
             TokenStore(w, cache, pc, dtype, device, scratch, chains[i] if chains else None, delta)
             for i, (w, pc) in enumerate(zip(latents.widths, latents.per_channel, strict=True))
@@ -541,7 +556,11 @@ class XQuantCache:
         if mask is not None:
             mask = mask.repeat(q.shape[1] // t, 1)
         # a decode step on the CPU: scores, softmax and weighted sum in one C pass per span
-        one_pass = t == 1 and mask is None and not q.is_cuda and cpu_kernels.library() is not None
+        engine = not q.is_cuda and cpu_kernels.library() is not None and not self._fused(q)
+        one_pass = engine and t == 1 and mask is None
+        # every path of the CPU engine (decode, a drafter's tree, prefill chunks) rebuilds keys
+        # alike, so that speculation stays lossless
+        int8_keys = engine and self.keys_in_int8
         chained = [store.read(dtype) if store.chain is not None else None for store in self.stores]
         parts, n_sink = [], self.stores[0].sink.shape[0]
         for start, stop in itertools.pairwise([0, *range(n_sink + SPAN, end, SPAN), end]):
@@ -549,8 +568,8 @@ class XQuantCache:
                 rows[start:stop] if rows is not None else self._span(i, store, start, stop, dtype)
                 for i, (store, rows) in enumerate(zip(self.stores, chained, strict=True))
             ]
-            keys = latents.to_keys(cached[latents.key_stream])
-            values = cached[latents.value_stream]
+            key_rows, values = cached[latents.key_stream], cached[latents.value_stream]
+            keys = latents.int8_keys(key_rows.float()) if int8_keys else latents.to_keys(key_rows)
             if one_pass:
                 tables = cos[start:stop], sin[start:stop]
                 finish = key_finish(layer)
@@ -657,6 +676,7 @@ class XQuantCache:
 
 
 SPAN = 4096  # cached tokens whose keys the torch path rebuilds at once
+INT8_KEYS_BITS = 4  # XQuant caches of at most these bits rebuild keys in int8 (CPU engine)
 BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant and seed the chain
 
 

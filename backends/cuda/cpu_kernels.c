@@ -175,23 +175,38 @@ static inline void score_row(float *restrict k, const float *restrict norm, floa
     }
 }
 
-/* Row t of `width` values, bf16 or float32, as float32 in `out`. */
-static inline void load_row(const void *rows, int bf16, int64_t t, int64_t width, float *out) {
-    if (bf16) {
-        const uint16_t *row = (const uint16_t *)rows + t * width;
+/* Rebuilt key rows (T, width) as the caller hands them over: float32, bf16, or the int32
+ * products of int8 codes, whose scales are applied as the row is read (int8.py's int8_product,
+ * in its order: int32 -> float, times the column's scale, times the row's). */
+enum { KEYS_FLOAT32, KEYS_BF16, KEYS_INT32 };
+typedef struct {
+    const void *rows;
+    int kind;
+    const float *row_scale, *column_scale; /* KEYS_INT32: (T) and (width) */
+} key_rows;
+
+/* Key row t as float32 in `out`. */
+static inline void load_key_row(key_rows keys, int64_t t, int64_t width, float *out) {
+    if (keys.kind == KEYS_INT32) {
+        const int32_t *row = (const int32_t *)keys.rows + t * width;
+        float row_scale = keys.row_scale[t];
+        for (int64_t i = 0; i < width; i++)
+            out[i] = (float)row[i] * keys.column_scale[i] * row_scale;
+    } else if (keys.kind == KEYS_BF16) {
+        const uint16_t *row = (const uint16_t *)keys.rows + t * width;
         for (int64_t i = 0; i < width; i++) out[i] = from_bf16(row[i]);
     } else
-        memcpy(out, (const float *)rows + t * width, width * sizeof(float));
+        memcpy(out, (const float *)keys.rows + t * width, width * sizeof(float));
 }
 
 /* Key row t (bias, k-norm, RoPE at position t) against the queries: its n_kv * m scores, written
  * `stride` apart; k is a row of scratch. */
-static inline void key_scores(const void *keys, int keys_bf16, const float *bias,
-                              const float *norm, float eps, const float *cos, const float *sin,
-                              const float *q, int64_t t, int64_t n_kv, int64_t m, int64_t D,
-                              float sm_scale, float *k, float *scores, int64_t stride) {
+static inline void key_scores(key_rows keys, const float *bias, const float *norm, float eps,
+                              const float *cos, const float *sin, const float *q, int64_t t,
+                              int64_t n_kv, int64_t m, int64_t D, float sm_scale, float *k,
+                              float *scores, int64_t stride) {
     int64_t width = n_kv * D;
-    load_row(keys, keys_bf16, t, width, k);
+    load_key_row(keys, t, width, k);
     if (bias)
         for (int64_t i = 0; i < width; i++) k[i] += bias[i];
     const float *c = cos + t * D, *s = sin + t * D;
@@ -203,20 +218,23 @@ static inline void key_scores(const void *keys, int keys_bf16, const float *bias
         score_row(k, norm, eps, c, s, q, n_kv, m, D, sm_scale, scores, stride);
 }
 
-/* Attention scores against keys rebuilt as rows @ W_k: keys (T, n_kv * D), bf16 (keys_bf16) or
- * float32, get the bias (n_kv * D, or NULL), the k-norm per head (weight (D), or NULL) and RoPE
- * at their positions (cos/sin (T, D), sin's first half negated, as model.py's tables); then
- * scores (n_kv, m, T) = q (n_kv, m, D) . key * sm_scale. Each key row is read once. */
-void rope_scores(const void *keys, int keys_bf16, const float *bias, const float *norm, float eps,
+/* Attention scores against keys rebuilt as rows @ W_k: keys (T, n_kv * D; float32, bf16 or
+ * int32 with their scales, as key_rows takes them) get the bias (n_kv * D, or NULL), the k-norm
+ * per head (weight (D), or NULL) and RoPE at their positions (cos/sin (T, D), sin's first half
+ * negated, as model.py's tables); then scores (n_kv, m, T) = q (n_kv, m, D) . key * sm_scale.
+ * Each key row is read once. */
+void rope_scores(const void *keys, int keys_kind, const float *key_row_scale,
+                 const float *key_column_scale, const float *bias, const float *norm, float eps,
                  const float *cos, const float *sin, const float *q, int64_t T, int64_t n_kv,
                  int64_t m, int64_t D, float sm_scale, float *scores, int threads) {
     int64_t width = n_kv * D;
+    key_rows rebuilt = {keys, keys_kind, key_row_scale, key_column_scale};
 #pragma omp parallel num_threads(threads) if (T > 1)
     {
         float *k = malloc(width * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
-            key_scores(keys, keys_bf16, bias, norm, eps, cos, sin, q, t, n_kv, m, D, sm_scale,
+            key_scores(rebuilt, bias, norm, eps, cos, sin, q, t, n_kv, m, D, sm_scale,
                        k, scores + t, T);
         }
         free(k);
@@ -438,13 +456,15 @@ void attend_bf16(const float *q, int64_t m, const uint8_t *mask, const uint16_t 
  * sum of the cached rows `values` (T, W) that every head shares (X, or the V latent; float32);
  * and that sum projected by its head's block of the value projection, value_heads (n_kv, W, D)
  * -> out (n_kv * m, D), and each row's log-sum-exp (lse), by which the caller merges spans.
- * Keys are bf16 or float32. Each row is read once; parts of ATTEND_CHUNK tokens run on the
+ * Keys as key_rows takes them. Each row is read once; parts of ATTEND_CHUNK tokens run on the
  * threads and are merged at the end. */
-void rope_attend(const void *keys, int keys_bf16, const float *bias, const float *norm, float eps,
+void rope_attend(const void *keys, int keys_kind, const float *key_row_scale,
+                 const float *key_column_scale, const float *bias, const float *norm, float eps,
                  const float *cos, const float *sin, const float *q, const float *values,
                  int64_t T, int64_t n_kv, int64_t m, int64_t D, int64_t W, const float *value_heads,
                  float sm_scale, float *out, float *lse, int threads) {
     int64_t rows = n_kv * m, chunks = (T + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
+    key_rows rebuilt = {keys, keys_kind, key_row_scale, key_column_scale};
     int64_t padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     float *top = malloc(chunks * rows * sizeof(float)), *total = malloc(chunks * rows * sizeof(float));
     float *mixed = malloc(chunks * rows * W * sizeof(float)); /* (chunks, rows, W) */
@@ -456,7 +476,7 @@ void rope_attend(const void *keys, int keys_bf16, const float *bias, const float
         for (int64_t c = 0; c < chunks; c++) {
             int64_t first = c * ATTEND_CHUNK, n = T - first < ATTEND_CHUNK ? T - first : ATTEND_CHUNK;
             for (int64_t t = 0; t < n; t++)
-                key_scores(keys, keys_bf16, bias, norm, eps, cos, sin, q, first + t, n_kv, m, D,
+                key_scores(rebuilt, bias, norm, eps, cos, sin, q, first + t, n_kv, m, D,
                            sm_scale, k, p + t, ATTEND_CHUNK);
             exp_part(p, rows, n, top + c * rows, total + c * rows);
             weighted_sum(p, rows, n, values + first * W, 0, W, mixed + c * rows * W);
@@ -473,6 +493,25 @@ void rope_attend(const void *keys, int keys_bf16, const float *bias, const float
             for (int64_t d = 0; d < D; d++) y[d] += x[w] * heads[w * D + d];
     }
     free(top), free(total), free(mixed), free(merged);
+}
+
+/* x (rows, k) -> int8 codes, x / scale rounded half to even, and each row's scale, its absmax
+ * (at least 1e-12) / 127: int8.py's quantize_rows in one pass over each row. */
+void quantize_rows(const float *x, int64_t rows, int64_t k, int8_t *codes, float *scale,
+                   int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 64)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * k;
+        float absmax = 0.0f;
+#pragma omp simd reduction(max : absmax)
+        for (int64_t i = 0; i < k; i++) {
+            float a = fabsf(xr[i]);
+            absmax = a > absmax ? a : absmax;
+        }
+        float s = (absmax > 1e-12f ? absmax : 1e-12f) / 127;
+        for (int64_t i = 0; i < k; i++) codes[r * k + i] = (int8_t)nearbyintf(xr[i] / s);
+        scale[r] = s;
+    }
 }
 
 #define INT8_ROWS 16 /* int8_linear's most rows of x: cpu_kernels.py INT8_ROWS */

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import platformdirs
 import torch
@@ -83,12 +84,13 @@ def library() -> ctypes.CDLL | None:
         else:
             return None
     lib.dequantize.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _int, _i64, _int, _int, _ptr, _int]
-    lib.rope_scores.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr]
+    lib.rope_scores.argtypes = [_ptr, _int, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr]
     lib.rope_scores.argtypes += [_i64, _i64, _i64, _i64, _f32, _ptr, _int]
     lib.int8_linear.argtypes = [_ptr, _i64, _i64, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _int]
     lib.attend_bf16.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32]
     lib.attend_bf16.argtypes += [_ptr, _int]
-    lib.rope_attend.argtypes = [_ptr, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr]
+    lib.quantize_rows.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _int]
+    lib.rope_attend.argtypes = [_ptr, _int, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr]
     lib.rope_attend.argtypes += [_i64, _i64, _i64, _i64, _i64, _ptr, _f32, _ptr, _ptr, _int]
     return lib
 
@@ -125,38 +127,66 @@ def dequantize(q, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
     return out
 
 
-def _rows(rows: torch.Tensor) -> torch.Tensor:  # bf16 and float32 rows are read as they are
-    return (rows if rows.dtype in (torch.float32, torch.bfloat16) else rows.float()).contiguous()
+class IntKeys(NamedTuple):
+    """Rebuilt keys as int8 products: int32 (T, kv_dim), whose scales the C passes apply as they
+    read each row (int8.int8_product's epilogue: products * column_scale * row_scale)."""
+
+    products: torch.Tensor
+    row_scale: torch.Tensor  # (T, 1)
+    column_scale: torch.Tensor  # (kv_dim,)
+
+
+KEYS_FLOAT32, KEYS_BF16, KEYS_INT32 = range(3)  # cpu_kernels.c's key_rows kinds
 
 
 def _key_operands(keys, q, cos, sin, bias, norm, what: str):
-    """rope_scores' and rope_attend's keys (T, H_kv * D), tables (T, D), bias, k-norm weight and
-    queries (H_kv, m, D), contiguous and float32 (the keys: or bf16), checked against each other."""
+    """rope_scores' and rope_attend's keys (T, H_kv * D: float32, bf16 or IntKeys, as the C side
+    takes them: address, kind, row and column scales), tables (T, D), bias, k-norm weight and
+    queries (H_kv, m, D), contiguous and float32, checked against each other."""
     n_kv, _, d = q.shape
-    keys = _rows(keys)
+    if isinstance(keys, IntKeys):
+        rows, row_scale, column_scale = (x.contiguous() for x in keys)
+        kind = KEYS_INT32
+        t = rows.shape[0]
+        _check(
+            rows.dtype == torch.int32 and row_scale.shape == (t, 1)
+            and column_scale.shape == (n_kv * d,)
+            and row_scale.dtype == column_scale.dtype == torch.float32,
+            f"the int8 products and scales of {what}'s keys do not match",
+        )  # fmt: skip
+    else:
+        row_scale = column_scale = None
+        rows = (
+            keys if keys.dtype in (torch.float32, torch.bfloat16) else keys.float()
+        ).contiguous()
+        kind = KEYS_BF16 if rows.dtype == torch.bfloat16 else KEYS_FLOAT32
     bias, norm, cos, sin, q = (
         None if x is None else x.float().contiguous() for x in (bias, norm, cos, sin, q)
     )
-    t = keys.shape[0]
+    t = rows.shape[0]
     _check(
-        keys.shape == (t, n_kv * d) and cos.shape == sin.shape == (t, d)
+        rows.shape == (t, n_kv * d) and cos.shape == sin.shape == (t, d)
         and (bias is None or bias.shape == (n_kv * d,)) and (norm is None or norm.shape == (d,)),
         f"the keys, tables and queries of {what} do not match",
     )  # fmt: skip
-    return keys, bias, norm, cos, sin, q
+    held = (rows, row_scale, column_scale)  # the caller keeps these alive through the call
+    key_args = (_address(rows), kind, _address(row_scale), _address(column_scale))
+    return held, key_args, bias, norm, cos, sin, q
 
 
 def rope_scores(keys, q, cos, sin, bias, norm, eps: float) -> torch.Tensor:
     """Scores (H_kv, m, T) of q (H_kv, m, D) against keys (T, H_kv * D) rebuilt as rows @ W_k
-    (read as they are when bf16 or float32), after the bias, the k-norm (weight (D,)) and RoPE
-    (tables (T, D))."""
+    (read as they are when bf16, float32 or IntKeys), after the bias, the k-norm (weight (D,))
+    and RoPE (tables (T, D))."""
     n_kv, m, d = q.shape
-    keys, bias, norm, cos, sin, q = _key_operands(keys, q, cos, sin, bias, norm, "rope_scores")
-    scores = torch.empty(n_kv, m, keys.shape[0], dtype=torch.float32)
+    held, key_args, bias, norm, cos, sin, q = _key_operands(
+        keys, q, cos, sin, bias, norm, "rope_scores"
+    )
+    scores = torch.empty(n_kv, m, held[0].shape[0], dtype=torch.float32)
     library().rope_scores(
-        _address(keys), int(keys.dtype == torch.bfloat16), _address(bias), _address(norm), eps,
-        _address(cos), _address(sin), _address(q), keys.shape[0], n_kv, m, d, d**-0.5,
-        _address(scores), torch.get_num_threads(),
+        *key_args, _address(bias), _address(norm), eps, _address(cos), _address(sin),
+        _address(q), held[0].shape[0], n_kv, m, d, d**-0.5, _address(scores),
+        torch.get_num_threads(),
     )  # fmt: skip
     return scores
 
@@ -167,20 +197,22 @@ def rope_attend(keys, q, cos, sin, bias, norm, eps: float, values, value_heads):
     sums of the rows projected by their head's value_heads (H_kv, W, D), and lse (H_kv, m), the
     log-sum-exp of the scores), float32."""
     n_kv, m, d = q.shape
-    keys, bias, norm, cos, sin, q = _key_operands(keys, q, cos, sin, bias, norm, "rope_attend")
+    held, key_args, bias, norm, cos, sin, q = _key_operands(
+        keys, q, cos, sin, bias, norm, "rope_attend"
+    )
+    t = held[0].shape[0]
     values, value_heads = values.float().contiguous(), value_heads.float().contiguous()
     w = values.shape[1]
     _check(
-        values.dim() == 2 and values.shape[0] == keys.shape[0]
-        and value_heads.shape == (n_kv, w, d),
+        values.dim() == 2 and values.shape[0] == t and value_heads.shape == (n_kv, w, d),
         "rope_attend's values and value projection do not match",
     )  # fmt: skip
     out = torch.empty(n_kv, m, d, dtype=torch.float32)
     lse = torch.empty(n_kv, m, dtype=torch.float32)
     library().rope_attend(
-        _address(keys), int(keys.dtype == torch.bfloat16), _address(bias), _address(norm), eps,
-        _address(cos), _address(sin), _address(q), _address(values), keys.shape[0], n_kv, m, d,
-        w, _address(value_heads), d**-0.5, _address(out), _address(lse), torch.get_num_threads(),
+        *key_args, _address(bias), _address(norm), eps, _address(cos), _address(sin),
+        _address(q), _address(values), t, n_kv, m, d, w, _address(value_heads), d**-0.5,
+        _address(out), _address(lse), torch.get_num_threads(),
     )  # fmt: skip
     return out, lse
 
@@ -207,6 +239,20 @@ def attend_bf16(q, keys, values, n: int, mask: torch.Tensor | None = None) -> to
         n_heads, n_kv, d, d**-0.5, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8.quantize_rows(x, row_absmax(x)) in one pass: x (M, K) float32 -> int8 codes (M, K)
+    and float32 row scales (M, 1)."""
+    x = x.contiguous()
+    _check(x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda, "quantize_rows' input")
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    scale = torch.empty(x.shape[0], 1)
+    library().quantize_rows(
+        x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scale.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return codes, scale
 
 
 class Int8Product:
