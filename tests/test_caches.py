@@ -296,8 +296,8 @@ def tiny_gqa(request, tiny_models, backend):
 @pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
 def test_latents_rebuild_keys_and_values_exactly(tiny_gqa, kind, monkeypatch):
     """Before any quantization (the exact window holds everything) attention from latents, with
-    V never rebuilt, equals attention over exact K/V (keys rebuilt in float: the CPU engine's int8
-    rebuild, for caches of 4 bits or fewer, is tested in test_cpu_kernels)."""
+    V never rebuilt, equals attention over exact K/V (keys rebuilt in float: the int8 rebuild of
+    the CPU engine's steps, for caches of 4 bits or fewer, is tested in test_cpu_kernels)."""
     from xqchat.backends.cuda import cache as caches
 
     monkeypatch.setattr(caches, "INT8_KEYS_BITS", 0)

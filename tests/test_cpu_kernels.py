@@ -218,10 +218,11 @@ def test_rope_attend_applies_the_scales_of_int8_keys_as_the_torch_ops_do():
 @needs_c
 @pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
 @pytest.mark.parametrize("model", ["gqa-qwen3", "llama"])
-def test_keys_rebuilt_in_int8_at_4_bits_or_fewer(tiny_models, kind, model, monkeypatch):
-    """Caches of 4 bits or fewer rebuild their keys in int8 on every pass, prefill chunks and
-    decode steps alike (a drafter's tree is a chunk: it must score as a step does), once per
-    layer and pass; 8-bit caches in float. The error int8 adds is small beside the cache's."""
+def test_steps_rebuild_keys_in_int8_at_4_bits_or_fewer(tiny_models, kind, model, monkeypatch):
+    """Decode steps of a cache of 4 bits or fewer rebuild their keys in int8, once per layer and
+    step (a drafter's tree does too: test_speculative checks that its text is the steps'); a
+    prompt's chunks, and 8-bit caches, in float. The error int8 adds is small beside the
+    cache's own."""
     from xqchat.backends.cuda import cache as caches
 
     calls = []
@@ -232,21 +233,21 @@ def test_keys_rebuilt_in_int8_at_4_bits_or_fewer(tiny_models, kind, model, monke
     def logits(cache):  # of a chunk after a prefill, then of three steps
         session = engine.new_session(cache)
         session.prefill(list(range(400, 480)))
-        calls.clear()
         chunk = session.logits(list(range(600, 610)))
-        return np.concatenate([chunk] + [session.logits([t]) for t in (7, 8, 9)])
+        return chunk, np.concatenate([session.logits([t]) for t in (7, 8, 9)])
 
     n, runs = engine.spec.n_layers, []
     for bits, int8_bits in ((4, 4), (4, 0), (8, 4)):
         monkeypatch.setattr(caches, "INT8_KEYS_BITS", int8_bits)
         runs.append(logits(CacheSpec(kind=kind, bits=bits, group=32, residual=8)))
-        int8 = bits <= int8_bits
-        assert calls == ([90] * n + [91] * n + [92] * n + [93] * n if int8 else [])
-    exact = logits(CacheSpec(kind="kv"))
-    in_int8, in_float = runs[:2]
+        assert calls == ([91] * n + [92] * n + [93] * n if bits <= int8_bits else [])
+        calls.clear()
+    (chunk, steps), (float_chunk, float_steps) = runs[:2]
+    np.testing.assert_array_equal(chunk, float_chunk)
+    exact = logits(CacheSpec(kind="kv"))[1]
     # int8's error is a small part of the 4-bit cache's own (~11% on these models)
-    assert np.linalg.norm(in_int8 - in_float) < np.linalg.norm(in_float - exact) / 4
-    assert not np.array_equal(in_int8, in_float)
+    assert np.linalg.norm(steps - float_steps) < np.linalg.norm(float_steps - exact) / 4
+    assert not np.array_equal(steps, float_steps)
 
 
 def int8_layer(n, k, bias: bool, threshold=int8.THRESHOLD, seed=0) -> Int8Linear:

@@ -92,7 +92,7 @@ class KVCache:
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def attend(self, layer, x, q, cos, sin, mask):
+    def attend(self, layer, x, q, cos, sin, mask, step):
         k, v = layer.keys_values(x)
         start, end = self.offset, self.offset + k.shape[2]
         q, k = rotate(q, cos[start:end], sin[start:end]), rotate(k, cos[start:end], sin[start:end])
@@ -394,7 +394,7 @@ class QuantKVCache:
     def offset(self) -> int:
         return len(self.keys)
 
-    def attend(self, layer, x, q, cos, sin, mask):
+    def attend(self, layer, x, q, cos, sin, mask, step):
         k, v = layer.keys_values(x)
         start, end = self.offset, self.offset + k.shape[2]
         self.keys.append(_rows(k))
@@ -507,7 +507,7 @@ class XQuantCache:
         self, latents: Latents, cache: CacheSpec, dtype, device, scratch, chains=None, delta=False
     ):
         self.kind, self.latents, self.scratch = cache.kind, latents, scratch
-        # the CPU engine rebuilds keys in int8 where the cache's own error dwarfs int8's
+        # the CPU engine's steps rebuild keys in int8 where the cache's own error dwarfs int8's
         self.keys_in_int8 = cache.bits <= INT8_KEYS_BITS
         self.stores = [
             TokenStore(w, cache, pc, dtype, device, scratch, chains[i] if chains else None, delta)
@@ -527,7 +527,7 @@ class XQuantCache:
     def offset(self) -> int:
         return len(self.stores[0])
 
-    def attend(self, layer, x, q, cos, sin, mask):
+    def attend(self, layer, x, q, cos, sin, mask, step):
         start, end = self.offset, self.offset + x.shape[1]
         latents = self.latents
         for store, new in zip(
@@ -538,10 +538,10 @@ class XQuantCache:
         if q.shape[2] == 1 and self._fused(q):
             mixed = self._fused_mixed(layer, q, cos[:end], sin[:end]) @ latents.value_heads
         else:
-            mixed = self._mixed(layer, q, cos[:end], sin[:end], mask)
+            mixed = self._mixed(layer, q, cos[:end], sin[:end], mask, step)
         return layer.finish_values(mixed.view(1, q.shape[1], q.shape[2], -1))
 
-    def _mixed(self, layer, q, cos, sin, mask):
+    def _mixed(self, layer, q, cos, sin, mask, step):
         """The attention-weighted sums of the value stream's rows, each head's through its block
         of the value projection, (H_kv, n_rep * T, D): the cache is read SPAN tokens at a time
         into reused buffers (K rebuilt and rotated for that span only; spans merged by their
@@ -558,9 +558,10 @@ class XQuantCache:
         # a decode step on the CPU: scores, softmax and weighted sum in one C pass per span
         engine = not q.is_cuda and cpu_kernels.library() is not None and not self._fused(q)
         one_pass = engine and t == 1 and mask is None
-        # every path of the CPU engine (decode, a drafter's tree, prefill chunks) rebuilds keys
-        # alike, so that speculation stays lossless
-        int8_keys = engine and self.keys_in_int8
+        # int8 keys where the rebuild is most of the pass: a decode step, and a drafter's tree,
+        # which must score as the steps it stands for (lossless); a prompt's chunk spreads the
+        # rebuild over its tokens and keeps the float rebuild's precision
+        int8_keys = engine and step and self.keys_in_int8
         chained = [store.read(dtype) if store.chain is not None else None for store in self.stores]
         parts, n_sink = [], self.stores[0].sink.shape[0]
         for start, stop in itertools.pairwise([0, *range(n_sink + SPAN, end, SPAN), end]):
@@ -676,7 +677,7 @@ class XQuantCache:
 
 
 SPAN = 4096  # cached tokens whose keys the torch path rebuilds at once
-INT8_KEYS_BITS = 4  # XQuant caches of at most these bits rebuild keys in int8 (CPU engine)
+INT8_KEYS_BITS = 4  # XQuant caches of at most these bits: steps rebuild keys in int8 (CPU engine)
 BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant and seed the chain
 
 

@@ -119,14 +119,15 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps)
         self.qk_norm = spec.qk_norm
 
-    def forward(self, x, cos, sin, cache, mask):
-        """cos, sin: RoPE tables for every position up to the last new token; the cache rotates."""
+    def forward(self, x, cos, sin, cache, mask, step):
+        """cos, sin: RoPE tables for every position up to the last new token; the cache rotates.
+        `step`: a decode step or a drafter's tree (not a prompt's chunk)."""
         b, t, _ = x.shape
         q = self.wq(x).to(x.dtype).view(b, t, self.n_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
         # the cache computes K and V from x if it keeps them (XQuant keeps x instead)
-        out = cache.attend(self, x, q.transpose(1, 2), cos, sin, mask)
+        out = cache.attend(self, x, q.transpose(1, 2), cos, sin, mask, step)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def keys_values(self, x):
@@ -175,8 +176,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.feed_forward = FeedForward(spec)
 
-    def forward(self, x, cos, sin, cache, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, mask)
+    def forward(self, x, cos, sin, cache, mask, step):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, mask, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -216,8 +217,9 @@ class Transformer(nn.Module):
                 start > 0 and tokens.shape[1] > 1
             ):  # new tokens see the cache and each other causally
                 mask = torch.ones(end - start, end, dtype=torch.bool, device=x.device).tril(start)
+        step = tree is not None or tokens.shape[1] == 1
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, cache, mask)
+            x = layer(x, cos, sin, cache, mask, step)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
