@@ -9,6 +9,10 @@ backend to its own arrays.
   first channels carry X's outliers); L_v per token.
 - Per-token streams are quantized in a Hadamard basis (backends/quant.py: one outlier channel no
   longer sets its whole group's scale); the rotation is folded into the encode/decode matrices.
+  X's groups may span rows: its channels are alike, so a row of 576 takes 4.5 groups of 128,
+  not 9 of 64. A latent's channels fall off in magnitude along the row (the SVD orders them),
+  so a group spanning one row's tail and the next row's head would quantize the tail coarsely:
+  its groups divide the row.
 - For XQuant-CL each layer's bases are rotated (orthogonal Procrustes) to be as close as possible
   to the previous layer's, so a token's latent row in layer i predicts its row in layer i+1 and
   only the difference is quantized. A rotation of the basis changes nothing exact, and with the
@@ -32,6 +36,7 @@ from .quant import hadamard
 class Stream:
     encode: np.ndarray  # (dim, width): the cached row of a token is x @ encode
     per_channel: bool  # quantize each channel over a block of tokens, or each token's row
+    spans_rows: bool = False  # per token: groups of `group` values run on across row ends
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,11 @@ def layer_latents(
     if not uses_latents(dim, kv_dim):
         turn = block_hadamard(dim, group)
         layers = [
-            LayerLatents((Stream(turn, per_channel=False),), (0, turn.T @ wk), (0, turn.T @ wv))
+            LayerLatents(
+                (Stream(turn, per_channel=False, spans_rows=True),),
+                (0, turn.T @ wk),
+                (0, turn.T @ wv),
+            )
             for wk, wv in zip(w_k, w_v, strict=True)
         ]
         return _float32(layers), 0.0
@@ -168,7 +177,7 @@ def _float32(layers: list[LayerLatents]) -> list[LayerLatents]:
 
     return [
         LayerLatents(
-            tuple(Stream(f(s.encode), s.per_channel) for s in layer.streams),
+            tuple(Stream(f(s.encode), s.per_channel, s.spans_rows) for s in layer.streams),
             (layer.keys[0], f(layer.keys[1])),
             (layer.values[0], f(layer.values[1])),
         )

@@ -191,7 +191,8 @@ def test_xquant_trim_inside_the_exact_window_reproduces_the_run(tiny_mha):
     assert np.array_equal(session.logits(ids[90:]), first)
 
 
-def test_backends_agree_on_xquant(tiny_models, monkeypatch):
+@pytest.mark.parametrize("group, n", [(32, 100), (128, 200)])  # 128: groups span two rows of 64
+def test_backends_agree_on_xquant(tiny_models, monkeypatch, group, n):
     """The same algorithm in both: keys rebuilt in float (the torch CPU engine's int8 rebuild,
     which MLX has not, is tested in test_cpu_kernels)."""
     from conftest import BACKENDS
@@ -203,16 +204,16 @@ def test_backends_agree_on_xquant(tiny_models, monkeypatch):
     if len(BACKENDS) < 2:
         pytest.skip("needs both backends")
     monkeypatch.setattr(caches, "INT8_KEYS_BITS", 0)
-    cache = CacheSpec(kind="xquant", bits=4, group=32, residual=16)
+    cache = CacheSpec(kind="xquant", bits=4, group=group, residual=16)
     opts = [EngineOptions(backend=b, weights="fp32", mha=True, cache=cache) for b in BACKENDS]
-    ids = list(range(600, 700))
+    ids = list(range(600, 600 + n))
     torch_logits, mlx_logits = (
         load_model(resolve(str(tiny_models["qwen3"])), o).new_session().logits(ids) for o in opts
     )
     assert np.abs(torch_logits - mlx_logits).max() <= 1e-3 * np.abs(torch_logits).max()
 
 
-def token_store(backend, width, cache, per_channel):
+def token_store(backend, width, cache, per_channel, spans_rows=False):
     """A bare TokenStore of `backend` with functions that feed it numpy rows and read its rows
     back as numpy (on this thread, where its arrays live)."""
     if backend == "torch":
@@ -220,13 +221,15 @@ def token_store(backend, width, cache, per_channel):
 
         from xqchat.backends.cuda.cache import Scratch, TokenStore
 
-        store = TokenStore(width, cache, per_channel, torch.float32, "cpu", Scratch())
+        store = TokenStore(
+            width, cache, per_channel, torch.float32, "cpu", Scratch(), spans_rows=spans_rows
+        )
         return store, torch.from_numpy, lambda: store.read(torch.float32).numpy()
     import mlx.core as mx
 
     from xqchat.backends.mlx.cache import TokenStore
 
-    store = TokenStore(width, cache, per_channel=per_channel, dtype=mx.float32)
+    store = TokenStore(width, cache, per_channel, mx.float32, spans_rows=spans_rows)
     return store, mx.array, lambda: np.array(store.read(mx.float32))
 
 
@@ -249,6 +252,25 @@ def test_hadamard_rotation_contains_an_outlier_channel(backend):
         assert store.exact.shape[0] == 0  # all 64 rows went through the quantizer
         errors.append(np.square(read() @ basis.T - rows).mean())
     assert errors[1] < 0.8 * errors[0]
+
+
+def test_groups_that_span_rows(backend):
+    """Rows of 96 values in groups of 64 that span rows (X's layout): each group takes the
+    block's next 64 values, across row ends (not 3 groups of 32 per row: the bytes are those of
+    groups of 64), and rebuilds them as a plain min/max quantizer of those values does."""
+    rows = np.random.default_rng(2).standard_normal((128, 96)).astype(np.float32)
+    cache = CacheSpec(kind="xquant", bits=3, group=64, residual=0, sink=0)
+    store, array, read = token_store(backend, 96, cache, per_channel=False, spans_rows=True)
+    store.append(array(rows))
+    assert (store.n_blocks, store.n_exact) == (2, 0)
+    groups = 128 * 96 // 64
+    assert store.nbytes == 128 * 96 * 3 // 8 + groups * 2 * 2  # codes, fp16 scale and zero
+    values = rows.reshape(groups, 64)
+    low, high = values.min(1, keepdims=True), values.max(1, keepdims=True)
+    scale = ((high - low) / 7).astype(np.float16).astype(np.float32)
+    zero = low.astype(np.float16).astype(np.float32)
+    codes = np.clip(np.round((values - zero) / scale), 0, 7)
+    np.testing.assert_allclose(read(), (codes * scale + zero).reshape(128, 96), atol=1e-6)
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

@@ -171,10 +171,12 @@ class TokenStore:
     sinks, which every later token attends to and whose outlying values would otherwise set the
     scales of their whole block. So do the newest rows (between `residual` and `residual + group
     - 1` of them); the rows between are flushed to the quantized store in whole blocks of `group`
-    tokens, each block quantized per token (groups along the row) or per channel (each channel's
-    `group` values share a scale: outlier channels stay contained). In a `chain` with `delta`, a
-    block is stored as its difference from the previous layer's reconstruction of the same tokens
-    (closed loop: errors do not accumulate down the layers)."""
+    tokens, each block quantized per token (groups along the row; with `spans_rows`, groups of
+    `group` values read on across row ends, so a row of 576 takes 4.5 groups of 128, not 9 of
+    64) or per channel (each channel's `group` values share a scale: outlier channels stay
+    contained). In a `chain` with `delta`, a block is stored as its difference from the previous
+    layer's reconstruction of the same tokens (closed loop: errors do not accumulate down the
+    layers)."""
 
     def __init__(
         self,
@@ -186,11 +188,14 @@ class TokenStore:
         scratch,
         chain=None,
         delta=False,
+        spans_rows=False,
     ):
         self.width, self.bits, self.group = width, spec.bits, spec.group
         self.residual, self.per_channel, self.scratch = spec.residual, per_channel, scratch
         self.chain, self.delta = chain, delta
-        self.row_group = self.group if per_channel else row_group(width, spec.group)
+        # values per scale and zero point
+        spanned = per_channel or spans_rows
+        self.row_group = self.group if spanned else row_group(width, spec.group)
         self.n_sink = spec.sink
         self.sink = self.exact = torch.empty(0, width, dtype=dtype, device=device)
         self.window: torch.Tensor | None = None  # holds `exact` as its first rows, room after
@@ -471,7 +476,7 @@ class Latents:
     def __init__(self, layer: LayerLatents, linear, head_dim: int, act_dtype, device):
         self.encode = linear(np.concatenate([s.encode for s in layer.streams], axis=1))
         self.widths = [s.encode.shape[1] for s in layer.streams]
-        self.per_channel = [s.per_channel for s in layer.streams]
+        self.layouts = [(s.per_channel, s.spans_rows) for s in layer.streams]
         self.key_stream, self.value_stream = layer.keys[0], layer.values[0]
         self.to_keys = linear(layer.keys[1])
         codes, scale = quantize_int8(layer.keys[1].T)
@@ -510,8 +515,10 @@ class XQuantCache:
         # the CPU engine's steps rebuild keys in int8 where the cache's own error dwarfs int8's
         self.keys_in_int8 = cache.bits <= INT8_KEYS_BITS
         self.stores = [
-            TokenStore(w, cache, pc, dtype, device, scratch, chains[i] if chains else None, delta)
-            for i, (w, pc) in enumerate(zip(latents.widths, latents.per_channel, strict=True))
+            TokenStore(
+                w, cache, pc, dtype, device, scratch, chains[i] if chains else None, delta, spans
+            )
+            for i, (w, (pc, spans)) in enumerate(zip(latents.widths, latents.layouts, strict=True))
         ]
 
     # Decode through the Triton kernel: on CUDA by default; the tests force it on CPU tensors,

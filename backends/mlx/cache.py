@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -112,12 +113,17 @@ class TokenStore:
     sinks, which every later token attends to and whose outlying values would otherwise set the
     scales of their whole block. So do the newest rows (between `residual` and `residual + group
     - 1` of them); the rows between are flushed to the quantized store in whole blocks of `group`
-    tokens, each block quantized per token (groups along the row) or per channel (each channel's
-    `group` values share a scale: outlier channels stay contained). In a `chain` with `delta`, a
-    block is stored as its difference from the previous layer's reconstruction of the same tokens
-    (closed loop: errors do not accumulate down the layers)."""
+    tokens, each block quantized per token (groups along the row; with `spans_rows`, groups of
+    `group` values read on across row ends, so a row of 576 takes 4.5 groups of 128, not 9 of
+    64) or per channel (each channel's `group` values share a scale: outlier channels stay
+    contained). In a `chain` with `delta`, a block is stored as its difference from the previous
+    layer's reconstruction of the same tokens (closed loop: errors do not accumulate down the
+    layers)."""
 
-    def __init__(self, width, spec: CacheSpec, per_channel: bool, dtype, chain=None, delta=False):
+    def __init__(
+        self, width, spec: CacheSpec, per_channel: bool, dtype, chain=None, delta=False,
+        spans_rows=False,
+    ):  # fmt: skip
         self.width, self.bits, self.group, self.residual = (
             width,
             spec.bits,
@@ -125,7 +131,14 @@ class TokenStore:
             spec.residual,
         )
         self.per_channel, self.chain, self.delta = per_channel, chain, delta
-        self.row_group = self.group if per_channel else row_group(width, spec.group)
+        # values per scale and zero point
+        spanned = per_channel or spans_rows
+        self.row_group = self.group if spanned else row_group(width, spec.group)
+        # per token, MLX's groups run along a packed row: one that spans rows packs as many
+        # tokens as make whole groups (576 wide in groups of 128: two), read as PyTorch's
+        self.tokens_per_row = (
+            1 if per_channel else self.row_group // math.gcd(width, self.row_group)
+        )
         self.n_sink = spec.sink
         self.sink = self.exact = mx.zeros((0, width), dtype=dtype)
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, rows, packed words)
@@ -163,15 +176,22 @@ class TokenStore:
             self.exact = self.exact[self.group :]
             if self.delta:
                 block = block - predictions[len(flushed)]
-            quantized = quantize(block.T if self.per_channel else block, self.bits, self.row_group)
+            quantized = quantize(self._packed_rows(block), self.bits, self.row_group)
             self.blocks = _append_block(self.blocks, quantized)
             rebuilt = self._rows(dequantize(quantized))
             flushed.append(rebuilt + predictions[len(flushed)] if self.delta else rebuilt)
         if self.chain is not None:
             self.chain.blocks = flushed
 
+    def _packed_rows(self, block):  # (group, width) -> the rows `quantize` packs
+        if self.per_channel:
+            return block.T
+        return block.reshape(-1, self.tokens_per_row * self.width)
+
     def _rows(self, values):  # dequantized block(s) -> rows (..., group, width)
-        return values.swapaxes(-1, -2) if self.per_channel else values
+        if self.per_channel:
+            return values.swapaxes(-1, -2)
+        return values.reshape(*values.shape[:-2], self.group, self.width)
 
     def flushed(self) -> mx.array:
         """The flushed blocks' rows, (n_blocks * group, width) float32, dequantized (and
@@ -206,42 +226,56 @@ class TokenStore:
         """rows[start:stop] @ m, (stop - start, m columns), for a store outside a chain. The
         quantized blocks go to mx.quantized_matmul as the quantized operand, so they are
         dequantized inside the product, never as an array: a per-token block is rows packed
-        along the width (m on the left, transposed), a per-channel one is stored transposed,
-        channels packed along tokens."""
+        along the width (m on the left, transposed; a row of p tokens meets p copies of m down
+        a block diagonal), a per-channel one is stored transposed, channels packed along
+        tokens."""
         sink, (first, last), exact = self._split(start, stop)
         parts = [sink.astype(m.dtype) @ m]
         if first < last:
             codes, scale, zero = self._operand(first, last)
+            p = self.tokens_per_row
+            left = m.T.astype(mx.float32)
+            if p > 1:  # (p * columns, p * width): token j of a row -> output rows j
+                left = mx.concatenate(
+                    [mx.pad(left, [(0, 0), (j * self.width, (p - 1 - j) * self.width)])
+                     for j in range(p)]
+                )  # fmt: skip
             old = mx.quantized_matmul(
-                m.T.astype(mx.float32), codes, scale, zero, transpose=not self.per_channel,
+                left, codes, scale, zero, transpose=not self.per_channel,
                 group_size=self.row_group, bits=self.bits,
             )  # fmt: skip
-            parts.append(old.T.astype(m.dtype))
+            # (p * columns, packed rows) -> (tokens, columns)
+            old = old.reshape(p, m.shape[1], -1).transpose(2, 0, 1).reshape(-1, m.shape[1])
+            parts.append(old.astype(m.dtype))
         return mx.concatenate([*parts, exact.astype(m.dtype) @ m])
 
     def times_rows(self, a: mx.array, start: int, stop: int) -> mx.array:
-        """a @ rows[start:stop] for a (..., stop - start) over a per-token store, the same way."""
+        """a @ rows[start:stop] for a (..., stop - start) over a per-token store, the same way
+        (a row of p tokens: the weights of its token j times the row, whose part j is kept)."""
         sink, (first, last), exact = self._split(start, stop)
         n_sink, n_old = sink.shape[0], sink.shape[0] + (last - first) * self.group
         out = a[..., :n_sink] @ sink.astype(a.dtype) + a[..., n_old:] @ exact.astype(a.dtype)
         if first == last:
             return out
         codes, scale, zero = self._operand(first, last)
+        p, w = self.tokens_per_row, self.width
+        weights = a[..., n_sink:n_old].astype(mx.float32)
+        weights = weights.reshape(*a.shape[:-1], -1, p).swapaxes(-1, -2)  # (..., p, rows)
         old = mx.quantized_matmul(
-            a[..., n_sink:n_old].astype(mx.float32), codes, scale, zero, transpose=False,
-            group_size=self.row_group, bits=self.bits,
-        )  # fmt: skip
+            weights, codes, scale, zero, transpose=False, group_size=self.row_group, bits=self.bits
+        )  # (..., p, p * width)
+        old = sum(old[..., j, j * w : (j + 1) * w] for j in range(p))
         return old.astype(a.dtype) + out
 
     def _operand(self, first: int, last: int):
-        """Blocks first..last as one quantized matrix: (tokens, width) per token, (width,
-        tokens) per channel; scales and zero points in float32, as dequantize uses them."""
+        """Blocks first..last as one quantized matrix: (tokens / p, p * width) per token,
+        (width, tokens) per channel; scales and zero points in float32, as dequantize uses them."""
         b, n = self.blocks, last - first
         parts = (b.codes, b.scale.astype(mx.float32), b.zero.astype(mx.float32))
         parts = tuple(p[first:last] for p in parts)
         if self.per_channel:  # (blocks, width, packed) -> (width, blocks * packed)
             return tuple(p.transpose(1, 0, 2).reshape(self.width, -1) for p in parts)
-        return tuple(p.reshape(n * self.group, -1) for p in parts)
+        return tuple(p.reshape(n * self.group // self.tokens_per_row, -1) for p in parts)
 
     def trim(self, n_keep: int) -> None:
         n_sink, flushed = self.sink.shape[0], self.n_fixed
@@ -396,7 +430,7 @@ class Latents:
     def __init__(self, layer: LayerLatents, dtype):
         self.encode = mx.array(np.concatenate([s.encode for s in layer.streams], axis=1), dtype)
         self.widths = [s.encode.shape[1] for s in layer.streams]
-        self.per_channel = [s.per_channel for s in layer.streams]
+        self.layouts = [(s.per_channel, s.spans_rows) for s in layer.streams]
         self.keys, self.values = (
             (i, mx.array(matrix, dtype)) for i, matrix in (layer.keys, layer.values)
         )
@@ -414,8 +448,8 @@ class XQuantCache:
     def __init__(self, latents: Latents, cache: CacheSpec, dtype, chains=None, delta=False):
         self.kind, self.latents = cache.kind, latents
         self.stores = [
-            TokenStore(w, cache, pc, dtype, chain=chains[i] if chains else None, delta=delta)
-            for i, (w, pc) in enumerate(zip(latents.widths, latents.per_channel, strict=True))
+            TokenStore(w, cache, pc, dtype, chains[i] if chains else None, delta, spans_rows=spans)
+            for i, (w, (pc, spans)) in enumerate(zip(latents.widths, latents.layouts, strict=True))
         ]
 
     @property
