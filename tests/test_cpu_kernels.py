@@ -220,10 +220,11 @@ def test_rope_attend_applies_the_scales_of_int8_keys_as_the_torch_ops_do():
 @pytest.mark.parametrize("model", ["gqa-qwen3", "llama"])
 def test_steps_rebuild_keys_in_int8_at_4_bits_or_fewer(tiny_models, kind, model, monkeypatch):
     """Decode steps of a cache of 4 bits or fewer rebuild their keys in int8, once per layer and
-    step (a drafter's tree does too: test_speculative checks that its text is the steps'); a
+    step, and so does a drafter's tree (test_speculative checks that its text is the steps'); a
     prompt's chunks, and 8-bit caches, in float. The error int8 adds is small beside the
     cache's own."""
     from xqchat.backends.cuda import cache as caches
+    from xqchat.backends.drafter import build_tree
 
     calls = []
     run = cpu_kernels.quantize_rows
@@ -234,13 +235,16 @@ def test_steps_rebuild_keys_in_int8_at_4_bits_or_fewer(tiny_models, kind, model,
         session = engine.new_session(cache)
         session.prefill(list(range(400, 480)))
         chunk = session.logits(list(range(600, 610)))
-        return chunk, np.concatenate([session.logits([t]) for t in (7, 8, 9)])
+        steps = np.concatenate([session.logits([t]) for t in (7, 8, 9)])
+        session._verify(build_tree(np.array([[5, 6, 7], [5, 8, 9]])), session.caches[0].offset)
+        return chunk, steps
 
     n, runs = engine.spec.n_layers, []
     for bits, int8_bits in ((4, 4), (4, 0), (8, 4)):
         monkeypatch.setattr(caches, "INT8_KEYS_BITS", int8_bits)
         runs.append(logits(CacheSpec(kind=kind, bits=bits, group=32, residual=8)))
-        assert calls == ([91] * n + [92] * n + [93] * n if bits <= int8_bits else [])
+        int8 = bits <= int8_bits  # three steps, then a tree of five tokens
+        assert calls == ([91] * n + [92] * n + [93] * n + [98] * n if int8 else [])
         calls.clear()
     (chunk, steps), (float_chunk, float_steps) = runs[:2]
     np.testing.assert_array_equal(chunk, float_chunk)
