@@ -470,8 +470,8 @@ class Latents:
     """One layer's XQuant streams and rebuild matrices (backends/latents.py) as tensors. The
     products over every cached token (encode, rebuild K) run through `linear(matrix)`, the
     model's fastest x @ matrix in the weights' dtype; the per-head V projection, applied once per
-    query, is a plain matrix in the activation dtype. The key rebuild is also kept as int8 codes
-    per output channel, for `int8_keys`."""
+    query, is a plain matrix in the activation dtype. On the CPU the key rebuild is also kept as
+    int8 codes per output channel, for `int8_keys`."""
 
     def __init__(self, layer: LayerLatents, linear, head_dim: int, act_dtype, device):
         self.encode = linear(np.concatenate([s.encode for s in layer.streams], axis=1))
@@ -479,14 +479,16 @@ class Latents:
         self.layouts = [(s.per_channel, s.spans_rows) for s in layer.streams]
         self.key_stream, self.value_stream = layer.keys[0], layer.values[0]
         self.to_keys = linear(layer.keys[1])
-        codes, scale = quantize_int8(layer.keys[1].T)
-        self.key_codes, self.key_scale = (torch.from_numpy(a).to(device) for a in (codes, scale))
         to_values = torch.from_numpy(layer.values[1]).to(device=device, dtype=act_dtype)
         # (H_kv, width, D): each K/V head's block of the value projection
         self.value_heads = heads = (
             to_values.view(to_values.shape[0], -1, head_dim).transpose(0, 1).contiguous()
         )
-        held = (self.encode.weight, self.to_keys.weight, self.key_codes, self.key_scale, heads)
+        held = [self.encode.weight, self.to_keys.weight, heads]
+        if torch.device(device).type == "cpu":  # only the CPU engine rebuilds keys in int8
+            codes, scale = quantize_int8(layer.keys[1].T)
+            self.key_codes, self.key_scale = torch.from_numpy(codes), torch.from_numpy(scale)
+            held += [self.key_codes, self.key_scale]
         self.nbytes = sum(t.numel() * t.element_size() for t in held)
 
     def int8_keys(self, rows: torch.Tensor) -> cpu_kernels.IntKeys:

@@ -146,8 +146,7 @@ def _key_operands(keys, q, cos, sin, bias, norm, what: str):
     n_kv, _, d = q.shape
     if isinstance(keys, IntKeys):
         rows, row_scale, column_scale = (x.contiguous() for x in keys)
-        kind = KEYS_INT32
-        t = rows.shape[0]
+        kind, t = KEYS_INT32, rows.shape[0]
         _check(
             rows.dtype == torch.int32 and row_scale.shape == (t, 1)
             and column_scale.shape == (n_kv * d,)
