@@ -76,7 +76,10 @@ def test_training_state_round_trips_weights_and_moments(tmp_path):
 
 def test_batched_answers_are_the_engines_greedy_answers(tiny_models, default_tokenizer):
     """Training labels come from transformers' batched generate (left-padded); they must be what
-    our own engine says greedily, or the drafter learns another model."""
+    our own engine says greedily, or the drafter learns another model, and the hidden states that
+    come with them must be the engine's own final hidden states (its conditioning at run time)."""
+    import torch
+
     from xqchat.app.bench import render_prompts
     from xqchat.backends.base import EngineOptions, GenerationConfig, load_model
     from xqchat.backends.cuda.train_drafter import greedy_answers
@@ -89,15 +92,18 @@ def test_batched_answers_are_the_engines_greedy_answers(tiny_models, default_tok
     assert len({len(p) for p in prompts}) == 3  # really padded
 
     def check(stop):
-        answers = [
-            a for g in greedy_answers(files, [prompts[:2], prompts[2:]], 10, stop) for a in g
-        ]
+        groups = [prompts[:2], prompts[2:]]
+        answers = [a for g in greedy_answers(files, groups, 10, stop, torch.float32) for a in g]
         cfg = GenerationConfig(max_tokens=10, stop_tokens=stop)
-        for ids, answer in zip(prompts, answers, strict=True):
+        for ids, (answer, hidden) in zip(prompts, answers, strict=True):
             session = engine.new_session()
             session.prefill(ids)
             assert answer == [e.token for e in session.generate(cfg)]  # ends with a stop token
-        return answers
+            tokens = torch.tensor([ids + answer])
+            own = engine.module(tokens, engine.module.new_caches(engine.cache))[0]
+            assert hidden.shape == (len(ids) + len(answer) - 1, own.shape[-1])
+            torch.testing.assert_close(hidden, own[:-1], rtol=1e-4, atol=1e-4)
+        return [answer for answer, _ in answers]
 
     answers = check(frozenset({2}))  # the real stop token
     assert len(check(frozenset({answers[0][3]}))[0]) <= 4  # one the first answer says early

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ..drafter import DrafterConfig, target_key
 from .drafter import RecurrentDrafter
+from .model import DTYPES
 
 DATA, STATE = "answers.safetensors", "training-state.safetensors"
 PARTS = "answers-so-far"  # the batches answered before `DATA` is whole
@@ -41,25 +42,35 @@ class TrainConfig:
     blocks: int = 1
     draft_vocab: int = 8192
     new_tokens: int = 160  # answer length per prompt
-    answer_batch: int = 32  # prompts answered together
+    answer_batch: int = 96  # prompts answered together
     held_out: int = 8  # prompts kept for measuring acceptance
     seed: int = 0
 
 
-def greedy_answers(files, groups: Iterable[list[list[int]]], new_tokens: int, stop: frozenset[int]):
-    """The model's greedy answers to each group of rendered prompts, group by group: up to
-    `new_tokens` each, ending with the first stop token (what follows is no part of a chat;
-    padding it would teach the drafter to predict padding). Batched through transformers'
-    generate: a batch of 32 costs about as much as one sequence on a CPU, which turns hours of
-    answering into minutes. The model is loaded at the first group."""
+def greedy_answers(
+    files, groups: Iterable[list[list[int]]], new_tokens: int, stop: frozenset[int], dtype
+):
+    """The model's greedy answers to each group of rendered prompts, group by group, with the
+    final hidden states (after the final norm) of every token but the last: up to `new_tokens`
+    each, ending with the first stop token (what follows is no part of a chat; padding it would
+    teach the drafter to predict padding). Batched through transformers' generate, in the
+    engine's own `dtype` so the answers are what the engine says: a batch of 96 costs about as
+    much as a few sequences on a CPU, which turns hours of answering into minutes. The hidden
+    states are the ones generate computes anyway (a second pass over the answers cost as much
+    as answering). The model is loaded at the first group."""
     from transformers import AutoModelForCausalLM
     from transformers import GenerationConfig as HFGeneration
 
     gguf = {"gguf_file": files.path.name} if files.format == "gguf" else {}
     folder = files.path.parent if gguf else files.path
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **gguf).eval()
     settings = HFGeneration(
-        max_new_tokens=new_tokens, do_sample=False, eos_token_id=sorted(stop), pad_token_id=0
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=sorted(stop),
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_hidden_states=True,
     )
     for group in groups:
         width = max(map(len, group))  # left-padded, so every answer starts at `width`
@@ -67,18 +78,21 @@ def greedy_answers(files, groups: Iterable[list[list[int]]], new_tokens: int, st
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
-        replies = out[:, width:].tolist()
-        yield [
-            reply[: next((i + 1 for i, t in enumerate(reply) if t in stop), len(reply))]
-            for reply in replies
-        ]
+        # step 0 fed the whole prompt, each later step the answer token before it
+        hidden = torch.cat([layers[-1] for layers in out.hidden_states], dim=1)
+        replies = out.sequences[:, width:].tolist()
+        answers = []
+        for row, (prompt, reply) in enumerate(zip(group, replies, strict=True)):
+            n = next((i + 1 for i, t in enumerate(reply) if t in stop), len(reply))
+            answers.append((reply[:n], hidden[row, width - len(prompt) : width + n - 1]))
+        yield answers
 
 
 def answer(engine, files, prompts: list[list[int]], cfg, stop, progress, parts: Path) -> list[dict]:
-    """Each rendered prompt with the target's greedy answer, and the final hidden states the
-    engine itself computes over both (the drafter is conditioned on exactly these at run time).
-    Each batch of answers lands in `parts` as soon as it is made, so an interrupted run answers
-    only what it had not (a saved batch counts only if it holds exactly its prompts)."""
+    """Each rendered prompt with the target's greedy answer and its final hidden states (the
+    drafter's conditioning). Each batch of answers lands in `parts` as soon as it is made, so an
+    interrupted run answers only what it had not (a saved batch counts only if it holds exactly
+    its prompts)."""
     parts.mkdir(parents=True, exist_ok=True)
     starts = range(0, len(prompts), cfg.answer_batch)
 
@@ -96,14 +110,15 @@ def answer(engine, files, prompts: list[list[int]], cfg, stop, progress, parts: 
     done = len(prompts) - sum(len(prompts[f : f + cfg.answer_batch]) for f in todo)
     progress(done, len(prompts))
     groups = (prompts[f : f + cfg.answer_batch] for f in todo)
-    answers = greedy_answers(files, groups, cfg.new_tokens, stop)  # loads the model at first use
+    dtype = DTYPES.get(engine.dtype, torch.bfloat16)  # int8 weights: the bf16 they came from
+    answers = greedy_answers(files, groups, cfg.new_tokens, stop, dtype)  # loads the model
     for first in todo:
-        replies, records = next(answers), []
-        for ids, reply in zip(prompts[first : first + cfg.answer_batch], replies, strict=True):
-            tokens = torch.tensor([ids + reply])
-            with torch.inference_mode():
-                hidden = engine.module(tokens, engine.module.new_caches(engine.cache))[0]
-            records.append({"tokens": tokens[0], "hidden": hidden.half(), "start": len(ids) - 1})
+        records = [
+            {"tokens": torch.tensor(ids + reply), "hidden": hidden.half(), "start": len(ids) - 1}
+            for ids, (reply, hidden) in zip(
+                prompts[first : first + cfg.answer_batch], next(answers), strict=True
+            )
+        ]
         save_answers(records, parts / f"{first:06d}.safetensors")
         batches[first] = records
         done += len(records)
@@ -139,13 +154,14 @@ class Examples:
     """Answer positions as training examples, all answers laid end to end. For a position t: the
     target's hidden state at t, the drafter's inputs x_{t+1} .. x_{t+L-1}, the target's hidden
     states at those inputs (the target's next-token distribution there is the soft label) and the
-    target's tokens x_{t+2} .. x_{t+L} as draft-vocabulary indices (-100 outside it)."""
+    target's tokens x_{t+2} .. x_{t+L} as draft-vocabulary indices (-100 outside it). An
+    answer's last token has no hidden state (nothing follows it): its row is padding, never read."""
 
     def __init__(self, records: list[dict], length: int, to_draft: torch.Tensor):
         tokens, hidden, ends, offset = [], [], [], 0
         for r in records:
             tokens.append(r["tokens"])
-            hidden.append(r["hidden"])
+            hidden.append(F.pad(r["hidden"], (0, 0, 0, len(r["tokens"]) - len(r["hidden"]))))
             ends.append(offset + torch.arange(r["start"], len(r["tokens"]) - length))
             offset += len(r["tokens"])
         self.tokens, self.hidden, self.ends = torch.cat(tokens), torch.cat(hidden), torch.cat(ends)
