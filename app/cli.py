@@ -126,8 +126,9 @@ DRAFTER_OPTIONS = [
         default="none",
         show_default=True,
         help="Speculative decoding with a recurrent drafter: none, auto (the one trained for "
-        "this model by `xqchat train-drafter`, or shipped with xqchat), or a drafter folder. "
-        "Greedy text is unchanged; sampling keeps the model's distribution.",
+        "this model by `xqchat train-drafter`, or shipped with xqchat), a drafter folder, or "
+        "lookup (no drafter, only --lookup's beam: any model, no training). Greedy text is "
+        "unchanged; sampling keeps the model's distribution.",
     ),
     click.option(
         "--beam-width",
@@ -142,6 +143,14 @@ DRAFTER_OPTIONS = [
         default=EngineOptions.beam_length,
         show_default=True,
         help="Tokens per drafter beam, the model's own next token included.",
+    ),
+    click.option(
+        "--lookup",
+        type=click.IntRange(min=0),
+        default=EngineOptions.lookup,
+        show_default=True,
+        help="One more beam of up to N tokens beside the drafter's: what followed the last few "
+        "tokens where they occurred before in the chat (0: none).",
     ),
 ]
 
@@ -173,6 +182,7 @@ def engine_options(
     drafter="none",
     beam_width=EngineOptions.beam_width,
     beam_length=EngineOptions.beam_length,
+    lookup=EngineOptions.lookup,
 ) -> EngineOptions:
     cache = CacheSpec(
         kind=cache, bits=int(bits), group=int(group), residual=residual, sink=cache_sink
@@ -188,6 +198,7 @@ def engine_options(
         drafter=None if drafter == "none" else drafter,
         beam_width=beam_width,
         beam_length=beam_length,
+        lookup=lookup,
     )
 
 
@@ -653,7 +664,7 @@ def ppl(text, window, windows, chunk, as_json, **options):
 Examples:
   xqchat bench speed --new-tokens 128 --compare hf
   xqchat bench speed --prompts ../shared/data/mt_bench_questions.jsonl --json
-  xqchat bench speed --drafter auto --beam-width 2 --beam-length 4
+  xqchat bench speed --drafter auto --beam-width 1 --lookup 7
 """
 )
 @model_options
@@ -694,6 +705,7 @@ def speed(prompts, limit, new_tokens, context, compare, profile, as_json, **opti
     result = benchmarks.speed(engine, rendered, new_tokens, status)
     if engine.drafter is not None:
         result["beam_width"], result["beam_length"] = engine.beams
+        result["lookup"] = engine.lookup
     if profile:
         status("profiling decode steps …")
         result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))

@@ -52,13 +52,18 @@ class EngineOptions:
     int8_head: bool = True  # int8 weights: the LM head (a tied table) too
     cache: CacheSpec = field(default_factory=CacheSpec)
     mha: bool = False  # run a GQA model in its exact MHA form (K/V heads repeated)
-    drafter: str | None = None  # None | "auto" | a drafter folder: speculative decoding
-    beam_width: int = 2  # drafter beams per step (README: one or two are fastest on a CPU)
+    drafter: str | None = None  # None | "auto" | "lookup" | a drafter folder: speculation
+    beam_width: int = 1  # drafter beams per step (README: one, with lookup's, is fastest here)
     beam_length: int = 4  # tokens per beam, the target's own next token included
+    lookup: int = 7  # a prompt-lookup beam of up to this many tokens joins the drafter's (0: none)
 
     def __post_init__(self):
         if self.beam_width < 1 or self.beam_length < 1:
             raise XQError("--beam-width and --beam-length must be 1 or more")
+        if self.lookup < 0:
+            raise XQError("--lookup must be 0 or more")
+        if self.drafter == "lookup" and self.lookup < 1:
+            raise XQError("--drafter lookup needs --lookup 1 or more")
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ class EngineBase:
 
     drafter = None  # the backend's Drafter, bound to this model, when speculating
     beams = (1, 1)  # (width, length) of the drafter's beam search
+    lookup = 0  # the most tokens prompt lookup adds to a drafter's tree (0: none)
 
     def __init__(
         self, module, device: str, dtype: str, cache: CacheSpec, notes: tuple[str, ...] = ()
@@ -171,11 +177,17 @@ class EngineBase:
                 layer.observe = None
         return counts
 
-    def use_drafter(self, folder, width: int = 4, length: int = 4) -> None:
+    def use_drafter(self, folder, width: int = 4, length: int = 4, lookup: int = 0) -> None:
         """Speculate with the drafter in `folder` (a DrafterConfig and its weights), `width` beams
-        of `length` tokens per step; None: decode one token per step."""
-        self.drafter = None if folder is None else self.load_drafter(folder)
-        self.beams = (width, length)
+        of `length` tokens per step, plus a beam of up to `lookup` tokens found by prompt lookup
+        (backends/drafter.py); "lookup": that beam alone; None: decode one token per step."""
+        from .drafter import LookupOnly
+
+        if folder is None:
+            self.drafter = None
+        else:
+            self.drafter = LookupOnly() if folder == "lookup" else self.load_drafter(folder)
+        self.beams, self.lookup = (width, length), lookup
 
 
 def engine_checkpoint(files: ModelFiles, opts: EngineOptions):
@@ -219,6 +231,6 @@ def load_model(files: ModelFiles, opts: EngineOptions) -> Model:
     if opts.drafter not in (None, "none"):
         from .drafter import drafter_folder
 
-        folder = drafter_folder(opts.drafter, files)
-        model.use_drafter(folder, opts.beam_width, opts.beam_length)
+        folder = "lookup" if opts.drafter == "lookup" else drafter_folder(opts.drafter, files)
+        model.use_drafter(folder, opts.beam_width, opts.beam_length, opts.lookup)
     return model

@@ -17,7 +17,7 @@ import numpy as np
 from xqchat.models.errors import XQError
 
 from .base import CacheMemory, CacheSpec, GenerationConfig, TokenEvent
-from .drafter import accept_greedy, accept_sampled, build_tree, processed_probs
+from .drafter import accept_greedy, accept_sampled, build_tree, lookup, processed_probs
 
 CACHE_FORMAT = "xqchat-cache/2"
 
@@ -218,16 +218,22 @@ class DecodingSession:
         return int(rng.choice(len(p), p=p))
 
     def _speculative_step(self, token: int, cfg: GenerationConfig, rng) -> list[int]:
-        """Draft beams after `token`, verify their tree in one target forward, keep the accepted
-        path in the cache. Returns the tokens decided: the accepted drafts and the next token."""
+        """Draft beams after `token` (the drafter's, and prompt lookup's when it finds one), verify
+        their tree in one target forward, keep the accepted path in the cache. Returns the tokens
+        decided: the accepted drafts and the next token."""
         width, length = self.model.beams
         # a tree must fit where nothing held would be flushed (see TokenStore.room) and in context
         room = min(min(c.room for c in self.caches), self.spec.max_context - len(self.tokens) - 1)
-        if room < 2 or length < 2 or self._next_hidden is None:  # e.g. a cache just loaded
+        nothing_to_draft = length < 2 and not self.model.lookup
+        if room < 2 or nothing_to_draft or self._next_hidden is None:  # e.g. a cache just loaded
             self._path = None
             self._forward([token])
             return [self._choose(cfg, rng)]
-        beams = self.model.drafter.draft(self._next_hidden, token, width, length)
+        beams = [*self.model.drafter.draft(self._next_hidden, token, width, length)]
+        if self.model.lookup:  # one more beam: what followed these tokens before
+            found = lookup([*self.tokens, token], self.model.lookup)
+            if found:
+                beams.append([token, *found])
         tree = build_tree(beams).prune(room)
         start = len(self.tokens)
         logits, hidden = self._verify(tree, start)

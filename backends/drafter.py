@@ -63,17 +63,21 @@ class Tree:
         return Tree(self.tokens[:n], self.parents[:n], self.depths[:n], cut)
 
 
-def build_tree(beams: np.ndarray) -> Tree:
-    """beams (M, L) token ids -> the prefix tree of their distinct prefixes, breadth first."""
-    beams = np.asarray(beams)
-    m, length = beams.shape
+def build_tree(beams) -> Tree:
+    """Beams (token id sequences of any lengths, each beginning with the root token) -> the prefix
+    tree of their distinct prefixes, breadth first. beam_nodes is (M, longest beam), -1 past a
+    beam's end."""
+    beams = [[int(t) for t in beam] for beam in beams]
+    length = max(map(len, beams))
     tokens, parents, depths = [], [], []
-    beam_nodes = np.empty((m, length), dtype=np.int64)
+    beam_nodes = np.full((len(beams), length), -1, dtype=np.int64)
     for depth in range(length):
         seen: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
-        for b in range(m):
+        for b, beam in enumerate(beams):
+            if depth >= len(beam):
+                continue
             parent = int(beam_nodes[b, depth - 1]) if depth else -1
-            key = (parent, int(beams[b, depth]))
+            key = (parent, beam[depth])
             if key not in seen:
                 seen[key] = len(tokens)
                 tokens.append(key[1])
@@ -86,6 +90,38 @@ def build_tree(beams: np.ndarray) -> Tree:
         np.array(depths, dtype=np.int64),
         beam_nodes,
     )
+
+
+class LookupOnly:
+    """`--drafter lookup`: no drafter network, so any model speculates without training; each
+    step's tree is the target's own token and prompt lookup's beam."""
+
+    def draft(self, hidden, token: int, width: int, length: int) -> np.ndarray:
+        return np.array([[token]])
+
+
+LOOKUP_NGRAMS = (3, 2, 1)  # the context's last n tokens to look for, longest first
+
+
+def lookup(context, length: int) -> list[int]:
+    """Prompt lookup: the up to `length` tokens that followed the latest earlier occurrence of
+    the context's last 3 tokens (else its last 2, else its last one); [] when there is none.
+    Replies repeat names, phrases and lines of the prompt and of themselves, and a small model
+    repeats itself a great deal: on its own MT-Bench answers this proposes as much as the
+    drafter does, at no cost, and mostly where the drafter is wrong."""
+    a = np.asarray(context)
+    for n in LOOKUP_NGRAMS:
+        if len(a) <= n:
+            continue
+        # hits[i]: a[i : i + n] equals the last n tokens, for every i a token follows
+        hits = np.ones(len(a) - n, dtype=bool)
+        for k in range(n):
+            hits &= a[k : len(a) - n + k] == a[len(a) - n + k]
+        found = np.flatnonzero(hits)
+        if len(found):
+            after = int(found[-1]) + n
+            return a[after : after + length].tolist()
+    return []
 
 
 def accept_greedy(tree: Tree, argmax: np.ndarray) -> list[int]:

@@ -7,6 +7,7 @@ from xqchat.backends.drafter import (
     accept_greedy,
     accept_sampled,
     build_tree,
+    lookup,
     processed_probs,
 )
 
@@ -62,6 +63,37 @@ def test_prune_keeps_a_tree_and_cuts_the_beams():
     tree = build_tree(np.array([[7, 1, 2, 3], [7, 1, 2, 4], [7, 5, 2, 3]])).prune(5)
     assert tree.tokens.tolist() == [7, 1, 5, 2, 2]
     assert tree.beam_nodes.tolist() == [[0, 1, 3, -1], [0, 1, 3, -1], [0, 2, 4, -1]]
+
+
+def test_beams_of_different_lengths_share_their_prefixes():
+    """A prompt-lookup beam runs deeper than the drafter's and may share its first tokens."""
+    tree = build_tree([[7, 1, 2, 3], [7, 5, 2, 3], [7, 1, 2, 8, 8, 9]])
+    assert tree.tokens.tolist() == [7, 1, 5, 2, 2, 3, 3, 8, 8, 9]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3, 3, 3, 4, 5]
+    assert tree.beam_nodes.tolist() == [
+        [0, 1, 3, 5, -1, -1],
+        [0, 2, 4, 6, -1, -1],
+        [0, 1, 3, 7, 8, 9],
+    ]
+    assert tree.path(9) == [0, 1, 3, 7, 8, 9]
+    assert accept_greedy(tree, np.array([1, 2, 0, 8, 0, 0, 0, 8, 9, 4])) == [0, 1, 3, 7, 8, 9]
+    assert tree.prune(7).beam_nodes.tolist() == [
+        [0, 1, 3, 5, -1, -1],
+        [0, 2, 4, 6, -1, -1],
+        [0, 1, 3, -1, -1, -1],
+    ]
+
+
+def test_lookup_proposes_what_followed_the_latest_longest_match():
+    # the last 3 tokens (1, 2, 3) occurred twice: the later occurrence's continuation wins
+    assert lookup([1, 2, 3, 4, 5, 9, 1, 2, 3, 6, 7, 1, 2, 3], 2) == [6, 7]
+    # a 3-token match beats a later 2-token one; no 3-token match falls back to 2, then to 1
+    assert lookup([5, 2, 3, 9, 9, 1, 2, 3, 4, 8, 5, 2, 3], 3) == [9, 9, 1]
+    assert lookup([2, 3, 4, 7, 2, 3], 4) == [4, 7, 2, 3]
+    assert lookup([3, 5, 6, 1, 3], 2) == [5, 6]
+    # the continuation stops at the end of the context; nothing found, nothing proposed
+    assert lookup([4, 4, 4], 5) == [4]
+    assert lookup([1, 2, 3], 4) == [] and lookup([1], 4) == [] and lookup([], 4) == []
 
 
 def test_greedy_acceptance_follows_the_target_argmax():

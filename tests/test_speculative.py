@@ -5,6 +5,7 @@ A drafter with random weights rarely guesses right, so most tests use an oracle 
 proposes what the target itself would choose on some beams and wrong tokens on others: every
 acceptance length, from nothing to whole beams, is exercised."""
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -168,6 +169,54 @@ def test_greedy_text_and_cache_equal_plain_decoding(tiny, arch, kind):
         )
 
 
+@pytest.mark.parametrize(
+    "arch, kind", [("qwen2", "kv"), ("qwen2", "xquant-cl"), ("gqa-qwen2", "kv-quant")]
+)
+def test_a_lookup_beam_is_taken_and_keeps_greedy_text(tiny, arch, kind):
+    """Prompt lookup's beam joins the drafter's tree (deeper than its beams, pruned where a
+    quantized cache has little room). The drafter here is always wrong, so every token accepted
+    beyond the target's own came from lookup, and the reply and cache are still plain greedy's."""
+    model = tiny[arch]
+    cache = CacheSpec(kind=kind, **SMALL_WINDOWS)
+    cfg = GenerationConfig(max_tokens=48)
+    prompt = PROMPTS[1]  # repeats itself, and a random model's greedy reply soon does
+    plain, expected = plain_run(model, cache, prompt, cfg)
+    session = model.new_session(cache)
+    oracle(model, session, knows(prompt + expected), wrong=1.0)
+    model.lookup = 7
+    try:
+        session.prefill(prompt)
+        events = list(session.generate(cfg))
+    finally:
+        model.drafter, model.lookup = None, 0
+    assert [e.token for e in events] == expected
+    assert events[-1].accepted_per_step > 1.25  # the wrong drafter alone gets 1 exactly
+    assert session.tokens == plain.tokens
+    np.testing.assert_allclose(
+        to_numpy(session._next_logits), to_numpy(plain._next_logits), atol=2e-2, rtol=1e-3
+    )
+
+
+def test_drafter_lookup_speculates_without_a_drafter(backend, tiny_models):
+    """`--drafter lookup`: any model, no trained drafter; the tree is lookup's beam alone."""
+    from xqchat.models import XQError
+
+    files = resolve(str(tiny_models["qwen2"]))
+    options = EngineOptions(backend=backend, weights="fp32")
+    model = load_model(files, dataclasses.replace(options, drafter="lookup", lookup=6))
+    assert model.lookup == 6
+    cfg = GenerationConfig(max_tokens=40)
+    prompt = PROMPTS[1]
+    session = model.new_session()
+    session.prefill(prompt)
+    events = list(session.generate(cfg))
+    expected = plain_run(load_model(files, options), CacheSpec(), prompt, cfg)[1]
+    assert [e.token for e in events] == expected
+    assert events[-1].accepted_per_step > 1.25
+    with pytest.raises(XQError, match="needs --lookup 1 or more"):
+        EngineOptions(drafter="lookup", lookup=0)
+
+
 def test_residual_zero_and_stops_mid_tree(tiny):
     """residual 0 flushes every group; a stop token inside an accepted path ends the reply there
     and the cache holds what a plain run's would."""
@@ -254,7 +303,7 @@ def test_drafter_checkpoint_round_trip_and_refusals(tmp_path, tiny, backend, tin
         resolve(str(tiny_models["qwen2"])),
         EngineOptions(backend=backend, weights="fp32", drafter=str(tmp_path / "d")),
     )
-    assert engine.drafter is not None and engine.beams == (2, 4)  # the defaults
+    assert engine.drafter is not None and engine.beams == (1, 4)  # the defaults
     session = engine.new_session()
     session.prefill([1, 2, 3])
     beams = on_engine(lambda: engine.drafter.draft(session._next_hidden, 11, 3, 5))

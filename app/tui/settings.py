@@ -112,9 +112,9 @@ class Settings:
         "none",
         "Drafter",
         "Speculative decoding: none, auto (the drafter trained for this model or shipped with "
-        "xqchat) or a drafter folder. Greedy replies are unchanged; sampled ones keep the model's "
-        "distribution.",
-        suggest=lambda: ("none", "auto"),
+        "xqchat), a drafter folder, or lookup (no drafter, only the lookup beam: any model). "
+        "Greedy replies are unchanged; sampled ones keep the model's distribution.",
+        suggest=lambda: ("none", "auto", "lookup"),
     )
     beam_width: int = setting(
         EngineOptions.beam_width, "Beam width", "Drafter beams per step.", low=1
@@ -124,6 +124,13 @@ class Settings:
         "Beam length",
         "Tokens per drafter beam, the model's own next token included.",
         low=1,
+    )
+    lookup: int = setting(
+        EngineOptions.lookup,
+        "Lookup",
+        "One more beam of up to this many tokens beside the drafter's: what followed the last "
+        "few tokens where they occurred before in the chat (0: none).",
+        low=0,
     )
     temperature: float = setting(0.0, "Temperature", "0 = greedy (deterministic).", low=0, high=2)
     top_p: float = setting(
@@ -168,6 +175,7 @@ class Settings:
             drafter=None if self.drafter == "none" else self.drafter,
             beam_width=self.beam_width,
             beam_length=self.beam_length,
+            lookup=self.lookup,
         )
 
     def generation(self) -> GenerationConfig:
