@@ -84,7 +84,9 @@ def greedy_answers(
         answers = []
         for row, (prompt, reply) in enumerate(zip(group, replies, strict=True)):
             n = next((i + 1 for i, t in enumerate(reply) if t in stop), len(reply))
-            answers.append((reply[:n], hidden[row, width - len(prompt) : width + n - 1]))
+            # a copy: a view would keep the whole batch's states alive (and shares storage,
+            # which safetensors refuses to save)
+            answers.append((reply[:n], hidden[row, width - len(prompt) : width + n - 1].clone()))
         yield answers
 
 
