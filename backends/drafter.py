@@ -107,8 +107,8 @@ def lookup(context, length: int) -> list[int]:
     """Prompt lookup: the up to `length` tokens that followed the latest earlier occurrence of
     the context's last 3 tokens (else its last 2, else its last one); [] when there is none.
     Replies repeat names, phrases and lines of the prompt and of themselves, and a small model
-    repeats itself a great deal: on its own MT-Bench answers this proposes as much as the
-    drafter does, at no cost, and mostly where the drafter is wrong."""
+    repeats itself a great deal: beside the drafter's beam it costs no model work, only tree
+    rows (README: MT-Bench 1.64 -> 1.97 tokens/step for the default model)."""
     a = np.asarray(context)
     for n in LOOKUP_NGRAMS:
         if len(a) <= n:
