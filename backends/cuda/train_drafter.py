@@ -57,7 +57,8 @@ def greedy_answers(
     engine's own `dtype` so the answers are what the engine says: a batch of 96 costs about as
     much as a few sequences on a CPU, which turns hours of answering into minutes. The hidden
     states are the ones generate computes anyway (a second pass over the answers cost as much
-    as answering). The model is loaded at the first group."""
+    as answering), caught as the final norm puts them out: generate's own `hidden_states` would
+    hold every layer's for the whole batch. The model is loaded at the first group."""
     from transformers import AutoModelForCausalLM
     from transformers import GenerationConfig as HFGeneration
 
@@ -69,18 +70,18 @@ def greedy_answers(
         do_sample=False,
         eos_token_id=sorted(stop),
         pad_token_id=0,
-        return_dict_in_generate=True,
-        output_hidden_states=True,
     )
+    states = []  # per forward: the whole prompt first, then one answer token each
+    model.model.norm.register_forward_hook(lambda module, args, out: states.append(out))
     for group in groups:
         width = max(map(len, group))  # left-padded, so every answer starts at `width`
         ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        states.clear()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
-        # step 0 fed the whole prompt, each later step the answer token before it
-        hidden = torch.cat([layers[-1] for layers in out.hidden_states], dim=1)
-        replies = out.sequences[:, width:].tolist()
+        hidden = torch.cat(states, dim=1)
+        replies = out[:, width:].tolist()
         answers = []
         for row, (prompt, reply) in enumerate(zip(group, replies, strict=True)):
             n = next((i + 1 for i, t in enumerate(reply) if t in stop), len(reply))
