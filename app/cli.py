@@ -746,6 +746,7 @@ The model answers the prompts (greedy) once; its answers are saved in the output
 by batch, and checkpoints every 100 steps, so a run that is stopped (Ctrl+C) resumes where it was.
 Examples:
   xqchat train-drafter                          # the default model, built-in prompts
+  xqchat train-drafter --limit 6000 --steps 4000  # the shipped drafter: about an hour, 2 cores
   xqchat train-drafter --steps 500 --prompts my_prompts.jsonl
   xqchat run --drafter auto "Hello"             # use it
 """,
