@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from xqchat.backends.base import CacheSpec, EngineOptions, GenerationConfig, load_model
-from xqchat.backends.drafter import DrafterConfig, processed_probs, target_key
+from xqchat.backends.drafter import WEIGHTS, DrafterConfig, processed_probs, target_key
 from xqchat.models import resolve
 
 SMALL_WINDOWS = dict(bits=4, group=32, residual=8)  # flushes within the tests' lengths
@@ -284,6 +284,8 @@ def test_sampling_keeps_the_target_distribution(tiny):
 
 
 def test_drafter_checkpoint_round_trip_and_refusals(tmp_path, tiny, backend, tiny_models):
+    from safetensors import safe_open
+
     from xqchat.models import XQError
 
     model = tiny["qwen2"]
@@ -299,6 +301,8 @@ def test_drafter_checkpoint_round_trip_and_refusals(tmp_path, tiny, backend, tin
         from xqchat.backends.mlx.drafter import RecurrentDrafter
 
         on_engine(lambda: RecurrentDrafter(config).save(tmp_path / "d"))
+    with safe_open(tmp_path / "d" / WEIGHTS, "np") as f:  # stored in fp16, the vocabulary as ids
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"float16", "int64"}  # noqa: SIM118
     engine = load_model(
         resolve(str(tiny_models["qwen2"])),
         EngineOptions(backend=backend, weights="fp32", drafter=str(tmp_path / "d")),

@@ -45,8 +45,12 @@ class RecurrentDrafter(nn.Module):
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
+        """In fp16: half the file, and a draft step runs in bf16 or fp32 anyway."""
         self.config.write(folder)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {
+            k: (v.half() if v.is_floating_point() else v).detach().contiguous().cpu()
+            for k, v in self.state_dict().items()
+        }
         save_file(state, Path(folder) / WEIGHTS)
 
     @classmethod

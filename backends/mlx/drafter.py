@@ -43,15 +43,19 @@ class RecurrentDrafter(nn.Module):
         return self.out(x)
 
     def save(self, folder: Path) -> None:
+        """In fp16: half the file, and a draft step runs in bf16 or fp32 anyway."""
         self.config.write(folder)
-        weights = dict(nn.utils.tree_flatten(self.parameters()))
+        weights = {
+            k: v.astype(mx.float16) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in nn.utils.tree_flatten(self.parameters())
+        }
         mx.save_safetensors(str(Path(folder) / WEIGHTS), weights)
 
     @classmethod
     def load(cls, folder: Path) -> RecurrentDrafter:
         drafter = cls(DrafterConfig.read(folder))
         drafter.load_weights(str(Path(folder) / WEIGHTS), strict=True)
-        drafter.set_dtype(mx.float32)  # a shipped drafter is stored in fp16
+        drafter.set_dtype(mx.float32)  # stored in fp16
         mx.eval(drafter.parameters())
         return drafter
 
