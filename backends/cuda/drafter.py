@@ -43,9 +43,9 @@ class RecurrentDrafter(nn.Module):
         return self.out(x)
 
     def save(self, folder: Path) -> None:
+        """In fp16: half the file, and a draft step runs in bf16 or fp32 anyway."""
         from safetensors.torch import save_file
 
-        """In fp16: half the file, and a draft step runs in bf16 or fp32 anyway."""
         self.config.write(folder)
         state = {
             k: (v.half() if v.is_floating_point() else v).detach().contiguous().cpu()
