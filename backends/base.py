@@ -145,6 +145,9 @@ class EngineBase:
     ):
         self.module, self.spec, self.device, self.dtype = module, module.spec, device, dtype
         self.cache, self.notes = cache, notes
+        # which path each kind of product takes on this machine (CPU: cpu_paths.py), for
+        # `bench` JSON and `xqchat show --hardware`
+        self.paths: dict = {"device": device}
 
     def new_session(self, cache: CacheSpec | None = None):
         """A new conversation; `cache` overrides the engine's cache kind for this one."""

@@ -9,12 +9,17 @@ from conftest import load_tiny
 
 from xqchat.backends import int8
 from xqchat.backends.base import CacheSpec, EngineOptions, load_model
-from xqchat.backends.cuda import cpu_kernels, quant
+from xqchat.backends.cuda import cpu_kernels, cpu_paths, quant
 from xqchat.backends.cuda.cache import attention, rotate
 from xqchat.backends.cuda.int8 import Int8Linear
 from xqchat.models import resolve
 
 needs_c = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler")
+# the engine rebuilds keys in int8 only where torch._int_mm is exact (cpu_paths.py)
+needs_exact_int_mm = pytest.mark.skipif(
+    not cpu_paths.int_mm_exact(),
+    reason="torch._int_mm is not exact on this CPU (no VNNI): the engine rebuilds keys in float",
+)
 
 
 def without_c(monkeypatch):
@@ -164,6 +169,7 @@ def test_quantize_rows_equals_the_torch_ops_bit_for_bit():
 
 
 @needs_c
+@needs_exact_int_mm
 def test_int8_keys_stay_within_int8_error():
     """Latents.int8_keys against the float product, on rows with an outlier channel (as the key
     latent's first channels are): within 1.5% of K's norm. Without the per-channel scales of the
@@ -178,7 +184,7 @@ def test_int8_keys_stay_within_int8_error():
         (0, (g.standard_normal((width, kv_dim)) * g.uniform(0.1, 3, kv_dim)).astype(np.float32)),
         (0, g.standard_normal((width, kv_dim)).astype(np.float32)),
     )
-    latents = Latents(layer, lambda m: torch.nn.Linear(*m.shape), 16, torch.float32, "cpu")
+    latents = Latents(layer, lambda m: torch.nn.Linear(*m.shape), 16, torch.float32, "cpu", True)
     rows = torch.from_numpy(g.standard_normal((500, width)).astype(np.float32))
     rows[:, 0] *= 8
     want = rows.double() @ torch.from_numpy(layer.keys[1]).double()
@@ -216,6 +222,7 @@ def test_rope_attend_applies_the_scales_of_int8_keys_as_the_torch_ops_do():
 
 
 @needs_c
+@needs_exact_int_mm
 @pytest.mark.parametrize("kind", ["xquant", "xquant-cl"])
 @pytest.mark.parametrize("model", ["gqa-qwen3", "llama"])
 def test_steps_rebuild_keys_in_int8_at_4_bits_or_fewer(tiny_models, kind, model, monkeypatch):
@@ -229,6 +236,7 @@ def test_steps_rebuild_keys_in_int8_at_4_bits_or_fewer(tiny_models, kind, model,
     calls = []
     run = cpu_kernels.quantize_rows
     monkeypatch.setattr(cpu_kernels, "quantize_rows", lambda x: calls.append(len(x)) or run(x))
+    monkeypatch.setenv("XQCHAT_INT_MM", "1")  # wherever the CPU runs torch._int_mm fast or not
     engine = load_tiny(tiny_models, model, "torch")
 
     def logits(cache):  # of a chunk after a prefill, then of three steps

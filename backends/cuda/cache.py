@@ -470,10 +470,14 @@ class Latents:
     """One layer's XQuant streams and rebuild matrices (backends/latents.py) as tensors. The
     products over every cached token (encode, rebuild K) run through `linear(matrix)`, the
     model's fastest x @ matrix in the weights' dtype; the per-head V projection, applied once per
-    query, is a plain matrix in the activation dtype. On the CPU the key rebuild is also kept as
-    int8 codes per output channel, for `int8_keys`."""
+    query, is a plain matrix in the activation dtype. With `int8_keys` (a CPU where torch._int_mm
+    pays, cpu_paths.py) the key rebuild is also kept as int8 codes per output channel."""
 
-    def __init__(self, layer: LayerLatents, linear, head_dim: int, act_dtype, device):
+    key_codes = None
+
+    def __init__(
+        self, layer: LayerLatents, linear, head_dim: int, act_dtype, device, int8_keys=False
+    ):
         self.encode = linear(np.concatenate([s.encode for s in layer.streams], axis=1))
         self.widths = [s.encode.shape[1] for s in layer.streams]
         self.layouts = [(s.per_channel, s.spans_rows) for s in layer.streams]
@@ -485,7 +489,7 @@ class Latents:
             to_values.view(to_values.shape[0], -1, head_dim).transpose(0, 1).contiguous()
         )
         held = [self.encode.weight, self.to_keys.weight, heads]
-        if torch.device(device).type == "cpu":  # only the CPU engine rebuilds keys in int8
+        if int8_keys:
             codes, scale = quantize_int8(layer.keys[1].T)
             self.key_codes, self.key_scale = torch.from_numpy(codes), torch.from_numpy(scale)
             held += [self.key_codes, self.key_scale]
@@ -515,7 +519,7 @@ class XQuantCache:
     ):
         self.kind, self.latents, self.scratch = cache.kind, latents, scratch
         # the CPU engine's steps rebuild keys in int8 where the cache's own error dwarfs int8's
-        self.keys_in_int8 = cache.bits <= INT8_KEYS_BITS
+        self.keys_in_int8 = cache.bits <= INT8_KEYS_BITS and latents.key_codes is not None
         self.stores = [
             TokenStore(
                 w, cache, pc, dtype, device, scratch, chains[i] if chains else None, delta, spans

@@ -10,11 +10,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 
-#define LANES 16 /* floats in a vector: one AVX-512 register */
+#define LANES 16 /* floats in a vector: one AVX-512 register, two AVX2 ones, four NEON ones */
 typedef float lanes __attribute__((vector_size(LANES * sizeof(float))));
 
 /* The sum of a vector's lanes, as a tree of additions, not a chain of LANES of them. */
@@ -22,28 +25,46 @@ static inline float lanes_sum(lanes v) {
 #ifdef __AVX512F__
     return _mm512_reduce_add_ps((__m512)v);
 #else
+    typedef float half_lanes __attribute__((vector_size(LANES / 2 * sizeof(float))));
+    half_lanes a, b;
+    memcpy(&a, &v, sizeof a);
+    memcpy(&b, (float *)&v + LANES / 2, sizeof b);
+    a += b;
     float sum = 0.0f;
-    for (int i = 0; i < LANES; i++) sum += v[i];
+    for (int i = 0; i < LANES / 2; i++) sum += a[i];
     return sum;
 #endif
 }
 
 /* x in every lane (not {} + x, which costs an addition: -0.0 + 0.0 is not -0.0) */
 static inline lanes splat(float x) {
-#ifdef __AVX512F__
-    return (lanes)_mm512_set1_ps(x);
-#else
     lanes v;
     for (int i = 0; i < LANES; i++) v[i] = x;
     return v;
-#endif
 }
 
 /* a * b + c, fused where the CPU has the instruction (the build keeps -ffp-contract=off for the
  * passes that must round as the torch ops do) */
 static inline lanes fma_lanes(lanes a, lanes b, lanes c) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     return (lanes)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 part[2];
+    for (int i = 0; i < 2; i++)
+        part[i] = _mm256_fmadd_ps(_mm256_loadu_ps((float *)&a + 8 * i),
+                                  _mm256_loadu_ps((float *)&b + 8 * i),
+                                  _mm256_loadu_ps((float *)&c + 8 * i));
+    lanes out;
+    memcpy(&out, part, sizeof out);
+    return out;
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    float32x4_t part[4];
+    for (int i = 0; i < 4; i++)
+        part[i] = vfmaq_f32(vld1q_f32((float *)&c + 4 * i), vld1q_f32((float *)&a + 4 * i),
+                            vld1q_f32((float *)&b + 4 * i));
+    lanes out;
+    memcpy(&out, part, sizeof out);
+    return out;
 #else
     return a * b + c;
 #endif
@@ -550,6 +571,36 @@ static void dot_rows(const uint8_t *codes, int64_t m, int64_t k, const int8_t *w
         }
     }
 }
+#elif defined(__AVX2__)
+/* AVX2 has no u8 x s8 dot product into int32, only pairs into saturating int16 (maddubs): the
+ * offset codes (up to 255) times a weight (up to 127), twice, would overflow it. So x's codes go
+ * back to signed, their magnitude is the unsigned operand and their sign moves onto the weight
+ * (at most 2 x 127 x 127, which fits), as llama.cpp's AVX2 dot products do; the offset is added
+ * back through the row sum so callers see the same dots as the VNNI path's. */
+static void dot_rows(const uint8_t *codes, int64_t m, int64_t k, const int8_t *w, int32_t *dots,
+                     int32_t *sum) {
+    const __m256i offset = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    int32_t total = 0;
+    for (int64_t i = 0; i < k; i++) total += w[i];
+    *sum = total;
+    int64_t whole = k & ~(int64_t)31;
+    for (int64_t r = 0; r < m; r++) {
+        const uint8_t *c = codes + r * k;
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t i = 0; i < whole; i += 32) {
+            __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(c + i)), offset);
+            __m256i y = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(w + i)), x);
+            __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), y);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+        }
+        __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4e));
+        half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0xb1));
+        int32_t dot = _mm_cvtsi128_si32(half);
+        for (int64_t i = whole; i < k; i++) dot += ((int32_t)c[i] - 128) * w[i];
+        dots[r] = dot + 128 * total;
+    }
+}
 #else
 static void dot_rows(const uint8_t *codes, int64_t m, int64_t k, const int8_t *w, int32_t *dots,
                      int32_t *sum) {
@@ -617,4 +668,46 @@ void int8_linear(const float *x, int64_t m, int64_t k, float threshold,
         free(dequantised);
     }
     free(codes), free(outlier), free(columns), free(outliers);
+}
+
+#define LINEAR_ROWS 16 /* bf16_linear's most rows of x: cpu_kernels.py LINEAR_ROWS */
+#define LINEAR_TILE 4  /* rows of x multiplied per pass over a weight row, in registers */
+
+/* `rows` (1 to LINEAR_TILE, a constant where inlined) dots of x's rows with one bf16 weight row,
+ * k a multiple of LANES: each weight vector is widened to float32 once for all the rows. */
+static inline __attribute__((always_inline)) void bf16_dots(const float *x, int64_t k,
+                                                            const uint16_t *w, int rows,
+                                                            float *dots) {
+    lanes acc[LINEAR_TILE] = {{0}};
+    for (int64_t i = 0; i < k; i += LANES) {
+        lanes wv = load_lanes(w, 1, i), xv;
+        for (int r = 0; r < rows; r++) {
+            memcpy(&xv, x + r * k + i, sizeof xv);
+            acc[r] = fma_lanes(xv, wv, acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) dots[r] = lanes_sum(acc[r]);
+}
+
+/* y (m, n) = x (m, k) · Wᵀ + bias for bf16 W (n, k), x, y and bias (or NULL) float32,
+ * m <= LINEAR_ROWS, k a multiple of LANES: the product of decode and a drafter's tree on a CPU
+ * where oneDNN cannot hold bf16 weights packed (no AVX-512 BW/VL/DQ): PyTorch's own bf16
+ * products there convert through scalar code. Outputs are split over the threads; each weight
+ * row is read once for all m rows, so the pass runs at the speed of reading the weights. */
+void bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *weight, const float *bias,
+                 int64_t n, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < n; j++) {
+        const uint16_t *w = weight + j * k;
+        float dots[LINEAR_ROWS];
+        for (int64_t r = 0; r < m; r += LINEAR_TILE) {
+            switch (m - r) {
+                case 1: bf16_dots(x + r * k, k, w, 1, dots + r); break;
+                case 2: bf16_dots(x + r * k, k, w, 2, dots + r); break;
+                case 3: bf16_dots(x + r * k, k, w, 3, dots + r); break;
+                default: bf16_dots(x + r * k, k, w, LINEAR_TILE, dots + r);
+            }
+        }
+        for (int64_t r = 0; r < m; r++) y[r * n + j] = bias ? dots[r] + bias[j] : dots[r];
+    }
 }

@@ -6,6 +6,7 @@ steps as separate torch ops (correct, slower) and the engine says so."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -22,16 +23,17 @@ from typing import NamedTuple
 import platformdirs
 import torch
 
+from ..hardware import cpu
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
-# Tried in order: this CPU's instructions and OpenMP threads, then without OpenMP (Apple's
-# clang has none), then without -march=native (compilers that refuse it).
-VARIANTS = (["-march=native", "-fopenmp"], ["-march=native"], [])
 _i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _lock = threading.Lock()
 # int8_linear's most rows (cpu_kernels.c's INT8_ROWS): decode and a drafter's tree, where reading
 # each weight row once for all rows wins; longer prefill chunks go to oneDNN's blocked int8 GEMM.
 INT8_ROWS = 16
+# bf16_linear's most rows (cpu_kernels.c's LINEAR_ROWS): decode and a drafter's tree.
+LINEAR_ROWS = 16
 # attend_bf16's most new rows per head: decode and a drafter's tree (longer prefill chunks go to
 # PyTorch's attention, a matrix product on a float32 copy).
 ATTEND_ROWS = 16
@@ -74,8 +76,12 @@ def library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
+    # Tried in order: this CPU's instructions (hardware.py: capped where ATEN_CPU_CAPABILITY caps
+    # PyTorch) and OpenMP threads, then without OpenMP (Apple's clang has none), then without
+    # -march (compilers that refuse it).
+    march = cpu().compile_flags()
     with _lock:
-        for variant in VARIANTS:
+        for variant in ([*march, "-fopenmp"], march, []):
             try:
                 lib = ctypes.CDLL(str(_build(shlex.split(compiler), FLAGS + variant)))
                 break
@@ -89,10 +95,20 @@ def library() -> ctypes.CDLL | None:
     lib.int8_linear.argtypes = [_ptr, _i64, _i64, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _int]
     lib.attend_bf16.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32]
     lib.attend_bf16.argtypes += [_ptr, _int]
+    lib.bf16_linear.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int]
     lib.quantize_rows.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _int]
     lib.rope_attend.argtypes = [_ptr, _int, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr]
     lib.rope_attend.argtypes += [_i64, _i64, _i64, _i64, _i64, _ptr, _f32, _ptr, _ptr, _int]
+    lib.compiled_with = " ".join(variant)  # shown by `xqchat show --hardware`
     return lib
+
+
+def _traced(name: str):
+    """A profiler range for a pass, so `bench speed --profile` counts it among the matmuls; a
+    no-op unless the profiler runs (ctypes calls are otherwise invisible to it)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _address(t: torch.Tensor | None):
@@ -281,8 +297,41 @@ class Int8Product:
             "the input of int8_linear does not match its weights",
         )  # fmt: skip
         y = torch.empty(m, self.n)
-        library().int8_linear(
-            x.data_ptr(), m, self.k, threshold, *self.weights,
-            y.data_ptr(), torch.get_num_threads(),
+        with _traced("xqchat::int8_linear"):
+            library().int8_linear(
+                x.data_ptr(), m, self.k, threshold, *self.weights,
+                y.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+        return y
+
+
+class Bf16Product:
+    """cpu_kernels.c's bf16_linear bound to one Linear's bf16 weight (n, k): x (m, k) float32 ->
+    x @ weightᵀ + bias (m, n) float32, for m <= LINEAR_ROWS, at the speed of reading the weight,
+    where oneDNN cannot pack bf16 (CPUs without AVX-512 BW/VL/DQ)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        n, k = weight.shape
+        bias = None if bias is None else bias.detach().float().contiguous()
+        _check(
+            weight.dtype == torch.bfloat16 and weight.is_contiguous() and not weight.is_cuda
+            and k % 16 == 0 and (bias is None or bias.shape == (n,)),
+            "the weight of bf16_linear is not a contiguous bf16 (n, k) with k a multiple of 16",
         )  # fmt: skip
+        self.held, self.n, self.k = (weight, bias), n, k
+        self.weights = (_address(weight), _address(bias), n)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = len(x)
+        x = x.float().contiguous()
+        _check(
+            m <= LINEAR_ROWS and x.shape[1] == self.k and not x.is_cuda,
+            "the input of bf16_linear does not match its weight",
+        )  # fmt: skip
+        y = torch.empty(m, self.n)
+        with _traced("xqchat::bf16_linear"):
+            library().bf16_linear(
+                x.data_ptr(), m, self.k, self.weights[0], self.weights[1], self.n, y.data_ptr(),
+                torch.get_num_threads(),
+            )  # fmt: skip
         return y

@@ -76,8 +76,8 @@ class Drafter:
                 rows = target.lm_head.dense_weight()[net.vocab]
             self.head = target.linear(rows.T.float().cpu().numpy())  # linear() moves it back
             self.vocab = net.vocab
-        if target.pack:  # bf16 in oneDNN's layout like the target's own: a draft step is
-            for name in ("input", "recur", "out"):  # mostly reading these weights
+        if target.bf16_paths is not None:  # bf16 on the CPU path the target's own weights take:
+            for name in ("input", "recur", "out"):  # a draft step is mostly reading these
                 setattr(net, name, self._like_target(getattr(net, name)))
             net.blocks = nn.ModuleList(self._like_target(b) for b in net.blocks)
 

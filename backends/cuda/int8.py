@@ -2,7 +2,9 @@
 
 The int8 product: on a CPU, for a few rows (decode, a drafter's tree), one fused C pass per matrix
 (cpu_kernels.c: quantize, VNNI dot products, outliers, scales and bias), and for longer chunks
-`torch._int_mm` (oneDNN, exact int32 accumulation) with the steps below as torch ops; on CUDA a
+`torch._int_mm` (oneDNN, exact int32 accumulation) with the steps below as torch ops, or where
+that runs as a scalar loop (CPUs without VNNI, cpu_paths.py), the dequantized weights in float32
+(weight-only int8: closer to the float model, not LLM.int8's rounding of x); on CUDA a
 Triton GEMM/GEMV with the scales applied in its epilogue (kernels.py), since `torch._int_mm`
 there needs more than 16 rows and decode has one.
 """
@@ -42,6 +44,7 @@ class Int8Linear(nn.Module):
 
     observe = None  # set by Engine.int8_outliers: called with each input
     _product = None  # the C pass bound to these weights (cpu_kernels.Int8Product)
+    int_mm = True  # many rows through torch._int_mm; False: the dequantized weights (see load)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, threshold=THRESHOLD):
         super().__init__()
@@ -72,6 +75,9 @@ class Int8Linear(nn.Module):
         product = self.fused(x)
         if product is not None:
             return product(x, self.threshold).view(*shape[:-1], self.out_features)
+        if not self.int_mm and not x.is_cuda:
+            y = F.linear(x.float(), self.dense_weight(), self.bias)
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
         absmax = row_absmax(x)
         # the row absmax says whether any outlier exists: in the usual case that costs nothing more
         peak = float(absmax) if len(x) == 1 else float(absmax.max())

@@ -12,7 +12,6 @@ which read the weights and so bound decode speed, run in the weights' dtype.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -29,7 +28,7 @@ from xqchat.models.weights import to_engine_layout
 from .. import int8
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
 from ..latents import layer_latents
-from . import cpu_kernels
+from . import cpu_kernels, cpu_paths
 from .cache import Latents, Scratch, new_caches
 from .int8 import Int8Embedding, Int8Linear
 from .session import EngineSession
@@ -37,28 +36,27 @@ from .session import EngineSession
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def onednn_packing() -> bool:
-    """Whether this PyTorch/CPU can hold bf16 weights in oneDNN's blocked layout (the op is the one
-    torch.compile's CPU backend uses; it is absent on some builds and non-x86 CPUs)."""
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 class Linear(nn.Linear):
-    """Casts its input to the weight dtype. `pack()` moves a bf16 CPU weight into oneDNN's blocked
-    layout, where its matrix-vector product runs ~2x faster than PyTorch's plain bf16 one (all of
-    SmolLM2-135M's layer matmuls: 11 ms vs 24 ms per token) and prompt-sized products are fast too."""
+    """Casts its input to the weight dtype. A bf16 weight on a CPU takes the path cpu_paths.py
+    chose there (`use`): oneDNN's blocked layout, where its matrix-vector product runs ~2x faster
+    than PyTorch's plain bf16 one (all of SmolLM2-135M's layer matmuls: 11 ms vs 24 ms per token)
+    and prompt-sized products are fast too; or a plain weight with decode's rows through the C
+    pass `bf16_linear` and a prompt's chunks through a float32 copy of the weight."""
 
     packed = False
+    path: str | None = None  # cpu_paths.BF16_PATHS, for a bf16 weight on a CPU
+    prompt: str | None = None  # cpu_paths.CpuPaths.bf16_prompt
+    _product = None  # the C pass bound to this weight (cpu_kernels.Bf16Product)
 
-    def pack(self) -> None:
-        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-        del self.weight
-        self.register_buffer("weight", packed)
-        self.packed = True
+    def use(self, path: str, prompt: str) -> None:
+        if path == "c-pass" and self.in_features % 16:  # the pass reads whole vectors of 16
+            path = "torch"
+        self.path, self.prompt = path, prompt
+        if path == "onednn-packed":
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+            del self.weight
+            self.register_buffer("weight", packed)
+            self.packed = True
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight as a plain tensor; a packed one is read back through the identity
@@ -69,10 +67,35 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(eye, self.weight, None, "none", [], "").T
 
     def forward(self, x):
-        x = x.to(self.weight.dtype)
         if self.packed:
+            x = x.to(self.weight.dtype)
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // self.in_features
+        if self.path == "c-pass" and rows <= cpu_kernels.LINEAR_ROWS:
+            if self._product is None or self._product.held[0] is not self.weight:
+                self._product = cpu_kernels.Bf16Product(self.weight, self.bias)
+            y = self._product(x.reshape(rows, self.in_features))
+            return y.view(*x.shape[:-1], self.out_features)
+        if self.prompt == "float32 copy" and rows > cpu_kernels.LINEAR_ROWS:
+            return float32_copy_linear(x.float(), self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+def float32_copy_linear(x, weight, bias, block: int = 8192):
+    """x @ weightᵀ + bias in float32 from a bf16 weight, converted a block of output rows at a
+    time, so the float32 copy stays bounded for a large vocabulary's head."""
+    bias = None if bias is None else bias.float()
+    if weight.shape[0] <= block:
+        return F.linear(x, weight.float(), bias)
+    return torch.cat(
+        [
+            F.linear(
+                x, weight[a : a + block].float(), None if bias is None else bias[a : a + block]
+            )
+            for a in range(0, weight.shape[0], block)
+        ],
+        dim=-1,
+    )
 
 
 class RMSNorm(nn.Module):
@@ -192,7 +215,8 @@ class Transformer(nn.Module):
         if not spec.tied_embeddings:
             self.lm_head = Linear(spec.dim, spec.vocab_size, bias=False)
         self.scratch = Scratch()
-        self.pack = False  # bf16 matmuls in oneDNN's packed layout (CPU; see load)
+        self.bf16_paths = None  # (decode, prompt) paths of bf16 matmuls on a CPU (see load)
+        self.int8_keys = False  # XQuant's CPU key rebuild in int8 (torch._int_mm pays here)
         self.latent_layers: dict = {}  # (group, cross_layer) -> per-layer Latents, built on demand
 
     def forward(self, tokens: torch.Tensor, caches: list, tree=None) -> torch.Tensor:
@@ -255,8 +279,8 @@ class Transformer(nn.Module):
         linear.weight = nn.Parameter(weight.to(device, self.kv_dtype), requires_grad=False)
         if bias is not None:
             linear.bias = nn.Parameter(bias.to(device, self.kv_dtype), requires_grad=False)
-        if self.pack:
-            linear.pack()
+        if self.bf16_paths is not None and linear.weight.dtype == torch.bfloat16:
+            linear.use(*self.bf16_paths)
         return linear
 
     def latents(self, group: int, cross_layer: bool) -> list[Latents]:
@@ -277,7 +301,7 @@ class Transformer(nn.Module):
             )
             device, act_dtype = self.embed.weight.device, self.norm.weight.dtype
             self.latent_layers[key] = [
-                Latents(layer, self.linear, self.spec.head_dim, act_dtype, device)
+                Latents(layer, self.linear, self.spec.head_dim, act_dtype, device, self.int8_keys)
                 for layer in layers
             ]
         return self.latent_layers[key]
@@ -396,22 +420,19 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     module.kv_dtype = torch_dtype
     module.derived = derived / "xquant"  # SVD factors, kept with the model
     module.eval().requires_grad_(False)
-    notes = []
-    if device == "cpu" and torch_dtype == torch.bfloat16:
-        module.pack = onednn_packing() and not os.environ.get("XQCHAT_NO_ONEDNN_PACK")
-        if module.pack:
+    paths = None
+    if device == "cpu":  # what is fastest on this CPU, measured (cpu_paths.py)
+        paths = cpu_paths.choose(2 * spec.hidden_dim, spec.dim)
+        module.int8_keys = paths.int_mm
+        for layer in module.modules():
+            if isinstance(layer, Int8Linear):
+                layer.int_mm = paths.int_mm
+        if torch_dtype == torch.bfloat16:
+            module.bf16_paths = (paths.bf16, paths.bf16_prompt)
             for linear in module.modules():
                 if isinstance(linear, Linear):
-                    linear.pack()
-        else:
-            notes.append(
-                "oneDNN packed bf16 matmuls are unavailable here; plain bf16 matmuls are slower"
-            )
-    needs_c = opts.cache.kind != "kv" or torch_dtype == torch.bfloat16  # bf16: K/V, int8
-    if device == "cpu" and needs_c and cpu_kernels.library() is None:
-        notes.append(
-            "the C passes for quantized caches, int8 matmuls and decode attention are off (no "
-            "working C compiler, `cc`, or XQCHAT_NO_CPU_KERNELS is set): they run as separate "
-            "torch ops, slower"
-        )
-    return Engine(module, device, dtype, opts.cache, tuple(notes))
+                    linear.use(*module.bf16_paths)
+    engine = Engine(module, device, dtype, opts.cache)
+    if paths is not None:
+        engine.paths |= paths.describe()
+    return engine

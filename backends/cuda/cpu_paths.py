@@ -1,0 +1,144 @@
+"""Which path the CPU engine's products take, chosen once per process by timing the candidates on
+this CPU (hardware.py says what it offers; what is fast on it is measured, not assumed):
+
+- bf16 weights: held in oneDNN's packed layout (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT), or
+  plain, with decode's few rows through the C pass `bf16_linear` or PyTorch, and a prompt's
+  chunks through PyTorch's bf16 product or a float32 copy of each weight (on AVX2, PyTorch's own
+  bf16 products convert through scalar code: 6x slower than float32 on a 128-row chunk).
+- int8 products of many rows (int8 weights' prompt chunks, XQuant's int8 key rebuild) through
+  `torch._int_mm`, or through float32 (the weights dequantized, the keys rebuilt in float32).
+  `torch._int_mm` is used only where it is exact: without VNNI, oneDNN's int8 GEMM sums pairs of
+  products in saturating 16-bit lanes (seen under ONEDNN_MAX_CPU_ISA=AVX2), and where PyTorch
+  does not call oneDNN it runs a scalar loop, 20x slower than float32.
+
+The costs are weighed as a typical turn: 200 decode steps (one row) and 4 prompt chunks of 64.
+`XQCHAT_BF16_PATH` (onednn-packed, c-pass, torch) and `XQCHAT_INT_MM` (1 or 0) pin a choice, for
+the tests and to measure each option with `xqchat bench`. The choice shows in `bench` JSON and
+`xqchat show --hardware`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..hardware import cpu
+from . import cpu_kernels
+
+BF16_PATHS = ("onednn-packed", "c-pass", "torch")
+DECODE_STEPS, PROMPT_CHUNKS, CHUNK = 200, 4, 64  # a turn, as the costs weigh it
+
+
+def onednn_packing() -> bool:
+    """Whether this PyTorch/CPU can hold bf16 weights in oneDNN's blocked layout (the op is the one
+    torch.compile's CPU backend uses; it refuses CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT,
+    and is absent on some builds and non-x86 CPUs)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass(frozen=True)
+class CpuPaths:
+    bf16: str  # one of BF16_PATHS
+    bf16_prompt: str  # "onednn-packed", "float32 copy" or "torch"
+    int_mm: bool  # int8 products of many rows through torch._int_mm
+    ms: dict = field(default_factory=dict, compare=False)  # what was timed, per candidate
+
+    def describe(self) -> dict:
+        kernels = cpu_kernels.library()
+        return {
+            "cpu": cpu().level,
+            "bf16_decode": self.bf16,
+            "bf16_prompt": self.bf16_prompt,
+            "int8_many_rows": "torch._int_mm" if self.int_mm else "float32",
+            "int_mm_exact": int_mm_exact(),
+            "c_passes": f"built ({kernels.compiled_with})" if kernels else "off",
+            "measured_ms": {name: round(ms, 3) for name, ms in self.ms.items()},
+        }
+
+
+def _best_ms(fn, repeats: int = 3) -> float:
+    fn()  # warm: first calls allocate and pack
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def _bf16_costs(n: int, k: int) -> dict[str, float]:
+    """ms of one decode row and one prompt chunk for each bf16 candidate on an (n, k) weight."""
+    weight = (torch.randn(n, k) * 0.02).bfloat16()
+    row, chunk = torch.randn(1, k), torch.randn(CHUNK, k)
+    ms = {}
+    if onednn_packing():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+        def run(x):
+            return torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "")
+
+        ms["onednn-packed row"] = _best_ms(lambda: run(row))
+        ms["onednn-packed chunk"] = _best_ms(lambda: run(chunk))
+    if cpu_kernels.library() is not None:
+        product = cpu_kernels.Bf16Product(weight, None)
+        ms["c-pass row"] = _best_ms(lambda: product(row))
+    ms["torch row"] = _best_ms(lambda: F.linear(row.bfloat16(), weight))
+    ms["torch chunk"] = _best_ms(lambda: F.linear(chunk.bfloat16(), weight))
+    ms["float32 copy chunk"] = _best_ms(lambda: F.linear(chunk, weight.float()))
+    return ms
+
+
+def _int_mm_costs(k: int) -> dict[str, float]:
+    """ms of a (256, k) x (k, k) int8 product through torch._int_mm and in float32."""
+    codes = torch.randint(-127, 128, (256, k), dtype=torch.int8)
+    weight = torch.randint(-127, 128, (k, k), dtype=torch.int8)
+    rows, matrix = torch.randn(256, k), torch.randn(k, k)
+    return {
+        "int_mm": _best_ms(lambda: torch._int_mm(codes, weight.t())),
+        "float32 mm": _best_ms(lambda: rows @ matrix),
+    }
+
+
+@functools.cache
+def int_mm_exact() -> bool:
+    """Whether torch._int_mm gives exact int32 products of full-range int8 codes on this CPU."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=g)
+    return torch.equal(torch._int_mm(a, b.t()).long(), a.long() @ b.long().t())
+
+
+@functools.cache
+def _measure(n: int, k: int) -> dict[str, float]:
+    return _bf16_costs(n, k) | _int_mm_costs(min(k, 512))
+
+
+def choose(n: int, k: int) -> CpuPaths:
+    """The paths for a model whose largest layer matrix is (n, k): timed once per process on at
+    most (4096, 2048) of it (a probe of well under a second; the ranking does not turn on the
+    size beyond that)."""
+    ms = _measure(min(n, 4096), max(16, min(k - k % 16, 2048)))
+
+    def turn(decode: str, prompt: str) -> float:
+        return DECODE_STEPS * ms[f"{decode} row"] + PROMPT_CHUNKS * ms[f"{prompt} chunk"]
+
+    options = [(d, p) for d in ("c-pass", "torch") for p in ("float32 copy", "torch")]
+    options = [o for o in options if f"{o[0]} row" in ms]
+    if "onednn-packed row" in ms:
+        options.append(("onednn-packed", "onednn-packed"))
+    pinned = os.environ.get("XQCHAT_BF16_PATH")
+    if pinned:
+        options = [o for o in options if o[0] == pinned] or options
+    bf16, prompt = min(options, key=lambda o: turn(*o))
+    int_mm = os.environ.get("XQCHAT_INT_MM")
+    pays = int_mm_exact() and ms["int_mm"] < ms["float32 mm"] if int_mm is None else int_mm == "1"
+    return CpuPaths(bf16, prompt, pays, ms)
