@@ -237,3 +237,26 @@ def load_model(files: ModelFiles, opts: EngineOptions) -> Model:
         folder = "lookup" if opts.drafter == "lookup" else drafter_folder(opts.drafter, files)
         model.use_drafter(folder, opts.beam_width, opts.beam_length, opts.lookup)
     return model
+
+
+def hardware(backend: str = "auto") -> dict:
+    """What this machine offers and the paths the engine takes on it (`xqchat show --hardware`):
+    the CPU's features, and for PyTorch the CPU paths chosen by measurement (cpu_paths.py) at the
+    default model's shape (SmolLM2-135M: FFN 1536, dim 576; a model's own load measures its own)."""
+    from .hardware import cpu
+
+    report: dict = {"cpu": cpu().describe(), "backend": pick_backend(backend)}
+    if report["backend"] == "mlx":
+        import mlx.core as mx
+
+        report["device"] = "gpu (Metal)" if mx.metal.is_available() else "cpu"
+        report["mlx"] = mx.__version__
+        return report
+    import torch
+
+    from .cuda import cpu_paths
+
+    report["torch"] = torch.__version__
+    report["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    report["cpu_paths"] = cpu_paths.choose(2 * 1536, 576).describe()
+    return report

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..int8 import THRESHOLD
-from . import cpu_kernels
+from . import cpu_kernels, cpu_paths
 from .kernels import int8_matmul
 
 
@@ -36,7 +36,11 @@ def int8_product(codes: torch.Tensor, row_scale, weight: torch.Tensor, scale) ->
     """int32(codes · weightᵀ) * (row_scale ⊗ scale) in float32, (M, N)."""
     if codes.is_cuda:
         return int8_matmul(codes, row_scale, weight, scale)
-    return torch.mul(torch._int_mm(codes, weight.t()), scale).mul_(row_scale)
+    if cpu_paths.int_mm_exact():
+        products = torch._int_mm(codes, weight.t())
+    else:  # exact, slow: the engine multiplies dequantized weights here instead (see forward)
+        products = torch.mm(codes.int(), weight.int().t())
+    return torch.mul(products, scale).mul_(row_scale)
 
 
 class Int8Linear(nn.Module):
