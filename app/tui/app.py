@@ -65,6 +65,10 @@ class XQChatApp(App):
         await self.push_screen("chat")
         if self.settings_problem:
             self.notify(self.settings_problem, severity="warning", timeout=15)
+        if self.store.recovery is not None:  # long enough to note where the old file went
+            self.notify(
+                self.store.recovery.notice, title="chat store", severity="warning", timeout=60
+            )
         self.load_model()
 
     def on_unmount(self) -> None:
