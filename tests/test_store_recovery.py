@@ -241,6 +241,16 @@ def test_a_folder_in_place_of_the_store_is_one_line_and_stays_put(dirs):
     assert (store / "inside").is_dir()
 
 
+def test_a_file_in_place_of_the_data_folder_is_one_line_and_stays_put(dirs):
+    folder = dirs / "data" / "xqchat"
+    folder.parent.mkdir(parents=True)
+    folder.write_text("mine")
+    with pytest.raises(XQError) as error:
+        XQChatApp()
+    assert describe(error.value) == (f"cannot create {folder} for the chat store: File exists", 1)
+    assert folder.read_text() == "mine"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_an_unreadable_store_is_one_line_and_stays_put(tmp_path):
     path = tmp_path / "chats.sqlite3"

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from xqchat.backends.base import (
     CACHE_KINDS,
@@ -46,7 +47,8 @@ class Option:
     high: float | None = None
 
 
-def setting(default, label: str, help: str, **option):
+def setting(default: Any, label: str, help: str, **option: Any) -> Any:
+    """A Settings field: its default and what the settings screen shows for it."""
     return field(default=default, metadata={"option": Option(label, help, **option)})
 
 
@@ -156,7 +158,7 @@ class Settings:
         low=0,
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check(f, getattr(self, f.name))
 
@@ -195,7 +197,7 @@ def option(f: dataclasses.Field) -> Option:
     return f.metadata["option"]
 
 
-def check(f: dataclasses.Field, value) -> None:
+def check(f: dataclasses.Field, value: object) -> None:
     """Raise ValueError with a line the user can read if `value` does not suit field `f`."""
     kind, opt = type(f.default), option(f)
     ok_type = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
@@ -243,7 +245,8 @@ def repaired(data: dict) -> tuple[Settings, list[str]]:
     """`data` as Settings, each bad value reset to its default and each unknown name dropped,
     and a line for each (which setting, what was wrong, what it became)."""
     fields = {f.name: f for f in dataclasses.fields(Settings)}
-    kept, problems = {}, []
+    kept: dict[str, object] = {}
+    problems: list[str] = []
     for name, value in data.items():
         if name not in fields:
             problems.append(f"{name!r}: unknown setting (dropped)")

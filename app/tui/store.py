@@ -124,7 +124,9 @@ class Store:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise XQError(f"cannot create {self.path.parent} for the chat store: {e}") from None
+            raise XQError(
+                f"cannot create {self.path.parent} for the chat store: {e.strerror or e}"
+            ) from None
         if self.path.is_dir():
             raise XQError(
                 f"{self.path} is a folder, not the chat store: move it away and start xqchat again"
