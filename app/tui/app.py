@@ -45,7 +45,7 @@ class XQChatApp(App):
         Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit xqchat."),
     ]
 
-    def __init__(self, overrides: dict | None = None, loader: Loader = load_model):
+    def __init__(self, overrides: dict | None = None, loader: Loader = load_model) -> None:
         super().__init__()
         self.settings_path = settings_file.default_path()
         self.settings, self.settings_problem = settings_file.load(self.settings_path)
@@ -65,6 +65,10 @@ class XQChatApp(App):
         await self.push_screen("chat")
         if self.settings_problem:
             self.notify(self.settings_problem, severity="warning", timeout=15)
+        if self.store.recovery is not None:  # long enough to note where the old file went
+            self.notify(
+                self.store.recovery.notice, title="chat store", severity="warning", timeout=60
+            )
         self.load_model()
 
     def on_unmount(self) -> None:
@@ -96,17 +100,28 @@ class XQChatApp(App):
         for note in info.notes:
             self.notify(note, title="note", timeout=10)
 
-    def apply_settings(self, new: Settings) -> None:
-        """Save `new` and load what it changed."""
-        settings_file.save(new, self.settings_path)
+    def apply_settings(self, new: Settings) -> bool:
+        """Save `new` and load what it changed. False (and a notice) if it could not be saved:
+        it still holds for this run."""
+        try:
+            settings_file.save(new, self.settings_path)
+            saved = True
+        except OSError as e:  # a file in the config folder's place, no permission, disk full
+            saved = False
+            self.notify(
+                f"Cannot save the settings to {self.settings_path}: {settings_file.reason(e)}. "
+                "They hold until xqchat quits.",
+                severity="error",
+                timeout=15,
+            )
         old, self.settings = self.settings, new
         if new.engine_options() != old.engine_options() or new.model != old.model:
             self.load_model()
+        return saved
 
     def action_settings(self) -> None:
         def apply(new: Settings | None) -> None:
-            if new is not None:
-                self.apply_settings(new)
+            if new is not None and self.apply_settings(new):
                 self.notify("Settings saved.")
 
         self.push_screen(SettingsScreen(self.settings), apply)

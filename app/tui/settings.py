@@ -1,5 +1,8 @@
-"""The user's settings: one JSON file in the user config dir, validated when read. A broken file
-is reported, kept beside as `settings.json.broken`, and replaced by the defaults.
+"""The user's settings: one JSON file in the user config dir, validated when read. A bad setting
+is reset to its default and named, the others kept; a file that is not a JSON object at all (or
+cannot be read) gives the defaults. Either way the file as found is kept beside as
+`settings.json.broken` (`settings.json.broken-<time>` when that is taken) and a repaired one is
+written.
 
 Each field carries what the settings screen shows (label, help, choices), so offering a new
 option (int8 weights, the drafter, another cache kind) is one line here, or none where the
@@ -9,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from xqchat.backends.base import (
     CACHE_KINDS,
@@ -42,7 +47,8 @@ class Option:
     high: float | None = None
 
 
-def setting(default, label: str, help: str, **option):
+def setting(default: Any, label: str, help: str, **option: Any) -> Any:
+    """A Settings field: its default and what the settings screen shows for it."""
     return field(default=default, metadata={"option": Option(label, help, **option)})
 
 
@@ -152,7 +158,7 @@ class Settings:
         low=0,
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check(f, getattr(self, f.name))
 
@@ -191,7 +197,7 @@ def option(f: dataclasses.Field) -> Option:
     return f.metadata["option"]
 
 
-def check(f: dataclasses.Field, value) -> None:
+def check(f: dataclasses.Field, value: object) -> None:
     """Raise ValueError with a line the user can read if `value` does not suit field `f`."""
     kind, opt = type(f.default), option(f)
     ok_type = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
@@ -213,25 +219,82 @@ def default_path() -> Path:
 
 def load(path: Path) -> tuple[Settings, str | None]:
     """The settings in `path` (defaults when there is none), and a problem to report, if any."""
-    if not path.exists():
-        return Settings(), None
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        names = {f.name for f in dataclasses.fields(Settings)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown setting {unknown[0]!r}")
-        return Settings(**data), None
-    except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
-        broken = path.with_name(path.name + ".broken")
-        path.replace(broken)
-        save(Settings(), path)
-        return Settings(), f"{path} was broken ({e}); using the defaults (old file: {broken.name})"
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return Settings(), None  # nothing saved yet (a file in the folder's place: see `save`)
+    except (OSError, ValueError) as e:  # a folder in its place, no permission, not UTF-8
+        return replaced(path, Settings(), f"{path} was broken ({reason(e)}); using the defaults")
+    try:
+        data = json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        return replaced(path, Settings(), f"{path} was broken ({e}); using the defaults")
+    if not isinstance(data, dict):
+        return replaced(
+            path, Settings(), f"{path} was broken (not a JSON object); using the defaults"
+        )
+    settings, problems = repaired(data)
+    if not problems:
+        return settings, None
+    return replaced(
+        path, settings, f"{path} was broken in part: {'; '.join(problems)}. Kept the other settings"
+    )
+
+
+def repaired(data: dict) -> tuple[Settings, list[str]]:
+    """`data` as Settings, each bad value reset to its default and each unknown name dropped,
+    and a line for each (which setting, what was wrong, what it became)."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    kept: dict[str, object] = {}
+    problems: list[str] = []
+    for name, value in data.items():
+        if name not in fields:
+            problems.append(f"{name!r}: unknown setting (dropped)")
+            continue
+        try:
+            check(fields[name], value)
+        except ValueError as e:
+            problems.append(f"{e} (reset to {fields[name].default!r})")
+        else:
+            kept[name] = value
+    return Settings(**kept), problems  # every field is checked on its own: no pair can clash
+
+
+def replaced(path: Path, settings: Settings, problem: str) -> tuple[Settings, str]:
+    """Keep the file at `path` beside, write `settings` in its place, and say so after
+    `problem`. Nothing is overwritten: where the old file cannot be moved, nothing is saved."""
+    try:
+        broken = keep_aside(path)
+    except OSError as e:
+        return (
+            settings,
+            f"{problem}; it could not be moved aside ({reason(e)}), so it is left as is",
+        )
+    try:
+        save(settings, path)
+    except OSError as e:
+        return settings, f"{problem} (old file: {broken.name}); saving failed: {reason(e)}"
+    return settings, f"{problem} (old file: {broken.name})"
+
+
+def keep_aside(path: Path) -> Path:
+    """Rename `path` to `<name>.broken`, or `<name>.broken-<time>[-n]` if that is taken."""
+    broken = path.with_name(path.name + ".broken")
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    while broken.exists() or broken.is_symlink():  # an older broken file stays too
+        broken = path.with_name(f"{path.name}.broken-{stamp}{f'-{n}' if n > 1 else ''}")
+        n += 1
+    path.rename(broken)
+    return broken
+
+
+def reason(error: Exception) -> str:
+    """What went wrong, without the path the message names already."""
+    return getattr(error, "strerror", None) or str(error)
 
 
 def save(settings: Settings, path: Path) -> None:
+    """Write `settings` to `path`; OSError if the folder cannot be made or written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
