@@ -38,7 +38,10 @@ def _try_lock(handle: IO[bytes]) -> bool:
             return False
         return True
     if msvcrt is not None:
-        try:  # one byte at offset 0 stands for the whole chat; LK_NBLCK fails at once if held
+        # One byte at offset 0 stands for the whole chat (locking starts at the file position,
+        # which "a+" mode puts at the end); LK_NBLCK fails at once if another handle holds it.
+        handle.seek(0)
+        try:
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         except OSError:
             return False
