@@ -9,7 +9,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,9 @@ class DecodingSession:
         self._next_hidden = None  # (dim,) the final hidden state of the last token held
         self._path = None  # the last speculative step: (start, logits, hidden, accepted path)
         self._prefilled = (0, 0, 0.0)  # (tokens fed, tokens reused, seconds) of the last prefill
+        # Told (tokens done, tokens to do) before each chunk of a prefill and once at its end, on
+        # the thread that runs it: a front end shows progress through a long prompt with it.
+        self.on_prefill: Callable[[int, int], None] | None = None
 
     # -- supplied by each backend --------------------------------------------------------------
     def _new_caches(self) -> list: ...
@@ -60,7 +63,11 @@ class DecodingSession:
         reused = len(self.tokens)
         start = time.perf_counter()
         for i in range(0, len(tokens), PREFILL_CHUNK):
+            if self.on_prefill is not None:
+                self.on_prefill(i, len(tokens))
             self._forward(tokens[i : i + PREFILL_CHUNK])
+        if self.on_prefill is not None:
+            self.on_prefill(len(tokens), len(tokens))
         self._prefilled = (len(tokens), reused, time.perf_counter() - start)
 
     def trim(self, n_keep: int) -> None:

@@ -46,3 +46,11 @@ def derived_dir(files: ModelFiles) -> Path:
 def config_dir() -> Path:
     """Settings the user chose."""
     return Path(platformdirs.user_config_dir("xqchat", appauthor=False))
+
+
+def exports_dir() -> Path:
+    """Where F5 writes a chat as Markdown: ~/Documents/xqchat (the user's documents folder as
+    platformdirs finds it, e.g. from XDG user-dirs on Linux). An export is a document the user
+    means to open, share or keep, so it goes where they look for documents, not into the hidden
+    data dir; unlike the current directory, it does not depend on where xqchat was started."""
+    return Path(platformdirs.user_documents_dir()) / "xqchat"

@@ -11,6 +11,7 @@ from tui_fakes import app_with, send, settle
 from xqchat.app.tui.app import XQChatApp
 from xqchat.app.tui.chat_screen import ChatScreen
 from xqchat.app.tui.dialogs import ConfirmScreen, HelpScreen, TextPrompt
+from xqchat.app.tui.replying import REGENERATE_HELP, REGENERATE_TEMPERATURE
 from xqchat.app.tui.settings import Settings
 from xqchat.app.tui.settings_screen import SettingsScreen
 from xqchat.app.tui.store import Message, Store, to_markdown
@@ -24,9 +25,21 @@ CODE_REPLY = "Here:\n\n```python\nprint('hi')\n```\n\nand\n\n```sh\nls -la\n```\
 pytestmark = pytest.mark.usefixtures("dirs")
 
 
+@pytest.fixture
+def documents(dirs, monkeypatch):
+    """The export folder, under tmp_path: ~/Documents/xqchat with HOME there (no user-dirs.dirs in
+    the test's XDG_CONFIG_HOME, so platformdirs takes ~/Documents)."""
+    monkeypatch.setenv("HOME", str(dirs / "home"))
+    return dirs / "home" / "Documents" / "xqchat"
+
+
 def rows(app) -> list[tuple[str, str, str]]:
     screen = app.chat_screen
     return [(m.role, m.content, m.status) for m in app.store.messages(screen.chat_id)]
+
+
+def last_note(app) -> str:
+    return list(app._notifications)[-1].message
 
 
 def status_text(app) -> dict[str, str]:
@@ -151,6 +164,33 @@ async def test_regenerate_replaces_the_reply_reusing_the_cache(default_tokenizer
         assert model.prefills == [len(model.prompts[0]), 1]  # the prompt's last token only
 
 
+@pytest.mark.parametrize("temperature, sampled", [(0.0, REGENERATE_TEMPERATURE), (0.3, 0.3)])
+async def test_regenerate_samples_with_a_new_seed_each_time(
+    default_tokenizer, temperature, sampled
+):
+    app, model = app_with(
+        default_tokenizer, ["One.", "Two.", "Three."], {"temperature": temperature}
+    )
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await send(pilot, "Say something.")
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        first, *again = model.configs
+        assert (first.temperature, first.seed) == (temperature, None)  # a send: as set
+        assert [cfg.temperature for cfg in again] == [sampled, sampled]
+        seeds = [cfg.seed for cfg in again]
+        assert None not in seeds and seeds[0] != seeds[1]
+        assert all(cfg.top_p == 1.0 and cfg.max_tokens == 512 for cfg in again)
+        said = [n.message for n in app._notifications if n.message.startswith("Regenerating")]
+        assert said == [f"Regenerating at temperature {sampled:g} (seed {s})." for s in seeds]
+        assert rows(app) == [("user", "Say something.", "done"), ("assistant", "Three.", "done")]
+        await send(pilot, "And now?")  # sending again is back to the settings' sampling
+        assert (model.configs[-1].temperature, model.configs[-1].seed) == (temperature, None)
+
+
 async def test_edit_the_last_message_and_resend(default_tokenizer):
     app, model = app_with(default_tokenizer, ["Four.", "Six."])
     async with app.run_test(size=SIZE) as pilot:
@@ -254,20 +294,57 @@ async def test_system_prompt_reaches_the_model(default_tokenizer):
         assert app.store.chat(app.chat_screen.chat_id).system == "Answer in French."
 
 
-async def test_export_to_markdown(default_tokenizer, dirs):
+async def test_export_writes_into_the_exports_folder_and_says_where(default_tokenizer, documents):
     app, _ = app_with(default_tokenizer, ["The Danube."])
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         await send(pilot, "Name a river")
-        await pilot.press("f5")
-        field = app.screen.query_one("Input")
-        assert field.value == "name-a-river.md"
-        field.value = str(dirs / "out.md")
-        await pilot.press("enter")
         chat_id = app.chat_screen.chat_id
         expected = to_markdown(app.store.chat(chat_id), app.store.messages(chat_id))
-    assert (dirs / "out.md").read_text() == expected
+        await pilot.press("f5")
+        assert str(app.screen.query_one(".title").render()) == (
+            f"Export this chat to Markdown (in {documents})"
+        )
+        assert app.screen.query_one("Input").value == "name-a-river.md"
+        await pilot.press("enter")
+        assert (documents / "name-a-river.md").read_text() == expected
+        assert last_note(app) == f"Exported to {documents / 'name-a-river.md'}"
+
+        await pilot.press("f5")  # the next export offers a free name
+        assert app.screen.query_one("Input").value == "name-a-river-2.md"
+        app.screen.query_one("Input").value = "name-a-river.md"  # a taken name: asks first
+        await pilot.press("enter")
+        assert isinstance(app.screen, ConfirmScreen)
+        (documents / "name-a-river.md").write_text("mine")
+        await pilot.press("n")
+        assert (documents / "name-a-river.md").read_text() == "mine"
+        await pilot.press("f5")
+        app.screen.query_one("Input").value = "name-a-river.md"
+        await pilot.press("enter", "y")
+        assert (documents / "name-a-river.md").read_text() == expected
     assert "## You\n\nName a river\n" in expected and "## Assistant\n\nThe Danube.\n" in expected
+
+
+async def test_export_to_a_path_of_ones_choosing(default_tokenizer, documents, dirs):
+    app, _ = app_with(default_tokenizer, ["The Danube."])
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await send(pilot, "Name a river")
+        for given, written in [
+            (str(dirs / "out" / "river.md"), dirs / "out" / "river.md"),  # absolute: as given
+            ("~/notes/river.md", dirs / "home" / "notes" / "river.md"),
+            ("rivers/danube.md", documents / "rivers" / "danube.md"),  # relative: in the folder
+        ]:
+            await pilot.press("f5")
+            app.screen.query_one("Input").value = given
+            await pilot.press("enter")
+            assert written.read_text().startswith("# Name a river\n")
+            assert last_note(app) == f"Exported to {written}"
+        (dirs / "blocked").write_text("a file, not a folder")
+        await pilot.press("f5")
+        app.screen.query_one("Input").value = str(dirs / "blocked" / "x.md")
+        await pilot.press("enter")
+        assert last_note(app).startswith(f"Cannot write {dirs / 'blocked'}/x.md")
 
 
 async def test_copy_a_message_and_a_code_block(default_tokenizer):
@@ -295,6 +372,10 @@ async def test_help_lists_every_binding_and_the_palette_every_action(default_tok
         listed = {table.get_row_at(i)[1] for i in range(table.row_count)}
         actions = {b.description for b in (*ChatScreen.BINDINGS, *XQChatApp.BINDINGS)}
         assert actions | {"Send", "New line", "Commands"} == listed
+        said = {table.get_row_at(i)[1]: table.get_row_at(i)[2] for i in range(table.row_count)}
+        assert said["Regenerate"] == REGENERATE_HELP
+        assert f"temperature {REGENERATE_TEMPERATURE} if yours is 0" in REGENERATE_HELP
+        assert "~/Documents/xqchat" in said["Export"]
         await pilot.press("escape")
         titles = {c.title for c in app.get_system_commands(app.chat_screen)}
         assert actions <= titles
@@ -373,6 +454,7 @@ async def test_a_real_exchange_with_the_default_model():
         assert role == "assistant" and "Paris" in answer and status in ("done", "length")
         text = status_text(app)
         assert text["model"] == "smollm2-135m" and text["engine"].startswith("torch/cpu")
+        assert text["weights"] == app.engine.model.dtype != ""
         assert text["speed"].endswith("tok/s") and text["memory"].startswith("cache ")
 
 
@@ -384,6 +466,7 @@ async def test_a_real_exchange_with_the_shipped_drafter_shows_tokens_per_step():
         await send(pilot, "What is the capital of France?")
         (_, _, _), (role, answer, status) = rows(app)
         assert role == "assistant" and "Paris" in answer and status in ("done", "length")
+        assert status_text(app)["drafter"] == "drafter: auto"
         speed = status_text(app)["speed"]
-        assert speed.endswith("tok/step (drafter)")
+        assert speed.endswith("tok/step")
         assert float(speed.split(" · ")[1].split()[0]) > 1  # drafts were accepted

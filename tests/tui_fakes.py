@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xqchat.backends.base import CacheMemory, CacheSpec, GenerationConfig, TokenEvent
+from xqchat.backends.decoding import PREFILL_CHUNK
 from xqchat.models.errors import XQError
 
 CACHE_BYTES_PER_TOKEN, FP16_BYTES_PER_TOKEN = 1024, 4096  # "4.0× smaller than fp16 KV"
@@ -20,6 +21,8 @@ CACHE_BYTES_PER_TOKEN, FP16_BYTES_PER_TOKEN = 1024, 4096  # "4.0× smaller than 
 class FakeSpec:
     max_context: int
     notes: tuple[str, ...] = ()
+    dim: int = 576  # the default model's widths: a GQA model, so xquant caches SVD latents
+    kv_dim: int = 192
 
 
 class FakeModel:
@@ -32,19 +35,39 @@ class FakeModel:
         max_context: int = 4096,
         hold_after: int | None = None,
         seconds_per_token: float = 0.0,
+        pause_at: tuple[str, ...] = (),
+        drafter: object | None = None,
     ):
         self.tokenizer = tokenizer
         self.replies = list(replies)  # one per turn, the last repeats
         self.spec = FakeSpec(max_context)
         self.cache = CacheSpec()
-        self.hold_after = hold_after  # after this many tokens, wait until cancelled
+        self.drafter = drafter
+        self.hold_after = hold_after  # after this many tokens, wait until cancelled or released
         self.seconds_per_token = seconds_per_token
         self.turns = 0
         self.prefills: list[int] = []  # tokens prefilled, per turn
         self.prompts: list[list[int]] = []  # what the cache held when each reply began
+        self.configs: list[GenerationConfig] = []  # how each reply was asked to sample
         self.held = threading.Event()  # set when a reply is holding
+        self.release = threading.Event()  # ends a hold, as a cancel does, but the reply goes on
+        # Stages at which the engine thread stops until `resume` is set ("session": a new
+        # session, as xquant's factors take a while; "prefill": a prefill of more than one chunk,
+        # once it has read the first and said so), so a test can look at the screen mid-way.
+        # `paused` says which stage is waiting.
+        self.pause_at = set(pause_at)
+        self.paused: str | None = None
+        self.resume = threading.Event()
+
+    def wait(self, stage: str) -> None:
+        if stage in self.pause_at:
+            self.paused = stage
+            assert self.resume.wait(timeout=30), f"the test never resumed the {stage} stage"
+            self.resume.clear()
+            self.paused = None
 
     def new_session(self, cache: CacheSpec | None = None) -> FakeSession:
+        self.wait("session")
         return FakeSession(self)
 
     def next_reply(self) -> str:
@@ -57,10 +80,19 @@ class FakeSession:
     def __init__(self, model: FakeModel):
         self.model = model
         self.tokens: list[int] = []
+        self.on_prefill = None  # as DecodingSession's: (tokens done, tokens to do)
 
     def prefill(self, tokens: list[int]) -> None:
+        """In chunks, telling `on_prefill` before each and at the end, as the real one does."""
         self.model.prefills.append(len(tokens))
-        self.tokens += tokens
+        for i in range(0, len(tokens), PREFILL_CHUNK):
+            if self.on_prefill is not None:
+                self.on_prefill(i, len(tokens))
+            if i == PREFILL_CHUNK:  # one chunk read, and said so
+                self.model.wait("prefill")
+            self.tokens += tokens[i : i + PREFILL_CHUNK]
+        if self.on_prefill is not None:
+            self.on_prefill(len(tokens), len(tokens))
 
     def trim(self, n_keep: int) -> None:
         del self.tokens[n_keep:]
@@ -85,13 +117,17 @@ class FakeSession:
     def generate(self, cfg: GenerationConfig, cancel: threading.Event | None = None):
         model = self.model
         model.prompts.append(list(self.tokens))
+        model.configs.append(cfg)
         fed = model.prefills[-1]
         text = model.next_reply()
         ids = model.tokenizer.encode(text) + [min(model.tokenizer.stop_tokens)]
         for n, token in enumerate(ids, 1):
             if model.hold_after is not None and n == model.hold_after + 1:
                 model.held.set()
-                cancel.wait(timeout=30)
+                deadline = time.monotonic() + 30
+                while not (cancel.is_set() or model.release.is_set()):
+                    assert time.monotonic() < deadline, "the test never ended the hold"
+                    time.sleep(0.01)
             time.sleep(model.seconds_per_token)
             if token in cfg.stop_tokens:
                 finish = "stop"

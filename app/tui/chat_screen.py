@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
 from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Footer, Input, Label, OptionList, ProgressBar, Static
-from textual.widgets.markdown import MarkdownStream
 from textual.widgets.option_list import Option
 
-from xqchat.backends.base import CacheMemory, TokenEvent
-from xqchat.models.errors import XQError
+from xqchat.backends.base import CacheMemory
+from xqchat.models.paths import exports_dir
 from xqchat.models.registry import DEFAULT_MODEL, PIP_DEFAULT, SUGGESTED_PULL
 
 from .dialogs import ConfirmScreen, PickScreen, TextPrompt
-from .engine import CacheNote, ModelInfo
+from .engine import ModelInfo
+from .replying import REGENERATE_HELP, ReplyingScreen, regenerate_config
 from .settings import installed_models
-from .store import SAVE_EVERY_S, Message, ReplyWriter, Store, to_markdown
+from .store import Message, to_markdown
 from .widgets import MessageView, NoticeView, PromptInput, StatusBar
 
 TITLE_CHARS = 40
@@ -33,17 +31,19 @@ def title_from(text: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
 
 
-@dataclass
-class Reply:
-    """The reply being streamed, and where it shows (if its chat is on screen)."""
+def export_name(folder: Path, title: str) -> str:
+    """A file name for a chat's export from its title, one not yet taken in `folder`."""
+    slug = "-".join("".join(c if c.isalnum() else " " for c in title.lower()).split()) or "chat"
+    name, n = f"{slug}.md", 1
+    while (folder / name).exists():
+        n += 1
+        name = f"{slug}-{n}.md"
+    return name
 
-    chat_id: int
-    writer: ReplyWriter
-    view: MessageView | None = None
-    stream: MarkdownStream | None = None
 
+class ChatScreen(ReplyingScreen):
+    """The main screen: chats sidebar, the conversation, the prompt and the status bar."""
 
-class ChatScreen(Screen):
     CSS_PATH = "chat_screen.tcss"
     BINDINGS = [
         Binding(
@@ -53,7 +53,7 @@ class ChatScreen(Screen):
             tooltip="Stop the reply (the partial reply is kept, marked), or the edit.",
         ),
         Binding("ctrl+n", "new_chat", "New chat", tooltip="Start a new chat."),
-        Binding("ctrl+r", "regenerate", "Regenerate", tooltip="Answer your last message again."),
+        Binding("ctrl+r", "regenerate", "Regenerate", tooltip=REGENERATE_HELP),
         Binding(
             "ctrl+e",
             "edit_last",
@@ -81,22 +81,20 @@ class ChatScreen(Screen):
             tooltip="Set this chat's system prompt.",
         ),
         Binding(
-            "f5", "export", "Export", show=False, tooltip="Write this chat to a Markdown file."
+            "f5",
+            "export",
+            "Export",
+            show=False,
+            tooltip="Write this chat to Markdown, in ~/Documents/xqchat by default.",
         ),
         Binding(
             "f8", "delete", "Delete chat", show=False, tooltip="Delete this chat (asks first)."
         ),
     ]
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self.chat_id: int | None = None
-        self.reply: Reply | None = None
         self.editing: Message | None = None  # the user message being edited, if any
-
-    @property
-    def store(self) -> Store:
-        return self.app.store
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
@@ -128,11 +126,15 @@ class ChatScreen(Screen):
 
     # -- model loading (driven by the app) -------------------------------------------------------
     def show_loading(self, stage: str | None) -> None:
-        """Show a loading stage, or hide the progress once loading is over (None)."""
+        """Show a loading stage, or hide the progress once loading is over (None). Over with no
+        model loaded means it failed: the status bar says so rather than "loading" on."""
         self.query_one("#loading").display = stage is not None
+        self.follow_loading(stage)
         if stage is not None:
             self.query_one("#loading-stage", Label).update(stage)
             self.query_one(StatusBar).show_loading(stage)
+        elif self.app.engine.info is None:
+            self.query_one(StatusBar).show_failed(self.app.settings.model)
 
     def show_model(self, info: ModelInfo) -> None:
         self.query("#no-model").remove()
@@ -141,6 +143,7 @@ class ChatScreen(Screen):
 
     def show_no_model(self, error: str) -> None:
         self.query("#no-model").remove()
+        self.query_one(StatusBar).show_failed(self.app.settings.model)
         installed = installed_models()
         pick = f"Installed: {', '.join(installed)}. " if installed else ""
         panel = Static(
@@ -191,10 +194,11 @@ class ChatScreen(Screen):
                 self.run_worker(self.attach(live))
         self.refresh_chats()
         conversation.anchor()
+        self.query_one(StatusBar).clear_speed()
         self.refresh_memory()
 
     @staticmethod
-    def view_of(message: Message):
+    def view_of(message: Message) -> Widget:
         if message.role == "notice":
             return NoticeView(message.content)
         return MessageView(message.role, message.content, message.status)
@@ -207,111 +211,48 @@ class ChatScreen(Screen):
         memory = await self.app.engine.memory(self.chat_id) if self.chat_id is not None else None
         self.show_cache(memory or CacheMemory(0, 0, 0, 0, 0, 0))
 
-    def show_cache(self, memory: CacheMemory) -> None:
-        status = self.query_one(StatusBar)
-        status.show_context(memory.tokens, self.app.engine.info.max_context)
-        status.show_memory(memory.cache_bytes, memory.fp16_kv_bytes)
-
-    # -- sending and streaming ---------------------------------------------------------------------
+    # -- sending ---------------------------------------------------------------------------------
     @on(PromptInput.Submitted)
     def submitted(self, event: PromptInput.Submitted) -> None:
+        """Send the prompt's text (or resend the edited message) under the chat's answer lock.
+        The text leaves the prompt only once it is in the store."""
         text = event.text
         if not text.strip() or self.busy():
             return
-        prompt = self.query_one(PromptInput)
-        if self.editing is not None:
-            self.resend(self.editing, text)
+        if self.chat_id is not None and self.chat_id not in {c.id for c in self.store.chats()}:
+            self.notify("This chat was deleted in another xqchat window: this starts a new one.")
+            self.open_chat(None)
+        if self.chat_id is None:  # a new chat: no other window can be answering it
+            self.chat_id = self.store.new_chat(title_from(text))
+            self.refresh_chats()
+        lock = self.claim(self.chat_id)
+        if lock is None:
+            return
+        editing = self.editing
+        if editing is not None and not self.still_last(editing):
+            lock.release()
+            self.open_chat(self.chat_id)  # as the store holds it now; this stops editing
+            self.notify(
+                "The chat changed in another xqchat window, so your edit was not sent; it is "
+                "still in the box (Enter sends it as a new message).",
+                severity="warning",
+            )
+            return
+        if editing is not None:
+            self.resend(editing, text)  # shows the chat again, as the store holds it
         else:
-            if self.chat_id is None:
-                self.chat_id = self.store.new_chat(title_from(text))
-                self.refresh_chats()
+            if self.shown_differs():  # another window's turns come first, on screen as stored
+                self.open_chat(self.chat_id)
             self.store.add(self.chat_id, "user", text)  # committed before generation starts
             self.query_one("#conversation").mount(MessageView("user", text))
-        prompt.clear()
-        self.start_reply()
+        self.query_one(PromptInput).clear()
+        self.start_reply(lock)
 
-    def history(self, chat_id: int) -> list[dict]:
-        """The chat as the model sees it: system prompt, then user and assistant messages."""
-        system = self.store.chat(chat_id).system
-        messages = [{"role": "system", "content": system}] if system else []
-        for message in self.store.messages(chat_id):
-            if message.role in ("user", "assistant"):
-                messages.append({"role": message.role, "content": message.content})
-        return messages
-
-    def start_reply(self) -> None:
-        self.reply = Reply(self.chat_id, ReplyWriter(self.store, self.chat_id))
-        self.stream_reply(self.reply)
-
-    async def attach(self, reply: Reply) -> None:
-        """Show the streaming reply, with what it has so far, at the end of the conversation."""
-        view = MessageView("assistant", "", "streaming")
-        await self.query_one("#conversation").mount(view)
-        if reply.writer.text:
-            await view.body.update(reply.writer.text)
-        if reply is not self.reply or reply.chat_id != self.chat_id:  # moved on meanwhile
-            await view.remove()
-            return
-        view.text = reply.writer.text
-        reply.view, reply.stream = view, view.stream()
-
-    @work(group="reply")
-    async def stream_reply(self, reply: Reply) -> None:
-        status, finish, problem = self.query_one(StatusBar), None, None
-        await self.attach(reply)
-        saver = self.set_interval(SAVE_EVERY_S, reply.writer.flush)
-        history = self.history(reply.chat_id)
-        try:
-            async for item in self.app.engine.reply(reply.chat_id, history, self.app.settings):
-                if isinstance(item, list):
-                    for note in item:
-                        self.store.add(reply.chat_id, "notice", note)
-                        if reply.view is not None:
-                            await self.query_one("#conversation").mount(
-                                NoticeView(note), before=reply.view
-                            )
-                elif isinstance(item, CacheNote):
-                    self.notify(item.text, title="chat cache", severity="warning", timeout=10)
-                elif isinstance(item, TokenEvent):
-                    reply.writer.add(item.text)
-                    finish = item.finish_reason
-                    if reply.view is not None:
-                        reply.view.text = reply.writer.text
-                        await reply.stream.write(item.text)
-                        status.show_speed(item.decode_tok_s, item.accepted_per_step)
-                        status.show_memory(item.cache_bytes, item.fp16_kv_bytes)
-                        used = item.cached_tokens + item.prompt_tokens + item.new_tokens
-                        status.show_context(used, self.app.engine.info.max_context)
-                elif reply.chat_id == self.chat_id:
-                    self.show_cache(item)
-            ended = {None: "done", "stop": "done"}.get(finish, finish)
-        except asyncio.CancelledError:  # the app is closing mid-reply: keep what came
-            reply.writer.finish("interrupted")
-            raise
-        except XQError as e:
-            ended, problem = "error", str(e)
-        except Exception as e:  # a bug: say so, without a traceback on screen
-            ended, problem = "error", f"internal error: {type(e).__name__}: {e}"
-        finally:
-            saver.stop()
-        if problem:
-            self.notify(problem, severity="error", timeout=10)
-        reply.writer.finish(ended)
-        if reply.stream is not None:
-            await reply.stream.stop()
-        if reply.writer.id is None and problem:  # no reply at all: say why in the conversation
-            self.store.add(reply.chat_id, "notice", f"no reply: {problem}")
-            if reply.view is not None:
-                await self.query_one("#conversation").mount(
-                    NoticeView(f"no reply: {problem}"), before=reply.view
-                )
-        if reply.view is not None:
-            if reply.writer.id is None:
-                await reply.view.remove()
-            else:
-                reply.view.set_status(ended)
-        self.reply = None
-        self.refresh_chats()
+    def still_last(self, message: Message) -> bool:
+        """Whether `message` is still the chat's last user message (another window may have
+        sent one since, or deleted it)."""
+        users = [m for m in self.store.messages(self.chat_id) if m.role == "user"]
+        return bool(users) and users[-1].id == message.id
 
     # -- actions -------------------------------------------------------------------------------------
     def action_cancel(self) -> None:
@@ -331,17 +272,18 @@ class ChatScreen(Screen):
         messages = [m for m in self.store.messages(self.chat_id) if m.role != "notice"]
         return messages[-1] if messages and messages[-1].role == role else None
 
-    def busy(self) -> bool:
-        if self.reply is not None:
-            self.notify(
-                "A reply is still streaming: wait for it, or press Esc to cancel it.",
-                severity="warning",
-            )
-        return self.reply is not None
-
     def action_regenerate(self) -> None:
+        """Replace the last reply with a sampled one (see REGENERATE_TEMPERATURE)."""
         if self.busy():
             return
+        if self.chat_id is None:
+            self.notify("There is no message to answer.", severity="warning")
+            return
+        lock = self.claim(self.chat_id)
+        if lock is None:
+            return
+        if self.shown_differs():
+            self.open_chat(self.chat_id)
         old = self.last("assistant")
         if old is not None:
             self.store.remove(old.id)
@@ -349,9 +291,15 @@ class ChatScreen(Screen):
             if views and views.last().role == "assistant":
                 views.last().remove()
         if self.last("user") is None:
+            lock.release()
             self.notify("There is no message to answer.", severity="warning")
             return
-        self.start_reply()
+        generation = regenerate_config(self.app.settings)
+        self.notify(
+            f"Regenerating at temperature {generation.temperature:g} (seed {generation.seed}).",
+            timeout=4,
+        )
+        self.start_reply(lock, generation)
 
     def action_edit_last(self) -> None:
         if self.busy():
@@ -463,26 +411,39 @@ class ChatScreen(Screen):
         )
 
     def action_export(self) -> None:
+        """Write the chat as Markdown: a bare name lands in exports_dir(), a path where it says."""
         if not self.need_chat():
             return
-        chat = self.store.chat(self.chat_id)
-        slug = (
-            "-".join("".join(c if c.isalnum() else " " for c in chat.title.lower()).split())
-            or "chat"
-        )
+        chat, folder = self.store.chat(self.chat_id), exports_dir()
 
-        def export(path: str | None) -> None:
-            if not path:
-                return
-            target = Path(path).expanduser()
+        def write(target: Path) -> None:
             try:
-                target.write_text(to_markdown(chat, self.store.messages(self.chat_id)))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(to_markdown(chat, self.store.messages(chat.id)))
             except OSError as e:
                 self.notify(f"Cannot write {target}: {e.strerror}", severity="error")
                 return
-            self.notify(f"Exported to {target}")
+            self.notify(f"Exported to {target}", timeout=10)
 
-        self.app.push_screen(TextPrompt("Export this chat to Markdown", f"{slug}.md"), export)
+        def export(path: str | None) -> None:
+            if not path or not path.strip():
+                return
+            # a name or relative path lands in the folder; an absolute or ~ path stays as given
+            target = (folder / Path(path.strip()).expanduser()).absolute()
+            if target.exists():
+                self.app.push_screen(
+                    ConfirmScreen(f"{target} exists. Replace it?"),
+                    lambda yes: write(target) if yes else None,
+                )
+            else:
+                write(target)
+
+        self.app.push_screen(
+            TextPrompt(
+                f"Export this chat to Markdown (in {folder})", export_name(folder, chat.title)
+            ),
+            export,
+        )
 
     def action_delete(self) -> None:
         if not self.need_chat():
@@ -493,11 +454,16 @@ class ChatScreen(Screen):
         chat = self.store.chat(self.chat_id)
 
         def delete(yes: bool) -> None:
-            if yes:
+            # Not while another window answers it: its reply would be written into nothing.
+            if not yes or (lock := self.claim(chat.id)) is None:
+                return
+            try:
                 self.store.delete(chat.id)
                 self.app.engine.delete(chat.id)
-                chats = self.store.chats()
-                self.open_chat(chats[0].id if chats else None)
-                self.notify(f"Deleted “{chat.title}”.")
+            finally:
+                lock.release()
+            chats = self.store.chats()
+            self.open_chat(chats[0].id if chats else None)
+            self.notify(f"Deleted “{chat.title}”.")
 
         self.app.push_screen(ConfirmScreen(f"Delete “{chat.title}” and all its messages?"), delete)

@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xqchat.backends.base import CacheMemory, CacheSpec, Model, TokenEvent
+from xqchat.backends.base import CacheMemory, CacheSpec, GenerationConfig, Model, TokenEvent
 from xqchat.backends.chat import ChatSession
 from xqchat.backends.engine_thread import EngineThread
+from xqchat.backends.latents import uses_latents
 from xqchat.models.errors import XQError
 from xqchat.models.paths import data_dir
 from xqchat.models.tokenizer import Tokenizer
@@ -39,9 +40,35 @@ class ModelInfo:
     name: str
     backend: str
     device: str
+    weights: str  # the working dtype of the weights: int8, bf16, fp16, fp32
     cache: CacheSpec
+    drafter: str | None  # how it speculates (auto, lookup, a drafter folder's name), if it does
     max_context: int
     notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Busy:
+    """What the engine is doing for a reply before its first token (loading its saved cache,
+    computing XQuant's factors, reading the chat), for the reply block to show. A prefill also
+    says how far it is: `done` of `total` tokens read."""
+
+    text: str
+    done: int = 0
+    total: int | None = None
+
+
+class PrefillCancelled(Exception):
+    """Esc during a long prefill: raised from the prefill's progress hook, between chunks, so a
+    cancel does not wait for the whole prompt to be read. What was read stays in the cache (the
+    next turn reuses it as a common prefix)."""
+
+
+def drafter_label(choice: str, model: Model) -> str | None:
+    """How the status bar names the drafter: the setting's word, or a drafter folder's name."""
+    if getattr(model, "drafter", None) is None:
+        return None
+    return choice if choice in ("auto", "lookup") else Path(choice).name
 
 
 @dataclass(frozen=True)
@@ -67,6 +94,7 @@ class ChatEngine:
         self.sessions: OrderedDict[int, ChatSession] = OrderedDict()
         self.cancel = threading.Event()
         self._loaded_with: Settings | None = None
+        self._factored: set[tuple[str, int]] = set()  # xquant caches this model has made
 
     async def _run(self, fn, *args):
         return await asyncio.wrap_future(self.thread.submit(fn, *args))
@@ -86,6 +114,7 @@ class ChatEngine:
             name = self.info.name
         else:
             self.model = self.tokenizer = self.info = self._loaded_with = None  # free it first
+            self._factored.clear()
             name, self.tokenizer, self.model = self.loader(settings, progress)
         self._loaded_with = settings
         model = self.model
@@ -93,11 +122,24 @@ class ChatEngine:
             name,
             model.backend,
             model.device,
+            model.dtype,
             cache,
+            drafter_label(settings.drafter, model),
             model.spec.max_context,
             (*model.spec.notes, *model.notes),
         )
         return self.info
+
+    def _first_factors(self) -> bool:
+        """Whether a new session will be the first of this model with this xquant cache: the
+        first computes XQuant's SVD factors (or reads them from disk), which takes seconds."""
+        cache, spec = self.info.cache, self.model.spec
+        if cache.kind not in ("xquant", "xquant-cl") or not uses_latents(spec.dim, spec.kv_dim):
+            return False  # no factors: another cache kind, or an MHA model (it caches X itself)
+        key = (cache.kind, cache.group)
+        first = key not in self._factored
+        self._factored.add(key)
+        return first
 
     def saved_cache(self, chat_id: int) -> Path:
         return self.saved_dir / f"{chat_id}.safetensors"
@@ -138,38 +180,63 @@ class ChatEngine:
         return None
 
     async def reply(
-        self, chat_id: int, messages: list[dict], settings: Settings
-    ) -> AsyncIterator[list[str] | TokenEvent | CacheMemory | CacheNote]:
-        """Answer `messages` (the chat as the store holds it). Yields the context policy's notices
-        (a list, first), each TokenEvent, then the cache's memory once the reply is done, and a
-        CacheNote whenever the chat's saved cache could not be loaded or saved. The cache is saved
-        before the reply counts as done."""
+        self,
+        chat_id: int,
+        messages: list[dict],
+        settings: Settings,
+        generation: GenerationConfig | None = None,
+    ) -> AsyncIterator[list[str] | Busy | TokenEvent | CacheMemory | CacheNote]:
+        """Answer `messages` (the chat as the store holds it) with `generation` (default: the
+        settings' sampling). Yields a Busy for each stage before the first token (the first as
+        soon as the engine thread takes the reply up), the context policy's notices (a list,
+        before the first TokenEvent), each TokenEvent, then the cache's memory once the reply is
+        done, and a CacheNote whenever the chat's saved cache could not be loaded or saved. The
+        cache is saved before the reply counts as done. Esc during the prefill ends the reply
+        with no TokenEvent."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
         self.cancel.clear()
+        cfg = generation or settings.generation()
 
         def put(item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        def on_prefill(read: int, total: int) -> None:  # on the engine thread, between chunks
+            if self.cancel.is_set():
+                raise PrefillCancelled
+            put(Busy(f"reading the chat ({total:,} tokens) …", read, total))
+
         def work() -> None:
+            chat = None
             try:
                 if self.model is None:
-                    raise RuntimeError("no model is loaded")
+                    raise XQError("no model is loaded (Settings, Ctrl+S, picks one)")
+                put(Busy("starting the reply …"))
+                if chat_id not in self.sessions:
+                    if self._first_factors():
+                        put(Busy("preparing XQuant factors (first use) …"))
+                    if self.saved_cache(chat_id).exists():
+                        put(Busy("loading the chat's saved cache …"))
                 chat, note = self._session(chat_id, settings)
                 if note:
                     put(note)
                 chat.messages = messages
-                for i, event in enumerate(chat.reply(settings.generation(), self.cancel)):
+                chat.session.on_prefill = on_prefill
+                for i, event in enumerate(chat.reply(cfg, self.cancel)):
                     if i == 0:
                         put(list(chat.notices))
                     put(event)
                 put(chat.session.memory())
                 if note := self._save(chat, chat_id):
                     put(note)
+            except PrefillCancelled:
+                pass  # nothing to answer with; the screen says it was cancelled
             except BaseException as e:  # handed to the UI, which shows it as a notification
                 put(e)
             finally:
+                if chat is not None:
+                    chat.session.on_prefill = None  # it holds this reply's queue
                 put(done)
 
         self.thread.submit(work)
