@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_tiny
+from test_conformance import pieces
 
 from xqchat.backends import int8
 from xqchat.backends.base import CacheSpec, EngineOptions, load_model
@@ -323,6 +324,7 @@ def test_int8_decoding_with_and_without_the_c_pass(tiny_models, monkeypatch):
     the torch ops give."""
     files = resolve(str(tiny_models["qwen2"]))  # a K/V bias through the pass
     calls = spy_int8(monkeypatch)
+    monkeypatch.setenv("XQCHAT_INT_MM", "1")  # without the pass: LLM.int8's torch ops, not floats
     runs = []
     for c_pass in (True, False):
         if not c_pass:
@@ -382,6 +384,7 @@ def test_bf16_decoding_with_and_without_the_attention_pass(tiny_models, monkeypa
     calls = []
     run = cpu_kernels.attend_bf16
     monkeypatch.setattr(cpu_kernels, "attend_bf16", lambda *a: calls.append(a[3]) or run(*a))
+    monkeypatch.setenv("XQCHAT_BF16_PATH", "torch")  # matmuls the same way in both runs
     engine = load_model(
         resolve(str(tiny_models["gqa-qwen2"])), EngineOptions(backend="torch", weights="bf16")
     )
@@ -401,7 +404,7 @@ def test_bf16_decoding_with_and_without_the_attention_pass(tiny_models, monkeypa
     )
 
 
-def test_without_a_compiler_the_torch_ops_run_and_the_engine_says_so(
+def test_without_a_compiler_the_torch_ops_run_and_the_paths_say_so(
     tiny_models, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
@@ -411,15 +414,13 @@ def test_without_a_compiler_the_torch_ops_run_and_the_engine_says_so(
         assert cpu_kernels.library() is None
         spec = CacheSpec(kind="xquant-cl", bits=8, group=32, residual=8)
         engine = load_tiny(tiny_models, "llama", "torch", cache=spec)
-        assert any("C passes" in note for note in engine.notes)
-        int8_engine = load_model(
-            resolve(str(tiny_models["llama"])), EngineOptions(backend="torch", weights="int8")
-        )
-        assert any("int8 matmuls" in note for note in int8_engine.notes)
-        bf16_engine = load_model(
-            resolve(str(tiny_models["llama"])), EngineOptions(backend="torch", weights="bf16")
-        )
-        assert any("decode attention" in note for note in bf16_engine.notes)
+        assert engine.paths["c_passes"] == "off" and not engine.notes  # shown, not noted
+        for weights in ("int8", "bf16"):  # their products run as torch ops
+            other = load_model(
+                resolve(str(tiny_models["llama"])), EngineOptions(backend="torch", weights=weights)
+            )
+            assert other.paths["c_passes"] == "off" and other.paths["bf16_decode"] != "c-pass"
+            assert pieces(other.new_session(), list(range(300, 320)), [4, 1]).shape[0] == 5
         session = engine.new_session()
         session.prefill(list(range(400, 480)))  # blocks flushed: read back through torch ops
         logits = session.logits([7])
