@@ -32,7 +32,7 @@ MAC_FEATURES = {
 }
 # what ATEN_CPU_CAPABILITY=avx2 / default leave of the x86 features
 CAPS = {
-    "avx2": {"avx2", "fma", "f16c", "avx_vnni", "avx_ne_convert"},
+    "avx2": {"avx2", "fma", "f16c"},
     "default": set(),
 }
 

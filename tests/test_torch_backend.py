@@ -56,7 +56,7 @@ def test_cpu_paths_are_measured_and_pinned(monkeypatch):
     assert ("onednn-packed row" in ms) == cpu_paths.onednn_packing()
     assert chosen.int_mm == (cpu_paths.int_mm_exact() and ms["int_mm"] < ms["float32 mm"])
     costs = {
-        (d, p): 200 * ms[f"{d} row"] + 4 * ms[f"{p} chunk"]
+        (d, p): 200 * ms[f"{d} row"] + 25 * ms[f"{d} tree"] + 4 * ms[f"{p} chunk"]
         for d, p in [("c-pass", "float32 copy"), ("c-pass", "torch"), ("torch", "float32 copy"),
                      ("torch", "torch"), ("onednn-packed", "onednn-packed")]
         if f"{d} row" in ms

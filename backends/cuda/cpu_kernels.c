@@ -671,7 +671,7 @@ void int8_linear(const float *x, int64_t m, int64_t k, float threshold,
 }
 
 #define LINEAR_ROWS 16 /* bf16_linear's most rows of x: cpu_kernels.py LINEAR_ROWS */
-#define LINEAR_TILE 4  /* rows of x multiplied per pass over a weight row, in registers */
+#define LINEAR_TILE 4  /* rows of x, or of W, multiplied per pass, their sums in registers */
 
 /* `rows` (1 to LINEAR_TILE, a constant where inlined) dots of x's rows with one bf16 weight row,
  * k a multiple of LANES: each weight vector is widened to float32 once for all the rows. */
@@ -689,25 +689,46 @@ static inline __attribute__((always_inline)) void bf16_dots(const float *x, int6
     for (int r = 0; r < rows; r++) dots[r] = lanes_sum(acc[r]);
 }
 
+/* The dots of one row of x with LINEAR_TILE weight rows (n apart in `out`): a decode step's
+ * shape, where one row of sums would make a chain of dependent additions; four are independent. */
+static inline void bf16_dots_across(const float *x, int64_t k, const uint16_t *w, float *out) {
+    lanes acc[LINEAR_TILE] = {{0}}, xv;
+    for (int64_t i = 0; i < k; i += LANES) {
+        memcpy(&xv, x + i, sizeof xv);
+        for (int j = 0; j < LINEAR_TILE; j++)
+            acc[j] = fma_lanes(xv, load_lanes(w + j * k, 1, i), acc[j]);
+    }
+    for (int j = 0; j < LINEAR_TILE; j++) out[j] = lanes_sum(acc[j]);
+}
+
 /* y (m, n) = x (m, k) · Wᵀ + bias for bf16 W (n, k), x, y and bias (or NULL) float32,
  * m <= LINEAR_ROWS, k a multiple of LANES: the product of decode and a drafter's tree on a CPU
- * where oneDNN cannot hold bf16 weights packed (no AVX-512 BW/VL/DQ): PyTorch's own bf16
- * products there convert through scalar code. Outputs are split over the threads; each weight
- * row is read once for all m rows, so the pass runs at the speed of reading the weights. */
+ * where oneDNN cannot hold bf16 weights packed (no AVX-512 BW/VL/DQ). Outputs are split over the
+ * threads in tiles of LINEAR_TILE weight rows, each read once for all m rows of x. */
 void bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *weight, const float *bias,
                  int64_t n, float *y, int threads) {
+    int64_t tiles = (n + LINEAR_TILE - 1) / LINEAR_TILE;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < n; j++) {
-        const uint16_t *w = weight + j * k;
-        float dots[LINEAR_ROWS];
-        for (int64_t r = 0; r < m; r += LINEAR_TILE) {
-            switch (m - r) {
-                case 1: bf16_dots(x + r * k, k, w, 1, dots + r); break;
-                case 2: bf16_dots(x + r * k, k, w, 2, dots + r); break;
-                case 3: bf16_dots(x + r * k, k, w, 3, dots + r); break;
-                default: bf16_dots(x + r * k, k, w, LINEAR_TILE, dots + r);
-            }
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t j0 = t * LINEAR_TILE;
+        if (m == 1 && j0 + LINEAR_TILE <= n) {
+            float dots[LINEAR_TILE];
+            bf16_dots_across(x, k, weight + j0 * k, dots);
+            for (int j = 0; j < LINEAR_TILE; j++) y[j0 + j] = bias ? dots[j] + bias[j0 + j] : dots[j];
+            continue;
         }
-        for (int64_t r = 0; r < m; r++) y[r * n + j] = bias ? dots[r] + bias[j] : dots[r];
+        for (int64_t j = j0; j < n && j < j0 + LINEAR_TILE; j++) {
+            const uint16_t *w = weight + j * k;
+            float dots[LINEAR_ROWS];
+            for (int64_t r = 0; r < m; r += LINEAR_TILE) {
+                switch (m - r) {
+                    case 1: bf16_dots(x + r * k, k, w, 1, dots + r); break;
+                    case 2: bf16_dots(x + r * k, k, w, 2, dots + r); break;
+                    case 3: bf16_dots(x + r * k, k, w, 3, dots + r); break;
+                    default: bf16_dots(x + r * k, k, w, LINEAR_TILE, dots + r);
+                }
+            }
+            for (int64_t r = 0; r < m; r++) y[r * n + j] = bias ? dots[r] + bias[j] : dots[r];
+        }
     }
 }

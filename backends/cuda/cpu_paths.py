@@ -11,7 +11,7 @@ this CPU (hardware.py says what it offers; what is fast on it is measured, not a
   products in saturating 16-bit lanes (seen under ONEDNN_MAX_CPU_ISA=AVX2), and where PyTorch
   does not call oneDNN it runs a scalar loop, 20x slower than float32.
 
-The costs are weighed as a typical turn: 200 decode steps (one row) and 4 prompt chunks of 64.
+The costs are weighed as a typical turn (TURN).
 `XQCHAT_BF16_PATH` (onednn-packed, c-pass, torch) and `XQCHAT_INT_MM` (1 or 0) pin a choice, for
 the tests and to measure each option with `xqchat bench`. The choice shows in `bench` JSON and
 `xqchat show --hardware`.
@@ -31,7 +31,9 @@ from ..hardware import cpu
 from . import cpu_kernels
 
 BF16_PATHS = ("onednn-packed", "c-pass", "torch")
-DECODE_STEPS, PROMPT_CHUNKS, CHUNK = 200, 4, 64  # a turn, as the costs weigh it
+# A turn, as the costs weigh it: 200 decode steps of one row, 25 drafter trees of 8 rows (rows
+# and trees take one path: a tree must score as the steps it stands for), 4 prompt chunks of 64.
+TURN = {"row": (200, 1), "tree": (25, 8), "chunk": (4, 64)}
 
 
 def onednn_packing() -> bool:
@@ -76,24 +78,26 @@ def _best_ms(fn, repeats: int = 3) -> float:
 
 
 def _bf16_costs(n: int, k: int) -> dict[str, float]:
-    """ms of one decode row and one prompt chunk for each bf16 candidate on an (n, k) weight."""
+    """ms of one decode row, one tree and one prompt chunk for each bf16 candidate on an (n, k)
+    weight."""
     weight = (torch.randn(n, k) * 0.02).bfloat16()
-    row, chunk = torch.randn(1, k), torch.randn(CHUNK, k)
+    xs = {shape: torch.randn(rows, k) for shape, (_, rows) in TURN.items()}
     ms = {}
     if onednn_packing():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-
-        def run(x):
-            return torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "")
-
-        ms["onednn-packed row"] = _best_ms(lambda: run(row))
-        ms["onednn-packed chunk"] = _best_ms(lambda: run(chunk))
+        for shape, x in xs.items():
+            ms[f"onednn-packed {shape}"] = _best_ms(
+                lambda x=x: torch.ops.mkldnn._linear_pointwise(
+                    x.bfloat16(), packed, None, "none", [], ""
+                )
+            )
     if cpu_kernels.library() is not None:
         product = cpu_kernels.Bf16Product(weight, None)
-        ms["c-pass row"] = _best_ms(lambda: product(row))
-    ms["torch row"] = _best_ms(lambda: F.linear(row.bfloat16(), weight))
-    ms["torch chunk"] = _best_ms(lambda: F.linear(chunk.bfloat16(), weight))
-    ms["float32 copy chunk"] = _best_ms(lambda: F.linear(chunk, weight.float()))
+        for shape in ("row", "tree"):
+            ms[f"c-pass {shape}"] = _best_ms(lambda x=xs[shape]: product(x))
+    for shape, x in xs.items():
+        ms[f"torch {shape}"] = _best_ms(lambda x=x: F.linear(x.bfloat16(), weight))
+    ms["float32 copy chunk"] = _best_ms(lambda: F.linear(xs["chunk"], weight.float()))
     return ms
 
 
@@ -129,7 +133,8 @@ def choose(n: int, k: int) -> CpuPaths:
     ms = _measure(min(n, 4096), max(16, min(k - k % 16, 2048)))
 
     def turn(decode: str, prompt: str) -> float:
-        return DECODE_STEPS * ms[f"{decode} row"] + PROMPT_CHUNKS * ms[f"{prompt} chunk"]
+        shapes = {"row": decode, "tree": decode, "chunk": prompt}
+        return sum(TURN[s][0] * ms[f"{path} {s}"] for s, path in shapes.items())
 
     options = [(d, p) for d in ("c-pass", "torch") for p in ("float32 copy", "torch")]
     # measured once per process; the C passes may have gone since (the tests take them away)
