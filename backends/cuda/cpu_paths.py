@@ -123,7 +123,14 @@ def int_mm_exact() -> bool:
 
 @functools.cache
 def _measure(n: int, k: int) -> dict[str, float]:
-    return _bf16_costs(n, k) | _int_mm_costs(min(k, 512))
+    # on one thread: the ranking is per core, and two threads on a busy 2-core laptop wait on
+    # each other at every product (seen: 20x slower), which would decide on noise
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _bf16_costs(n, k) | _int_mm_costs(min(k, 512))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def choose(n: int, k: int) -> CpuPaths:
