@@ -1,4 +1,9 @@
-"""The `xqchat` command line. Errors the user can act on are printed as one line on stderr."""
+"""The `xqchat` command line. Errors the user can act on are printed as one line on stderr.
+
+The option declarations and the checks made before a model loads are in options.py, the loading
+helpers in loading.py, and `bench` and `train-drafter` in bench_cli.py; their names used
+elsewhere (open_model, the option lists) are imported here too, so `xqchat.app.cli` still
+offers them."""
 
 from __future__ import annotations
 
@@ -8,17 +13,35 @@ from pathlib import Path
 
 import click
 
-from xqchat.backends.base import (
-    CACHE_KINDS,
-    WEIGHT_DTYPES,
-    CacheSpec,
-    EngineOptions,
-    GenerationConfig,
-)
+from xqchat.backends.base import CacheSpec, EngineOptions, GenerationConfig, pick_backend
 from xqchat.backends.chat import OVERFLOW_POLICIES
 from xqchat.models.errors import XQError
 
 from . import bench as benchmarks
+from .bench_cli import bench, train_drafter
+from .loading import load_engine, note, open_model, status, user_text
+from .options import (
+    DRAFTER_OPTIONS,
+    ENGINE_KEYS,
+    ENGINE_OPTIONS,
+    MIN_TEMPERATURE,
+    SEED_MAX,
+    FiniteFloat,
+    ModelName,
+    Preflight,
+    Temperature,
+    check_device,
+    check_drafter,
+    drafter_options,
+    engine_options,
+    given,
+    model_options,
+    prepare,
+    read_stdin,
+    read_text_file,
+)
+
+__all__ = ["DRAFTER_OPTIONS", "ENGINE_OPTIONS", "cli", "main", "open_model", "prepare_xquant"]
 
 EXAMPLES_RUN = """
 \b
@@ -28,208 +51,12 @@ Examples:
   xqchat run --temperature 0.7 --top-p 0.9 --seed 1 "Write a haiku"
   xqchat run --json "Hi"          # stats object instead of streamed text
   xqchat run --drafter auto "Hi"  # speculative decoding: same text, fewer model steps
+  xqchat run --overflow sink-window - < long.txt  # too long: keep its start and its end
+
+\b
+A prompt that is not valid UTF-8 is read with each invalid byte replaced by U+FFFD, and a note
+on stderr says how many were.
 """
-
-
-ENGINE_OPTIONS = [
-    click.option(
-        "--model",
-        "-m",
-        default="default",
-        show_default=True,
-        help="Model: default (smollm2-135m), a pulled one (NAMESPACE/REPO, see `xqchat list`), "
-        "a model directory or a .gguf file.",
-    ),
-    click.option(
-        "--backend",
-        type=click.Choice(["auto", "torch", "mlx"]),
-        default="auto",
-        show_default=True,
-        help="Engine: auto = MLX on Apple Silicon, else PyTorch (CUDA when present).",
-    ),
-    click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-    ),
-    click.option(
-        "--weights",
-        type=click.Choice(WEIGHT_DTYPES),
-        default="auto",
-        show_default=True,
-        help="Working dtype of the weights; auto = the fastest on this hardware; int8 = LLM.int8() "
-        "(int8 matrices with float outlier features: half the memory of bf16).",
-    ),
-    click.option(
-        "--int8-threshold",
-        type=click.FloatRange(min=0),
-        default=6.0,
-        show_default=True,
-        help="--weights int8: input features with any |x| above this are multiplied in floating "
-        "point (the outlier threshold of LLM.int8).",
-    ),
-    click.option(
-        "--int8-head/--float-head",
-        default=True,
-        show_default=True,
-        help="--weights int8: the LM head (a tied embedding table) in int8 too, or kept in "
-        "floating point.",
-    ),
-    click.option(
-        "--cache",
-        type=click.Choice(CACHE_KINDS),
-        default="kv",
-        show_default=True,
-        help="Attention cache: kv = exact K/V; kv-quant = K quantized per channel, V per token; "
-        "xquant = the layer input X (GQA: its SVD latents) quantized, K/V rebuilt from it; "
-        "xquant-cl = xquant storing each layer's difference from the layer before.",
-    ),
-    click.option(
-        "--bits",
-        type=click.Choice(["2", "3", "4", "8"]),
-        default="4",
-        show_default=True,
-        help="Bits per cached value (quantized caches).",
-    ),
-    click.option(
-        "--group",
-        type=click.Choice(["32", "64", "128"]),
-        default="128",
-        show_default=True,
-        help="Values sharing one fp16 scale and zero point (quantized caches).",
-    ),
-    click.option(
-        "--mha",
-        is_flag=True,
-        help="Run a GQA model in its exact MHA form (K/V heads repeated), e.g. to measure xquant "
-        "on X itself rather than on the SVD latents.",
-    ),
-    click.option(
-        "--residual",
-        type=click.IntRange(min=0),
-        default=128,
-        show_default=True,
-        help="Newest tokens kept exact (quantized caches).",
-    ),
-    click.option(
-        "--cache-sink",
-        type=click.IntRange(0, 256),
-        default=CacheSpec.sink,
-        show_default=True,
-        help="First tokens kept exact (quantized caches): attention sinks, which every later "
-        "token attends to.",
-    ),
-]
-
-
-DRAFTER_OPTIONS = [
-    click.option(
-        "--drafter",
-        default="none",
-        show_default=True,
-        help="Speculative decoding with a recurrent drafter: none, auto (the one trained for "
-        "this model by `xqchat train-drafter`, or shipped with xqchat), a drafter folder, or "
-        "lookup (no drafter, only --lookup's beam: any model, no training). Greedy text is "
-        "unchanged; sampling keeps the model's distribution.",
-    ),
-    click.option(
-        "--beam-width",
-        type=click.IntRange(min=1),
-        default=EngineOptions.beam_width,
-        show_default=True,
-        help="Drafter beams per step.",
-    ),
-    click.option(
-        "--beam-length",
-        type=click.IntRange(min=1),
-        default=EngineOptions.beam_length,
-        show_default=True,
-        help="Tokens per drafter beam, the model's own next token included.",
-    ),
-    click.option(
-        "--lookup",
-        type=click.IntRange(min=0),
-        default=EngineOptions.lookup,
-        show_default=True,
-        help="One more beam of up to N tokens beside the drafter's: what followed the last few "
-        "tokens where they occurred before in the chat (0: none).",
-    ),
-]
-
-
-def model_options(f):
-    for option in reversed(ENGINE_OPTIONS):
-        f = option(f)
-    return f
-
-
-def drafter_options(f):
-    for option in reversed(DRAFTER_OPTIONS):
-        f = option(f)
-    return f
-
-
-def engine_options(
-    backend,
-    device,
-    weights,
-    int8_threshold,
-    int8_head,
-    cache,
-    bits,
-    group,
-    residual,
-    cache_sink,
-    mha,
-    drafter="none",
-    beam_width=EngineOptions.beam_width,
-    beam_length=EngineOptions.beam_length,
-    lookup=EngineOptions.lookup,
-) -> EngineOptions:
-    cache = CacheSpec(
-        kind=cache, bits=int(bits), group=int(group), residual=residual, sink=cache_sink
-    )
-    return EngineOptions(
-        backend=backend,
-        device=device,
-        weights=weights,
-        int8_threshold=int8_threshold,
-        int8_head=int8_head,
-        cache=cache,
-        mha=mha,
-        drafter=None if drafter == "none" else drafter,
-        beam_width=beam_width,
-        beam_length=beam_length,
-        lookup=lookup,
-    )
-
-
-def status(message: str) -> None:
-    """Progress for a person watching; silent when stderr is not a terminal."""
-    if sys.stderr.isatty():
-        click.echo(f"\r\033[K{message}", err=True, nl=False)
-
-
-def open_model(model: str, opts: EngineOptions, progress=status):
-    """(files, tokenizer, engine) for a model name, path or .gguf; `progress` hears each stage."""
-    from xqchat.backends.base import load_model
-    from xqchat.models import resolve
-    from xqchat.models.catalog import record_use
-    from xqchat.models.tokenizer import load_tokenizer
-
-    files = resolve(model)
-    progress(f"loading {files.name} …")
-    engine = load_model(files, opts)  # first: it validates the weight files
-    progress(f"loading the tokenizer of {files.name} …")
-    tokenizer = load_tokenizer(files)
-    record_use(files.name)
-    return files, tokenizer, engine
-
-
-def load_engine(model: str, **options):
-    files, tokenizer, engine = open_model(model, engine_options(**options))
-    status("")
-    for note in (*engine.spec.notes, *engine.notes):
-        click.echo(f"note: {note}", err=True)
-    return files, tokenizer, engine
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -270,8 +97,13 @@ Examples:
 @click.option(
     "--max-tokens", type=click.IntRange(min=1), default=512, help="Most tokens in a reply."
 )
-@click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0)
+@click.option(
+    "--temperature",
+    type=Temperature(max=2),
+    default=0.0,
+    help=f"0 = greedy; sampling takes {MIN_TEMPERATURE:g} or more.",
+)
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0)
 @click.option(
     "--overflow",
     type=click.Choice(OVERFLOW_POLICIES),
@@ -284,12 +116,24 @@ def chat(ctx, **options):
     """Open the chat app: chats, streaming replies, live cache memory and speed."""
     from .tui.app import run as run_tui
 
-    given = {
+    chosen = {
         name: int(value) if name in ("bits", "group") else value
         for name, value in options.items()
-        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        if given(ctx, name)
     }
-    run_tui(given)
+    # What the command line chose is checked here, so a bad value is one line and not an app
+    # that opens on an error; what the saved settings hold is the app's to check.
+    engine_options(**{name: options[name] for name in ENGINE_KEYS})
+    if chosen.keys() & {"backend", "device"}:
+        check_device(pick_backend(options["backend"]), options["device"])
+    if "model" in chosen:
+        checked = Preflight(options["model"])
+        if "drafter" in chosen:
+            check_drafter(options["drafter"], checked)
+        if "residual" in chosen:
+            residual = options["residual"]
+            checked.fits_context(residual, f"--residual {residual} is more than")
+    run_tui(chosen)
 
 
 @cli.command(epilog=EXAMPLES_RUN)
@@ -305,35 +149,57 @@ def chat(ctx, **options):
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(min=0),
+    type=Temperature(),
     default=0.0,
     show_default=True,
-    help="0 = greedy (deterministic).",
+    help=f"0 = greedy (deterministic); sampling takes {MIN_TEMPERATURE:g} or more.",
 )
 @click.option(
     "--top-p",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FiniteFloat(0, 1, min_open=True),
     default=1.0,
     show_default=True,
     help="Nucleus sampling mass (with --temperature > 0).",
 )
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None, help="Seed for sampling.")
 @click.option("--system", default=None, help="System prompt.")
+@click.option(
+    "--overflow",
+    type=click.Choice(OVERFLOW_POLICIES),
+    default="stop",
+    show_default=True,
+    help="When the prompt and the reply's room outgrow the context: stop = refuse; "
+    "drop-oldest = leave out older turns (one prompt has none, so it refuses too); "
+    "sink-window = keep the first tokens and the end of the prompt, drop the middle.",
+)
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON stats object instead of the text."
 )
-def run(prompt, max_tokens, temperature, top_p, seed, system, as_json, **engine):
+@click.pass_context
+def run(ctx, prompt, max_tokens, temperature, top_p, seed, system, overflow, as_json, **engine):
     """Answer PROMPT (or stdin with -) once and exit."""
-    from xqchat.backends.chat import ChatSession
+    from xqchat.backends.chat import ChatSession, ContextPolicy
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = user_text(read_stdin() if prompt == "-" else prompt, "the prompt")
     if not prompt.strip():
         raise XQError("the prompt is empty")
-    _, tokenizer, model = load_engine(**engine)
-    chat = ChatSession(model, tokenizer, system=system)
+    if system is not None:
+        system = user_text(system, "the system prompt")
+    checked, opts = prepare(ctx, **engine)
+    _, tokenizer, model = load_engine(checked.files, opts)
+    policy = ContextPolicy(overflow=overflow)
+    chat = ChatSession(model, tokenizer, system=system, policy=policy)
     cfg = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if not as_json and hasattr(sys.stdout, "reconfigure"):
+        # A reply may hold characters the terminal's encoding lacks: show them as '?', rather
+        # than fail mid-reply with UnicodeEncodeError (--json escapes them).
+        sys.stdout.reconfigure(errors="replace")
+    told = False
     for event in chat.send(prompt, cfg):
+        if not told:  # the policy has shaped the prompt by the first token: say what it cut
+            told = True
+            for line in chat.notices:
+                note(line)
         if not as_json:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -491,7 +357,7 @@ Examples:
   xqchat show default --int8-stats --text ../shared/data/wikitext2_test.txt
 """,
 )
-@click.argument("model")
+@click.argument("model", type=ModelName())
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 @click.option(
     "--int8-stats",
@@ -512,8 +378,9 @@ Examples:
     help="--int8-stats: tokens of the text to run.",
 )
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto")
-@click.option("--int8-threshold", type=click.FloatRange(min=0), default=6.0, show_default=True)
-def show_command(model, as_json, int8_stats, text, tokens, backend, int8_threshold):
+@click.option("--int8-threshold", type=FiniteFloat(min=0), default=6.0, show_default=True)
+@click.pass_context
+def show_command(ctx, model, as_json, int8_stats, text, tokens, backend, int8_threshold):
     """MODEL's spec, files, chat template and derived artefacts.
 
     MODEL is anything --model takes: default, a pulled NAMESPACE/REPO, a directory or a .gguf.
@@ -521,10 +388,17 @@ def show_command(model, as_json, int8_stats, text, tokens, backend, int8_thresho
     from xqchat.models import resolve
     from xqchat.models.catalog import details, format_bytes, format_count
 
+    if not int8_stats:  # these only steer --int8-stats; given without it, they would do nothing
+        for name in ("text", "tokens", "backend", "int8_threshold"):
+            if given(ctx, name):
+                option = "--" + name.replace("_", "-")
+                raise click.UsageError(f"{option} applies only with --int8-stats")
     if int8_stats:
         opts = EngineOptions(backend=backend, weights="int8", int8_threshold=int8_threshold)
-        source = text.read_text() if text else benchmarks.INT8_SAMPLE
-        _, tokenizer, engine = open_model(model, opts)
+        source = read_text_file(text, note) if text else benchmarks.INT8_SAMPLE
+        checked = Preflight(model)
+        checked.engine(opts.backend, opts.device)
+        _, tokenizer, engine = open_model(checked.files, opts)
         stats = benchmarks.int8_outliers(tokenizer, engine, source, tokens, int8_threshold)
         status("")
         if as_json:
@@ -589,244 +463,8 @@ def rm_command(model, yes):
     click.echo(f"removed {removal.name} ({format_bytes(removal.size)} freed)")
 
 
-@cli.group()
-def bench():
-    """Measure quality (perplexity) and speed on this machine."""
-
-
-def report(result: dict, engine, as_json: bool) -> None:
-    result.update(
-        backend=engine.backend,
-        device=engine.device,
-        weights=engine.dtype,
-        weight_bytes=engine.weight_bytes(),
-        peak_rss_bytes=benchmarks.peak_rss_bytes(),
-    )
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-    else:
-        for key, value in result.items():
-            text = f"{value:.4g}" if isinstance(value, float) else value
-            if isinstance(value, (list, dict)):
-                text = json.dumps(value)
-            click.echo(f"{key:>24}  {text}")
-
-
-@bench.command(
-    epilog="""
-\b
-Example:
-  xqchat bench ppl --text ../shared/data/wikitext2_test.txt --window 1024 --windows 8 --chunk 128
-"""
-)
-@model_options
-@click.option(
-    "--text",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help="Plain-text corpus, e.g. WikiText-2 test.",
-)
-@click.option(
-    "--window",
-    type=click.IntRange(min=2),
-    default=1024,
-    show_default=True,
-    help="Tokens per window; each window starts from an empty cache.",
-)
-@click.option(
-    "--windows",
-    type=click.IntRange(min=0),
-    default=8,
-    show_default=True,
-    help="Number of windows (0 = the whole text).",
-)
-@click.option(
-    "--chunk",
-    type=click.IntRange(min=1),
-    default=128,
-    show_default=True,
-    help="Tokens fed per step; each chunk attends to the cache of all before it.",
-)
-@click.option("--json", "as_json", is_flag=True)
-def ppl(text, window, windows, chunk, as_json, **options):
-    """Perplexity of a text through the real cache path."""
-    _, tokenizer, engine = load_engine(**options)
-    result = benchmarks.perplexity(
-        engine, tokenizer, text.read_text(), window, windows, chunk, status
-    )
-    status("")
-    report(result, engine, as_json)
-
-
-@bench.command(
-    epilog="""
-\b
-Examples:
-  xqchat bench speed --new-tokens 128 --compare hf
-  xqchat bench speed --prompts ../shared/data/mt_bench_questions.jsonl --json
-  xqchat bench speed --drafter auto --beam-width 1 --lookup 7
-"""
-)
-@model_options
-@drafter_options
-@click.option(
-    "--prompts",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help='JSONL with {"turns": [...]} per line (MT-Bench); the first turn of each is used.',
-)
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts."
-)
-@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option(
-    "--context",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Prepend about this many tokens of filler, to time decode deep in a chat.",
-)
-@click.option(
-    "--compare",
-    type=click.Choice(["none", "hf", "mlx-lm"]),
-    default="none",
-    show_default=True,
-    help="Also time a baseline on the same weights: transformers' generate (hf) or mlx-lm's, "
-    "in bf16 and in our dtype.",
-)
-@click.option(
-    "--profile", is_flag=True, help="Also profile decode steps: time in matmuls vs the rest."
-)
-@click.option("--json", "as_json", is_flag=True)
-def speed(prompts, limit, new_tokens, context, compare, profile, as_json, **options):
-    """Prefill and decode speed, greedy, a fixed number of new tokens per prompt."""
-    texts = benchmarks.read_prompts(prompts)[:limit]
-    files, tokenizer, engine = load_engine(**options)
-    rendered = benchmarks.render_prompts(tokenizer, texts, context)
-    result = benchmarks.speed(engine, rendered, new_tokens, status)
-    if engine.drafter is not None:
-        result["beam_width"], result["beam_length"] = engine.beams
-        result["lookup"] = engine.lookup
-    if profile:
-        status("profiling decode steps …")
-        result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))
-    if compare != "none":
-        result["baselines"] = []
-        for dtype in dict.fromkeys(["bf16", engine.dtype]):  # the usual setup, and ours
-            status(f"timing {compare} ({dtype}) …")
-            prefill, decode = baseline_speed(compare, files, tokenizer, dtype, rendered, new_tokens)
-            result["baselines"].append(
-                {
-                    "name": compare,
-                    "weights": dtype,
-                    "decode_tok_s": decode,
-                    "prefill_tok_s": prefill,
-                    "decode_speedup": result["decode_tok_s"] / decode,
-                    "prefill_speedup": result["prefill_tok_s"] / prefill,
-                }
-            )
-    status("")
-    report(result, engine, as_json)
-
-
-def baseline_speed(name: str, files, tokenizer, dtype: str, rendered, new_tokens: int):
-    if name == "hf":
-        from xqchat.backends.cuda.reference import hf_model, hf_speed
-
-        return hf_speed(hf_model(files, dtype), rendered, new_tokens)
-    from xqchat.backends.mlx.reference import mlx_lm_speed
-
-    return mlx_lm_speed(files, tokenizer, dtype, rendered, new_tokens)
-
-
-@cli.command(
-    "train-drafter",
-    epilog="""
-\b
-The model answers the prompts (greedy) once; its answers are saved in the output folder batch
-by batch, and checkpoints every 100 steps, so a run that is stopped (Ctrl+C) resumes where it was.
-Examples:
-  xqchat train-drafter                          # the default model, built-in prompts
-  xqchat train-drafter --limit 6000 --steps 4000  # the shipped drafter: about an hour, 2 cores
-  xqchat train-drafter --steps 500 --prompts my_prompts.jsonl
-  xqchat run --drafter auto "Hello"             # use it
-""",
-)
-@click.option("--model", "-m", default="default", show_default=True, help="The model to draft for.")
-@click.option(
-    "--prompts",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help='JSONL with {"turns": [...]} per line; default: built-in chat-style requests.',
-)
-@click.option(
-    "--limit", type=click.IntRange(min=2), default=240, show_default=True, help="Prompts to use."
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder for the drafter (default: next to the model, where --drafter auto looks).",
-)
-@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(min=8), default=160, show_default=True)
-@click.option("--beam-length", type=click.IntRange(min=2), default=4, show_default=True)
-@click.option(
-    "--draft-vocab",
-    type=click.IntRange(min=0),
-    default=8192,
-    show_default=True,
-    help="Proposes only the model's N most frequent output tokens (0: the whole vocabulary).",
-)
-def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, draft_vocab):
-    """Train a recurrent drafter for MODEL by self-distillation (the model itself is frozen)."""
-    from tqdm import tqdm
-
-    from xqchat.backends.cuda.train_drafter import TrainConfig, train
-    from xqchat.models.paths import derived_dir
-
-    from .drafter_prompts import default_prompts
-
-    texts = benchmarks.read_prompts(prompts)[:limit] if prompts else default_prompts(limit)
-    options = dict(backend="torch", device="auto", weights="auto")
-    options.update(int8_threshold=EngineOptions.int8_threshold, int8_head=True)
-    options.update(cache="kv", bits="4")
-    options.update(group="128", residual=128, cache_sink=CacheSpec.sink, mha=False)
-    files, tokenizer, engine = load_engine(model, **options)
-    out = out or derived_dir(files) / "drafter"
-    rendered = benchmarks.render_prompts(tokenizer, texts, 0)
-    cfg = TrainConfig(
-        steps=steps,
-        length=beam_length,
-        draft_vocab=draft_vocab,
-        new_tokens=new_tokens,
-        held_out=max(1, min(8, len(texts) // 10)),
-    )
-    bars: dict = {}
-
-    def stage_bar(name, total, unit, done):
-        # One bar per stage, made on the stage's first report.
-        if name not in bars:
-            bars[name] = tqdm(total=total, desc=name, unit=unit)
-        bars[name].update(done - bars[name].n)
-        return bars[name]
-
-    def answering(i, n):
-        stage_bar("answering", n, "prompt", i)
-
-    def training(step, loss, accepted):
-        held = f"{accepted:.2f}" if accepted is not None else "…"
-        stage_bar("training", steps, "step", step).set_postfix_str(
-            f"loss {loss:.3f}, held-out tokens/step {held}"
-        )
-
-    stop = tokenizer.stop_tokens
-    result = train(engine, files, rendered, stop, out, cfg, answering, training)
-    for bar in bars.values():
-        bar.close()
-    click.echo(
-        f"drafter for {files.name}: {result['parameters'] / 1e6:.1f} M parameters, draft "
-        f"vocabulary {result['draft_vocab']}, held-out {result['held_out_tokens_per_step']:.2f} "
-        f"tokens/step (one beam) after {result['steps']} steps: {result['folder']}"
-    )
+cli.add_command(bench)
+cli.add_command(train_drafter)
 
 
 def describe(error: BaseException) -> tuple[str, int]:
@@ -839,6 +477,13 @@ def describe(error: BaseException) -> tuple[str, int]:
         return error.format_message(), error.exit_code
     if isinstance(error, (KeyboardInterrupt, click.Abort)):
         return "interrupted", 130
+    if isinstance(error, OSError) and error.strerror:
+        # the file system or the machine said no (a full disk, a folder made read-only while
+        # a command ran): not a bug, and the user can act on it
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return f"{where}{error.strerror}", 1
+    if isinstance(error, MemoryError):
+        return "out of memory: try a smaller model, --weights int8 or a quantized --cache", 1
     return (
         f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
         1,

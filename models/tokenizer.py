@@ -4,11 +4,40 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from .errors import XQError
 from .paths import derived_dir
 from .registry import ModelFiles
+
+REPLACEMENT = "\ufffd"  # U+FFFD, what Unicode prescribes for undecodable input
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]+")
+
+
+def _decode_escaped(match: re.Match[str]) -> str:
+    # U+DC80..U+DCFF stand for the bytes 0x80..0xFF that a surrogateescape decoding could not
+    # read (Python decodes argv, and stdin in some locales, that way). A run of them holds any
+    # whole UTF-8 sequences of its own (those bytes are all >= 0x80), which this decodes; the
+    # bytes that are still invalid stay escaped.
+    data = bytes(ord(c) - 0xDC00 for c in match.group())
+    return data.decode("utf-8", "surrogateescape")
+
+
+def valid_text(text: str) -> tuple[str, int]:
+    """`text` with nothing a tokenizer refuses, and how many characters were replaced.
+
+    A Python str may hold surrogate code points, which no encoder accepts (the Rust tokenizers
+    raise a TypeError): bytes that were not valid UTF-8 when argv or stdin was decoded with
+    surrogateescape, or lone surrogates from JSON escapes (`"\\ud800"`). Valid pairs are joined
+    into the character they encode, escaped bytes are decoded again as UTF-8, and each one left
+    (an invalid byte, a lone surrogate) becomes U+FFFD, so the rest of the text is kept."""
+    if not _SURROGATE.search(text):
+        return text, 0
+    text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    text = _ESCAPED_BYTE.sub(_decode_escaped, text)
+    return _SURROGATE.subn(REPLACEMENT, text)
 
 
 class Tokenizer:
@@ -21,7 +50,9 @@ class Tokenizer:
         return bool(self.hf.chat_template)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False)
+        # Every path to the model comes through here (prompts, rendered chats, corpora), so none
+        # can raise on surrogates; the front ends say when they replaced something.
+        return self.hf.encode(valid_text(text)[0], add_special_tokens=False)
 
     def decode(self, tokens: list[int]) -> str:
         return self.hf.decode(tokens, skip_special_tokens=False)

@@ -1,0 +1,315 @@
+"""`xqchat bench ppl|speed` and `xqchat train-drafter`: the commands that measure or train for
+minutes to hours, so every value is checked before the model loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from xqchat.backends.base import EngineOptions
+from xqchat.models.errors import XQError
+
+from . import bench as benchmarks
+from .loading import load_engine, note, status
+from .options import (
+    MAX_BEAM_LENGTH,
+    ModelName,
+    OutputFolder,
+    Preflight,
+    check_utf8_lines,
+    drafter_options,
+    model_options,
+    prepare,
+    read_text_file,
+)
+
+
+@click.group()
+def bench():
+    """Measure quality (perplexity) and speed on this machine."""
+
+
+def report(result: dict, engine, as_json: bool) -> None:
+    result.update(
+        backend=engine.backend,
+        device=engine.device,
+        weights=engine.dtype,
+        weight_bytes=engine.weight_bytes(),
+        peak_rss_bytes=benchmarks.peak_rss_bytes(),
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            text = f"{value:.4g}" if isinstance(value, float) else value
+            if isinstance(value, (list, dict)):
+                text = json.dumps(value)
+            click.echo(f"{key:>24}  {text}")
+
+
+@bench.command(
+    epilog="""
+\b
+Example:
+  xqchat bench ppl --text ../shared/data/wikitext2_test.txt --window 1024 --windows 8 --chunk 128
+"""
+)
+@model_options
+@click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Plain-text corpus, e.g. WikiText-2 test; read as UTF-8 (a note says how many invalid "
+    "bytes became U+FFFD).",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=2),
+    default=1024,
+    show_default=True,
+    help="Tokens per window; each window starts from an empty cache.",
+)
+@click.option(
+    "--windows",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Number of windows (0 = the whole text).",
+)
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Tokens fed per step; each chunk attends to the cache of all before it.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ppl(ctx, text, window, windows, chunk, as_json, **options):
+    """Perplexity of a text through the real cache path."""
+    corpus = read_text_file(text, note)
+    checked, opts = prepare(ctx, **options)
+    checked.fits_context(window, f"--window {window} is more than")
+    _, tokenizer, engine = load_engine(checked.files, opts)
+    result = benchmarks.perplexity(engine, tokenizer, corpus, window, windows, chunk, status)
+    status("")
+    report(result, engine, as_json)
+
+
+@bench.command(
+    epilog="""
+\b
+Examples:
+  xqchat bench speed --new-tokens 128 --compare hf
+  xqchat bench speed --prompts ../shared/data/mt_bench_questions.jsonl --json
+  xqchat bench speed --drafter auto --beam-width 1 --lookup 7
+"""
+)
+@model_options
+@drafter_options
+@click.option(
+    "--prompts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSONL with {"turns": [...]} per line (MT-Bench); the first turn of each is used.',
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts."
+)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option(
+    "--context",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Prepend about this many tokens of filler, to time decode deep in a chat.",
+)
+@click.option(
+    "--compare",
+    type=click.Choice(["none", "hf", "mlx-lm"]),
+    default="none",
+    show_default=True,
+    help="Also time a baseline on the same weights: transformers' generate (hf) or mlx-lm's, "
+    "in bf16 and in our dtype.",
+)
+@click.option(
+    "--profile", is_flag=True, help="Also profile decode steps: time in matmuls vs the rest."
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def speed(ctx, prompts, limit, new_tokens, context, compare, profile, as_json, **options):
+    """Prefill and decode speed, greedy, a fixed number of new tokens per prompt."""
+    texts = read_prompt_file(prompts)[:limit]
+    checked, opts = prepare(ctx, **options)
+    checked.fits_context(  # a prompt has a token or more
+        context + new_tokens + 1,
+        f"--context {context} and --new-tokens {new_tokens} leave no room for a prompt in",
+    )
+    if compare != "none":
+        check_baseline(compare)
+    files, tokenizer, engine = load_engine(checked.files, opts)
+    rendered = benchmarks.render_prompts(tokenizer, texts, context)
+    result = benchmarks.speed(engine, rendered, new_tokens, status)
+    if engine.drafter is not None:
+        result["beam_width"], result["beam_length"] = engine.beams
+        result["lookup"] = engine.lookup
+    if profile:
+        status("profiling decode steps …")
+        result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))
+    if compare != "none":
+        result["baselines"] = []
+        # the usual setup, and ours where the baseline has it (it has no int8 weights)
+        dtypes = dict.fromkeys(["bf16", engine.dtype] if engine.dtype != "int8" else ["bf16"])
+        if engine.dtype == "int8":
+            note(f"{compare} has no int8 weights of ours: its baseline is timed in bf16 only")
+        for dtype in dtypes:
+            status(f"timing {compare} ({dtype}) …")
+            prefill, decode = baseline_speed(compare, files, tokenizer, dtype, rendered, new_tokens)
+            result["baselines"].append(
+                {
+                    "name": compare,
+                    "weights": dtype,
+                    "decode_tok_s": decode,
+                    "prefill_tok_s": prefill,
+                    "decode_speedup": result["decode_tok_s"] / decode,
+                    "prefill_speedup": result["prefill_tok_s"] / prefill,
+                }
+            )
+    status("")
+    report(result, engine, as_json)
+
+
+def check_baseline(name: str) -> None:
+    """The baseline --compare names can run here: checked before the benchmark, not after it."""
+    import importlib.util
+
+    needs = {"hf": ("torch", "pip install torch"), "mlx-lm": ("mlx_lm", "pip install mlx-lm")}
+    module, install = needs[name]
+    if importlib.util.find_spec(module) is None:
+        raise XQError(f"--compare {name} needs {module}, which is not installed: {install}")
+
+
+def read_prompt_file(path: Path | None) -> list[str]:
+    """--prompts: JSON Lines, checked to be UTF-8 first (benchmarks.read_prompts would fail on
+    a stray byte with a UnicodeDecodeError); the built-in prompt without a file."""
+    if path is not None:
+        check_utf8_lines(path)
+    return benchmarks.read_prompts(path)
+
+
+def baseline_speed(name: str, files, tokenizer, dtype: str, rendered, new_tokens: int):
+    if name == "hf":
+        from xqchat.backends.cuda.reference import hf_model, hf_speed
+
+        return hf_speed(hf_model(files, dtype), rendered, new_tokens)
+    from xqchat.backends.mlx.reference import mlx_lm_speed
+
+    return mlx_lm_speed(files, tokenizer, dtype, rendered, new_tokens)
+
+
+@click.command(
+    "train-drafter",
+    epilog="""
+\b
+The model answers the prompts (greedy) once; its answers are saved in the output folder batch
+by batch, and checkpoints every 100 steps, so a run that is stopped (Ctrl+C) resumes where it was.
+Examples:
+  xqchat train-drafter                          # the default model, built-in prompts
+  xqchat train-drafter --limit 6000 --steps 4000  # the shipped drafter: about an hour, 2 cores
+  xqchat train-drafter --steps 500 --prompts my_prompts.jsonl
+  xqchat run --drafter auto "Hello"             # use it
+""",
+)
+@click.option(
+    "--model",
+    "-m",
+    type=ModelName(),
+    default="default",
+    show_default=True,
+    help="The model to draft for.",
+)
+@click.option(
+    "--prompts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSONL with {"turns": [...]} per line; default: built-in chat-style requests.',
+)
+@click.option(
+    "--limit", type=click.IntRange(min=2), default=240, show_default=True, help="Prompts to use."
+)
+@click.option(
+    "--out",
+    type=OutputFolder(),
+    default=None,
+    help="Folder for the drafter (default: next to the model, where --drafter auto looks).",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=8), default=160, show_default=True)
+@click.option(
+    "--beam-length", type=click.IntRange(2, MAX_BEAM_LENGTH), default=4, show_default=True
+)
+@click.option(
+    "--draft-vocab",
+    type=click.IntRange(min=0),
+    default=8192,
+    show_default=True,
+    help="Proposes only the model's N most frequent output tokens (0: the whole vocabulary).",
+)
+def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, draft_vocab):
+    """Train a recurrent drafter for MODEL by self-distillation (the model itself is frozen)."""
+    from tqdm import tqdm
+
+    from xqchat.backends.cuda.train_drafter import TrainConfig, train
+    from xqchat.models.paths import derived_dir
+
+    from .drafter_prompts import default_prompts
+
+    texts = read_prompt_file(prompts)[:limit] if prompts else default_prompts(limit)
+    if len(texts) < 2:  # one prompt's answers are held out to measure the drafter
+        raise XQError(f"{prompts} holds 1 prompt; training needs 2 or more")
+    checked = Preflight(model)
+    checked.engine("torch", "auto")  # training is PyTorch's, on the default device
+    checked.fits_context(
+        new_tokens + 1, f"--new-tokens {new_tokens} leaves no room for a prompt in"
+    )
+    out = out or derived_dir(checked.files) / "drafter"
+    try:  # now, not after the answering stage (minutes to an hour)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(f"cannot make {out}: {e.strerror}", param_hint="'--out'") from None
+    files, tokenizer, engine = load_engine(checked.files, EngineOptions(backend="torch"))
+    rendered = benchmarks.render_prompts(tokenizer, texts, 0)
+    cfg = TrainConfig(
+        steps=steps,
+        length=beam_length,
+        draft_vocab=draft_vocab,
+        new_tokens=new_tokens,
+        held_out=max(1, min(8, len(texts) // 10)),
+    )
+    bars: dict = {}
+
+    def stage_bar(name, total, unit, done):
+        # One bar per stage, made on the stage's first report.
+        if name not in bars:
+            bars[name] = tqdm(total=total, desc=name, unit=unit)
+        bars[name].update(done - bars[name].n)
+        return bars[name]
+
+    def answering(i, n):
+        stage_bar("answering", n, "prompt", i)
+
+    def training(step, loss, accepted):
+        held = f"{accepted:.2f}" if accepted is not None else "…"
+        stage_bar("training", steps, "step", step).set_postfix_str(
+            f"loss {loss:.3f}, held-out tokens/step {held}"
+        )
+
+    stop = tokenizer.stop_tokens
+    result = train(engine, files, rendered, stop, out, cfg, answering, training)
+    for bar in bars.values():
+        bar.close()
+    click.echo(
+        f"drafter for {files.name}: {result['parameters'] / 1e6:.1f} M parameters, draft "
+        f"vocabulary {result['draft_vocab']}, held-out {result['held_out_tokens_per_step']:.2f} "
+        f"tokens/step (one beam) after {result['steps']} steps: {result['folder']}"
+    )

@@ -1,0 +1,470 @@
+"""The command line's values, checked before any model is loaded.
+
+A bad value costs the user one line at once, not a model load (seconds to minutes) followed by
+an "internal error". Exit codes follow one rule:
+
+2  the command line is wrong: a value out of range or not a number, options that contradict,
+   a value that does not fit the model named (a window longer than its context), a file or
+   folder that does not exist or is not of the kind asked for (click's own usage errors);
+1  the command is right but cannot run here or failed: no CUDA GPU, mlx not installed, a model
+   or drafter not installed, a file whose contents are unusable (XQError).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from xqchat.backends.base import CACHE_KINDS, WEIGHT_DTYPES, CacheSpec, EngineOptions
+from xqchat.models.errors import XQError
+
+if TYPE_CHECKING:
+    from xqchat.models.registry import ModelFiles
+    from xqchat.models.spec import ModelSpec
+
+# Below this, sampling picks the most likely token as greedy decoding does, and far below it
+# logits / temperature overflows float32 (1e-300 gave NaN probabilities and a crash).
+MIN_TEMPERATURE = 1e-3
+SEED_MAX = 2**64 - 1  # torch's and MLX's generators take 64-bit seeds; numpy's any >= 0
+# The drafter's tree (beam width x beam length nodes, plus lookup's) is verified in one forward
+# pass and cut to what the cache has room for; larger values only cost time, and values past
+# int64 crashed inside torch.
+MAX_BEAM_WIDTH = 64
+MAX_BEAM_LENGTH = 64
+MAX_LOOKUP = 256
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan and ±inf. Its range check compares, and every
+    comparison with nan is false, so `--temperature nan` used to pass it."""
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+class Temperature(FiniteFloat):
+    """0 (greedy) or a finite temperature of at least MIN_TEMPERATURE."""
+
+    def __init__(self, max: float | None = None) -> None:
+        super().__init__(min=0, max=max)
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        number = super().convert(value, param, ctx)
+        if 0 < number < MIN_TEMPERATURE:
+            self.fail(
+                f"{value} is too small: use 0 (greedy) or at least {MIN_TEMPERATURE:g}.",
+                param,
+                ctx,
+            )
+        return number
+
+
+class ModelName(click.ParamType):
+    """What --model takes. An empty name used to mean the default model without a word."""
+
+    name = "model"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> str:
+        text = str(value)
+        if not text.strip():
+            self.fail("the model name is empty (use default, a pulled model, a path)", param, ctx)
+        return text
+
+
+DRAFTER_KEYWORDS = ("none", "auto", "lookup")
+
+
+class Drafter(click.ParamType):
+    """none, auto, lookup, or a folder holding a drafter's config and weights. The folder's
+    contents are read later (check_drafter), with the model they must fit."""
+
+    name = "drafter"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> str:
+        from xqchat.backends.drafter import CONFIG, WEIGHTS
+
+        text = str(value)
+        if text in DRAFTER_KEYWORDS:
+            return text
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            self.fail(
+                f"{text}: no such folder (use none, auto, lookup or a drafter folder)", param, ctx
+            )
+        missing = [name for name in (CONFIG, WEIGHTS) if not (folder / name).is_file()]
+        if missing:
+            self.fail(
+                f"{text} is not a drafter folder: it has no {' and no '.join(missing)} "
+                "(`xqchat train-drafter` writes both)",
+                param,
+                ctx,
+            )
+        return text
+
+
+class OutputFolder(click.Path):
+    """A folder that exists or could be made under the nearest folder that does (the command
+    makes it before its long work: os.access cannot say what root may write)."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Path:
+        folder = super().convert(value, param, ctx)
+        existing = Path(folder).expanduser().absolute()
+        try:
+            while not existing.exists():
+                existing = existing.parent
+        except OSError as e:  # exists() raises for a name longer than the system allows
+            self.fail(f"{folder}: {e.strerror}.", param, ctx)
+        if not existing.is_dir():
+            self.fail(f"{existing} is a file, so {folder} cannot be made.", param, ctx)
+        return folder
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether the user typed option `name` (rather than leaving its default)."""
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
+class Preflight:
+    """The checks that need the model's files or this machine, done before the model loads.
+    The spec is read only when a check needs it (a GGUF's header takes a few seconds)."""
+
+    def __init__(self, model: str) -> None:
+        from xqchat.models import resolve
+
+        self.files: ModelFiles = resolve(model)
+        self._spec: ModelSpec | None = None
+
+    @property
+    def spec(self) -> ModelSpec:
+        if self._spec is None:
+            from xqchat.models.weights import open_checkpoint
+
+            self._spec = open_checkpoint(self.files).spec
+        return self._spec
+
+    def engine(self, backend: str, device: str, drafter: str = "none") -> None:
+        """The backend is installed, a CUDA device exists when asked for, and the drafter is
+        there and fits this model."""
+        from xqchat.backends.base import pick_backend
+
+        check_device(pick_backend(backend), device)
+        check_drafter(drafter, self)
+
+    def fits_context(self, tokens: int, what: str) -> None:
+        """Refuse (exit 2) when `tokens`, what the options in `what` ask of the model's context,
+        exceed it; `what` reads on into "the context of MODEL (N tokens)"."""
+        limit = self.spec.max_context
+        if tokens > limit:
+            raise click.UsageError(f"{what} the context of {self.files.name} ({limit} tokens)")
+
+
+def check_device(backend: str, device: str) -> None:
+    """--device cuda needs a GPU the chosen backend can use: the backend's own check, which
+    imports torch (or mlx) but loads nothing."""
+    if device != "cuda":
+        return
+    if backend == "mlx":
+        from xqchat.backends.mlx.model import pick_device
+    else:
+        from xqchat.backends.cuda.model import pick_device
+    pick_device(device)
+
+
+def check_drafter(option: str, checked: Preflight) -> None:
+    """auto: a drafter exists for the model; a folder: its config reads, its weights file is a
+    safetensors file, and it was trained for this model (each XQError: exit 1)."""
+    from xqchat.backends.drafter import WEIGHTS, DrafterConfig, drafter_folder
+
+    if option in ("none", "lookup"):
+        return
+    folder = drafter_folder(option, checked.files)
+    if option == "auto":
+        return  # found next to the model or shipped for it: made for this model
+    config = DrafterConfig.read(folder)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / WEIGHTS), "numpy"):
+            pass
+    except Exception:  # safetensors raises its own error type for a bad header
+        raise XQError(
+            f"{folder / WEIGHTS} is truncated or not a safetensors file; train the drafter again"
+        ) from None
+    config.check(checked.spec, folder)
+
+
+def read_text_file(path: Path, note: Callable[[str], None]) -> str:
+    """A text file as UTF-8. Bytes that are not valid UTF-8 become U+FFFD, with a `note` saying
+    how many, so one stray byte does not cost the whole file; an empty file is refused."""
+    from xqchat.models.tokenizer import valid_text
+
+    text, replaced = valid_text(path.read_bytes().decode("utf-8", "surrogateescape"))
+    if replaced:
+        note(f"{path} is not valid UTF-8: {plural(replaced, 'invalid byte')} replaced by U+FFFD")
+    if not text.strip():
+        raise XQError(f"{path} holds no text")
+    return text
+
+
+def check_utf8_lines(path: Path) -> None:
+    """A JSON Lines file must be UTF-8 (RFC 8259): say where it is not, rather than fail with
+    a UnicodeDecodeError."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise XQError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); JSON Lines files "
+            "are UTF-8"
+        ) from None
+
+
+def read_stdin() -> str:
+    """All of stdin. Bytes that are not valid UTF-8 come back as lone surrogates (decoded with
+    surrogateescape, as argv is), for valid_text to replace; a strict locale setting would
+    raise UnicodeDecodeError instead."""
+    stream = sys.stdin
+    if stream is None:  # started with stdin closed (`xqchat run - <&-`)
+        raise XQError("stdin is closed: pipe the prompt in, or pass it as an argument")
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+    try:
+        return stream.read()
+    except OSError as e:
+        raise XQError(f"cannot read the prompt from stdin: {e.strerror or e}") from None
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+ENGINE_OPTIONS = [
+    click.option(
+        "--model",
+        "-m",
+        type=ModelName(),
+        default="default",
+        show_default=True,
+        help="Model: default (smollm2-135m), a pulled one (NAMESPACE/REPO, see `xqchat list`), "
+        "a model directory or a .gguf file.",
+    ),
+    click.option(
+        "--backend",
+        type=click.Choice(["auto", "torch", "mlx"]),
+        default="auto",
+        show_default=True,
+        help="Engine: auto = MLX on Apple Silicon, else PyTorch (CUDA when present).",
+    ),
+    click.option(
+        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+    ),
+    click.option(
+        "--weights",
+        type=click.Choice(WEIGHT_DTYPES),
+        default="auto",
+        show_default=True,
+        help="Working dtype of the weights; auto = the fastest on this hardware; int8 = LLM.int8() "
+        "(int8 matrices with float outlier features: half the memory of bf16).",
+    ),
+    click.option(
+        "--int8-threshold",
+        type=FiniteFloat(min=0),
+        default=6.0,
+        show_default=True,
+        help="--weights int8: input features with any |x| above this are multiplied in floating "
+        "point (the outlier threshold of LLM.int8).",
+    ),
+    click.option(
+        "--int8-head/--float-head",
+        default=True,
+        show_default=True,
+        help="--weights int8: the LM head (a tied embedding table) in int8 too, or kept in "
+        "floating point.",
+    ),
+    click.option(
+        "--cache",
+        type=click.Choice(CACHE_KINDS),
+        default="kv",
+        show_default=True,
+        help="Attention cache: kv = exact K/V; kv-quant = K quantized per channel, V per token; "
+        "xquant = the layer input X (GQA: its SVD latents) quantized, K/V rebuilt from it; "
+        "xquant-cl = xquant storing each layer's difference from the layer before.",
+    ),
+    click.option(
+        "--bits",
+        type=click.Choice(["2", "3", "4", "8"]),
+        default="4",
+        show_default=True,
+        help="Bits per cached value (quantized caches).",
+    ),
+    click.option(
+        "--group",
+        type=click.Choice(["32", "64", "128"]),
+        default="128",
+        show_default=True,
+        help="Values sharing one fp16 scale and zero point (quantized caches).",
+    ),
+    click.option(
+        "--mha",
+        is_flag=True,
+        help="Run a GQA model in its exact MHA form (K/V heads repeated), e.g. to measure xquant "
+        "on X itself rather than on the SVD latents.",
+    ),
+    click.option(
+        "--residual",
+        type=click.IntRange(min=0),
+        default=128,
+        show_default=True,
+        help="Newest tokens kept exact (quantized caches).",
+    ),
+    click.option(
+        "--cache-sink",
+        type=click.IntRange(0, 256),
+        default=CacheSpec.sink,
+        show_default=True,
+        help="First tokens kept exact (quantized caches): attention sinks, which every later "
+        "token attends to.",
+    ),
+]
+
+
+DRAFTER_OPTIONS = [
+    click.option(
+        "--drafter",
+        type=Drafter(),
+        default="none",
+        show_default=True,
+        help="Speculative decoding with a recurrent drafter: none, auto (the one trained for "
+        "this model by `xqchat train-drafter`, or shipped with xqchat), a drafter folder, or "
+        "lookup (no drafter, only --lookup's beam: any model, no training). Greedy text is "
+        "unchanged; sampling keeps the model's distribution.",
+    ),
+    click.option(
+        "--beam-width",
+        type=click.IntRange(1, MAX_BEAM_WIDTH),
+        default=EngineOptions.beam_width,
+        show_default=True,
+        help="Drafter beams per step.",
+    ),
+    click.option(
+        "--beam-length",
+        type=click.IntRange(1, MAX_BEAM_LENGTH),
+        default=EngineOptions.beam_length,
+        show_default=True,
+        help="Tokens per drafter beam, the model's own next token included.",
+    ),
+    click.option(
+        "--lookup",
+        type=click.IntRange(0, MAX_LOOKUP),
+        default=EngineOptions.lookup,
+        show_default=True,
+        help="One more beam of up to N tokens beside the drafter's: what followed the last few "
+        "tokens where they occurred before in the chat (0: none).",
+    ),
+]
+
+
+# engine_options' arguments: every option of ENGINE_OPTIONS and DRAFTER_OPTIONS but --model
+ENGINE_KEYS = (
+    "backend",
+    "device",
+    "weights",
+    "int8_threshold",
+    "int8_head",
+    "cache",
+    "bits",
+    "group",
+    "residual",
+    "cache_sink",
+    "mha",
+    "drafter",
+    "beam_width",
+    "beam_length",
+    "lookup",
+)
+
+
+def model_options(f):
+    for option in reversed(ENGINE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def drafter_options(f):
+    for option in reversed(DRAFTER_OPTIONS):
+        f = option(f)
+    return f
+
+
+def engine_options(
+    backend: str,
+    device: str,
+    weights: str,
+    int8_threshold: float,
+    int8_head: bool,
+    cache: str,
+    bits: str,
+    group: str,
+    residual: int,
+    cache_sink: int,
+    mha: bool,
+    drafter: str = "none",
+    beam_width: int = EngineOptions.beam_width,
+    beam_length: int = EngineOptions.beam_length,
+    lookup: int = EngineOptions.lookup,
+) -> EngineOptions:
+    try:
+        cache_spec = CacheSpec(
+            kind=cache, bits=int(bits), group=int(group), residual=residual, sink=cache_sink
+        )
+        return EngineOptions(
+            backend=backend,
+            device=device,
+            weights=weights,
+            int8_threshold=int8_threshold,
+            int8_head=int8_head,
+            cache=cache_spec,
+            mha=mha,
+            drafter=None if drafter == "none" else drafter,
+            beam_width=beam_width,
+            beam_length=beam_length,
+            lookup=lookup,
+        )
+    except XQError as e:  # options that contradict each other (--drafter lookup --lookup 0)
+        raise click.UsageError(str(e)) from None
+
+
+def prepare(ctx: click.Context, model: str, **options) -> tuple[Preflight, EngineOptions]:
+    """Every check of the engine options that can be made before the model loads: the options
+    themselves, the model's name, the backend and device, the drafter, and a --residual that
+    the model's context must hold (the cache allocates it up front)."""
+    opts = engine_options(**options)
+    checked = Preflight(model)
+    checked.engine(opts.backend, opts.device, options.get("drafter", "none"))
+    if given(ctx, "residual"):
+        residual = opts.cache.residual
+        checked.fits_context(residual, f"--residual {residual} is more than")
+    return checked, opts
