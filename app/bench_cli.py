@@ -38,6 +38,7 @@ def report(result: dict, engine, as_json: bool) -> None:
         weights=engine.dtype,
         weight_bytes=engine.weight_bytes(),
         peak_rss_bytes=benchmarks.peak_rss_bytes(),
+        paths=engine.paths,  # which path each kind of product took (CPU: cpu_paths.py)
     )
     if as_json:
         click.echo(json.dumps(result, indent=2))

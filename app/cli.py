@@ -355,10 +355,17 @@ Examples:
   xqchat show default
   xqchat show HuggingFaceTB/SmolLM2-360M-Instruct --json
   xqchat show default --int8-stats --text ../shared/data/wikitext2_test.txt
+  xqchat show --hardware
 """,
 )
-@click.argument("model", type=ModelName())
+@click.argument("model", type=ModelName(), required=False, metavar="MODEL")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+@click.option(
+    "--hardware",
+    is_flag=True,
+    help="Instead of a model: what this machine's CPU (and GPU) offers and which path each kind "
+    "of product takes on it, chosen by timing them here (takes a second or two).",
+)
 @click.option(
     "--int8-stats",
     is_flag=True,
@@ -380,16 +387,24 @@ Examples:
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto")
 @click.option("--int8-threshold", type=FiniteFloat(min=0), default=6.0, show_default=True)
 @click.pass_context
-def show_command(ctx, model, as_json, int8_stats, text, tokens, backend, int8_threshold):
-    """MODEL's spec, files, chat template and derived artefacts.
+def show_command(ctx, model, as_json, hardware, int8_stats, text, tokens, backend, int8_threshold):
+    """MODEL's spec, files, chat template and derived artefacts; or, with --hardware, this
+    machine's.
 
     MODEL is anything --model takes: default, a pulled NAMESPACE/REPO, a directory or a .gguf.
     """
     from xqchat.models import resolve
     from xqchat.models.catalog import details, format_bytes, format_count
 
+    if hardware:
+        if model is not None or int8_stats:
+            raise click.UsageError("--hardware takes no MODEL and no --int8-stats")
+        show_hardware(backend, as_json)
+        return
+    if model is None:
+        raise click.UsageError("Missing argument 'MODEL' (or give --hardware).")
     if not int8_stats:  # these only steer --int8-stats; given without it, they would do nothing
-        for name in ("text", "tokens", "backend", "int8_threshold"):
+        for name in ("text", "tokens", "int8_threshold") + (() if hardware else ("backend",)):
             if given(ctx, name):
                 option = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{option} applies only with --int8-stats")
@@ -433,6 +448,33 @@ def show_command(ctx, model, as_json, int8_stats, text, tokens, backend, int8_th
     lines += [("note", note) for note in s["notes"]]
     for key, value in lines:
         click.echo(f"{key:>13}  {value}")
+
+
+def show_hardware(backend: str, as_json: bool) -> None:
+    from xqchat.backends.base import hardware
+
+    status("measuring this CPU's paths …")
+    report = hardware(backend)
+    status("")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    cpu = report.pop("cpu")
+    lines = [
+        ("cpu", f"{cpu['model']} ({cpu['arch']}, {cpu['level']})"),
+        ("features", " ".join(cpu["features"]) or "none the engine uses"),
+    ]
+    if cpu["capped_by"]:
+        lines.append(("capped by", cpu["capped_by"]))
+    paths = report.pop("cpu_paths", {})
+    measured = paths.pop("measured_ms", {})
+    lines += [(key, "none" if value is None else str(value)) for key, value in report.items()]
+    lines += [(key.replace("_", " "), str(value)) for key, value in paths.items() if key != "cpu"]
+    if measured:
+        timed = ", ".join(f"{name} {ms:g}" for name, ms in measured.items())
+        lines.append(("timed (ms)", timed))
+    for key, value in lines:
+        click.echo(f"{key:>15}  {value}")
 
 
 @cli.command("rm")

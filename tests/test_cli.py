@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import cli
 
+from xqchat.backends import hardware
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -202,9 +204,34 @@ def test_bench_speed_json(capsys, tiny_models, backend):
     profile = stats["profile"]
     assert 0 < profile["matmul_ms"] and 0 <= profile["outside_matmul_share"] < 1
     ops = {op["op"] for op in profile["top_ops"]}
-    assert (
-        "mkldnn::_linear_pointwise" if backend == "torch" else "matmul (x @ W, timed alone)"
-    ) in ops
+    if backend == "mlx":
+        assert "matmul (x @ W, timed alone)" in ops
+        return
+    # the decode products took the path measured fastest on this CPU, and the profile saw it
+    paths = stats["paths"]
+    assert paths["device"] == "cpu" and paths["cpu"] == hardware.cpu().level
+    expected = {
+        "onednn-packed": {"mkldnn::_linear_pointwise"},
+        "c-pass": {"xqchat::bf16_linear"},
+        "torch": {"aten::mm", "aten::addmm"},
+    }[paths["bf16_decode"]]
+    assert expected & ops
+
+
+def test_show_hardware_names_the_cpu_and_its_paths(capsys):
+    code, out, _ = cli(capsys, "show", "--hardware", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["cpu"]["level"] == hardware.cpu().level and report["backend"] == "torch"
+    paths = report["cpu_paths"]
+    assert paths["bf16_decode"] in ("onednn-packed", "c-pass", "torch")
+    assert paths["int8_many_rows"] in ("torch._int_mm", "float32")
+    if not paths["int_mm_exact"]:  # never a product that saturates
+        assert paths["int8_many_rows"] == "float32"
+    code, out, _ = cli(capsys, "show", "--hardware")
+    assert code == 0 and "bf16 decode" in out and hardware.cpu().level in out
+    code, _, err = cli(capsys, "show", "default", "--hardware")
+    assert code == 2 and "--hardware takes no MODEL" in err
 
 
 def test_bench_speed_rejects_bad_prompts_file(capsys, tmp_path):
