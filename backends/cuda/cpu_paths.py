@@ -12,8 +12,9 @@ this CPU (hardware.py says what it offers; what is fast on it is measured, not a
   does not call oneDNN it runs a scalar loop, 20x slower than float32.
 
 The costs are weighed as a typical turn (TURN).
-`XQCHAT_BF16_PATH` (onednn-packed, c-pass, torch) and `XQCHAT_INT_MM` (1 or 0) pin a choice, for
-the tests and to measure each option with `xqchat bench`. The choice shows in `bench` JSON and
+`XQCHAT_BF16_PATH` (onednn-packed, c-pass, torch), `XQCHAT_BF16_PROMPT` (onednn-packed,
+"float32 copy", torch) and `XQCHAT_INT_MM` (1 or 0) pin a choice, for the tests and to measure
+each option with `xqchat bench`. The choice shows in `bench` JSON and
 `xqchat show --hardware`.
 """
 
@@ -149,9 +150,10 @@ def choose(n: int, k: int) -> CpuPaths:
     options = [o for o in options if f"{o[0]} row" in ms_now]
     if "onednn-packed row" in ms:
         options.append(("onednn-packed", "onednn-packed"))
-    pinned = os.environ.get("XQCHAT_BF16_PATH")
-    if pinned:
-        options = [o for o in options if o[0] == pinned] or options
+    for index, pin in enumerate(("XQCHAT_BF16_PATH", "XQCHAT_BF16_PROMPT")):
+        pinned = os.environ.get(pin)
+        if pinned:
+            options = [o for o in options if o[index] == pinned] or options
     bf16, prompt = min(options, key=lambda o: turn(*o))
     int_mm = os.environ.get("XQCHAT_INT_MM")
     pays = int_mm_exact() and ms["int_mm"] < ms["float32 mm"] if int_mm is None else int_mm == "1"
