@@ -55,12 +55,14 @@ class CpuPaths:
     int_mm: bool  # int8 products of many rows through torch._int_mm
     ms: dict = field(default_factory=dict, compare=False)  # what was timed, per candidate
 
-    def describe(self) -> dict:
+    def describe(self, bf16: bool = True) -> dict:
+        """The choices as `bench` JSON and `show --hardware` show them; the bf16 ones only where
+        the weights are bf16 (`bf16`)."""
         kernels = cpu_kernels.library()
+        bf16_paths = {"bf16_decode": self.bf16, "bf16_prompt": self.bf16_prompt} if bf16 else {}
         return {
             "cpu": cpu().level,
-            "bf16_decode": self.bf16,
-            "bf16_prompt": self.bf16_prompt,
+            **bf16_paths,
             "int8_many_rows": "torch._int_mm" if self.int_mm else "float32",
             "int_mm_exact": int_mm_exact(),
             "c_passes": f"built ({kernels.compiled_with})" if kernels else "off",

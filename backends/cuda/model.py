@@ -438,5 +438,5 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
                     linear.use(*module.bf16_paths)
     engine = Engine(module, device, dtype, opts.cache)
     if paths is not None:
-        engine.paths |= paths.describe()
+        engine.paths |= paths.describe(bf16=torch_dtype == torch.bfloat16)
     return engine
