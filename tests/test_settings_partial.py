@@ -57,7 +57,24 @@ PARTIAL = [
             "temperature: expected float, got None (reset to 0.0)",
         ],
     ),
+    (
+        {"temperature": 1e-300, "top_p": float("inf"), "max_tokens": 64},
+        {"max_tokens": 64},
+        [
+            "temperature: 1e-300 is too small: use 0 (greedy) or at least 0.001 (reset to 0.0)",
+            "top_p: inf is not a finite number (reset to 1.0)",
+        ],
+    ),
 ]
+
+
+def test_a_nan_setting_is_reset_and_named(tmp_path):
+    """NaN passes every range check by comparison (and NaN != NaN, so it has its own test)."""
+    path = tmp_path / "settings.json"
+    path.write_text('{"temperature": NaN, "max_tokens": 64}')
+    settings, problem = settings_file.load(path)
+    assert settings == Settings(max_tokens=64)
+    assert "temperature: nan is not a finite number (reset to 0.0)" in problem
 
 
 def saved(path) -> dict:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xqchat.app.options import MIN_TEMPERATURE
 from xqchat.backends.base import (
     CACHE_KINDS,
     WEIGHT_DTYPES,
@@ -205,6 +207,12 @@ def check(f: dataclasses.Field, value: object) -> None:
         ok_type = True
     if not ok_type:
         raise ValueError(f"{f.name}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # NaN passes every comparison below
+        raise ValueError(f"{f.name}: {value!r} is not a finite number")
+    if f.name == "temperature" and 0 < value < MIN_TEMPERATURE:  # as the command line refuses it
+        raise ValueError(
+            f"{f.name}: {value!r} is too small: use 0 (greedy) or at least {MIN_TEMPERATURE:g}"
+        )
     if opt.choices is not None and value not in opt.choices():
         raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(map(str, opt.choices()))}")
     if opt.low is not None and value < opt.low or opt.high is not None and value > opt.high:
