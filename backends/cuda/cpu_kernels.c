@@ -17,27 +17,38 @@
 #include <arm_neon.h>
 #endif
 
-#define LANES 16 /* floats in a vector: one AVX-512 register, two AVX2 ones, four NEON ones */
+/* Floats in a vector: one register of the widest kind the build has (AVX-512 16, AVX2 8, NEON 4;
+ * 8 elsewhere, which compilers split into what the CPU has). A vector wider than the registers
+ * makes GCC move every lane through memory (seen on AVX2 with 16: 2.5x slower attention). */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__ARM_NEON) && !defined(__AVX2__)
+#define LANES 4
+#else
+#define LANES 8
+#endif
 typedef float lanes __attribute__((vector_size(LANES * sizeof(float))));
 
 /* The sum of a vector's lanes, as a tree of additions, not a chain of LANES of them. */
-static inline float lanes_sum(lanes v) {
-#ifdef __AVX512F__
+static inline __attribute__((always_inline)) float lanes_sum(lanes v) {
+#if defined(__AVX512F__)
     return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX2__)
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    return vaddvq_f32((float32x4_t)v);
 #else
-    typedef float half_lanes __attribute__((vector_size(LANES / 2 * sizeof(float))));
-    half_lanes a, b;
-    memcpy(&a, &v, sizeof a);
-    memcpy(&b, (float *)&v + LANES / 2, sizeof b);
-    a += b;
     float sum = 0.0f;
-    for (int i = 0; i < LANES / 2; i++) sum += a[i];
+    for (int i = 0; i < LANES; i++) sum += v[i];
     return sum;
 #endif
 }
 
 /* x in every lane (not {} + x, which costs an addition: -0.0 + 0.0 is not -0.0) */
-static inline lanes splat(float x) {
+static inline __attribute__((always_inline)) lanes splat(float x) {
     lanes v;
     for (int i = 0; i < LANES; i++) v[i] = x;
     return v;
@@ -45,26 +56,13 @@ static inline lanes splat(float x) {
 
 /* a * b + c, fused where the CPU has the instruction (the build keeps -ffp-contract=off for the
  * passes that must round as the torch ops do) */
-static inline lanes fma_lanes(lanes a, lanes b, lanes c) {
+static inline __attribute__((always_inline)) lanes fma_lanes(lanes a, lanes b, lanes c) {
 #if defined(__AVX512F__)
     return (lanes)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 #elif defined(__AVX2__) && defined(__FMA__)
-    __m256 part[2];
-    for (int i = 0; i < 2; i++)
-        part[i] = _mm256_fmadd_ps(_mm256_loadu_ps((float *)&a + 8 * i),
-                                  _mm256_loadu_ps((float *)&b + 8 * i),
-                                  _mm256_loadu_ps((float *)&c + 8 * i));
-    lanes out;
-    memcpy(&out, part, sizeof out);
-    return out;
+    return (lanes)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #elif defined(__ARM_NEON) && defined(__aarch64__)
-    float32x4_t part[4];
-    for (int i = 0; i < 4; i++)
-        part[i] = vfmaq_f32(vld1q_f32((float *)&c + 4 * i), vld1q_f32((float *)&a + 4 * i),
-                            vld1q_f32((float *)&b + 4 * i));
-    lanes out;
-    memcpy(&out, part, sizeof out);
-    return out;
+    return (lanes)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
 #else
     return a * b + c;
 #endif
@@ -671,7 +669,8 @@ void int8_linear(const float *x, int64_t m, int64_t k, float threshold,
 }
 
 #define LINEAR_ROWS 16 /* bf16_linear's most rows of x: cpu_kernels.py LINEAR_ROWS */
-#define LINEAR_TILE 4  /* rows of x, or of W, multiplied per pass, their sums in registers */
+#define LINEAR_TILE 4  /* rows of x multiplied per pass over a weight row, sums in registers */
+#define ACROSS 8       /* weight rows per pass of a decode step's one row of x */
 
 /* `rows` (1 to LINEAR_TILE, a constant where inlined) dots of x's rows with one bf16 weight row,
  * k a multiple of LANES: each weight vector is widened to float32 once for all the rows. */
@@ -689,35 +688,35 @@ static inline __attribute__((always_inline)) void bf16_dots(const float *x, int6
     for (int r = 0; r < rows; r++) dots[r] = lanes_sum(acc[r]);
 }
 
-/* The dots of one row of x with LINEAR_TILE weight rows (n apart in `out`): a decode step's
- * shape, where one row of sums would make a chain of dependent additions; four are independent. */
+/* The dots of one row of x with ACROSS weight rows: a decode step's shape, where one row of sums
+ * would make a chain of dependent additions; eight are independent. */
 static inline void bf16_dots_across(const float *x, int64_t k, const uint16_t *w, float *out) {
-    lanes acc[LINEAR_TILE] = {{0}}, xv;
+    lanes acc[ACROSS] = {{0}}, xv;
     for (int64_t i = 0; i < k; i += LANES) {
         memcpy(&xv, x + i, sizeof xv);
-        for (int j = 0; j < LINEAR_TILE; j++)
+        for (int j = 0; j < ACROSS; j++)
             acc[j] = fma_lanes(xv, load_lanes(w + j * k, 1, i), acc[j]);
     }
-    for (int j = 0; j < LINEAR_TILE; j++) out[j] = lanes_sum(acc[j]);
+    for (int j = 0; j < ACROSS; j++) out[j] = lanes_sum(acc[j]);
 }
 
 /* y (m, n) = x (m, k) · Wᵀ + bias for bf16 W (n, k), x, y and bias (or NULL) float32,
  * m <= LINEAR_ROWS, k a multiple of LANES: the product of decode and a drafter's tree on a CPU
  * where oneDNN cannot hold bf16 weights packed (no AVX-512 BW/VL/DQ). Outputs are split over the
- * threads in tiles of LINEAR_TILE weight rows, each read once for all m rows of x. */
+ * threads in tiles of ACROSS weight rows, each read once for all m rows of x. */
 void bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *weight, const float *bias,
                  int64_t n, float *y, int threads) {
-    int64_t tiles = (n + LINEAR_TILE - 1) / LINEAR_TILE;
+    int64_t tiles = (n + ACROSS - 1) / ACROSS;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
-        int64_t j0 = t * LINEAR_TILE;
-        if (m == 1 && j0 + LINEAR_TILE <= n) {
-            float dots[LINEAR_TILE];
+        int64_t j0 = t * ACROSS;
+        if (m == 1 && j0 + ACROSS <= n) {
+            float dots[ACROSS];
             bf16_dots_across(x, k, weight + j0 * k, dots);
-            for (int j = 0; j < LINEAR_TILE; j++) y[j0 + j] = bias ? dots[j] + bias[j0 + j] : dots[j];
+            for (int j = 0; j < ACROSS; j++) y[j0 + j] = bias ? dots[j] + bias[j0 + j] : dots[j];
             continue;
         }
-        for (int64_t j = j0; j < n && j < j0 + LINEAR_TILE; j++) {
+        for (int64_t j = j0; j < n && j < j0 + ACROSS; j++) {
             const uint16_t *w = weight + j * k;
             float dots[LINEAR_ROWS];
             for (int64_t r = 0; r < m; r += LINEAR_TILE) {
