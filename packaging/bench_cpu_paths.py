@@ -4,7 +4,7 @@ one (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2). The figures in docs/benc
 ("The CPU path per CPU") come from it.
 
     .venv/bin/python packaging/bench_cpu_paths.py weights [--rounds 2] [--cpu native avx2]
-    .venv/bin/python packaging/bench_cpu_paths.py caches --contexts 2048 4096 8192
+    .venv/bin/python packaging/bench_cpu_paths.py caches --contexts 2048 4096 7800
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ CACHES = {
     "kv-quant 4": ["--cache", "kv-quant", "--bits", "4"],
     "xquant 4": ["--cache", "xquant", "--bits", "4"],
     "xquant-cl 3": ["--cache", "xquant-cl", "--bits", "3"],
-    "xquant-cl 2": ["--cache", "xquant-cl", "--bits", "2"],
 }
 
 
