@@ -61,7 +61,11 @@ def test_cpu_paths_are_measured_and_pinned(monkeypatch):
                      ("torch", "torch"), ("onednn-packed", "onednn-packed")]
         if f"{d} row" in ms
     }  # fmt: skip
-    assert (chosen.bf16, chosen.bf16_prompt) == min(costs, key=costs.get)
+    cheapest = min(costs, key=costs.get)
+    packed = ("onednn-packed", "onednn-packed")
+    if packed in costs and costs[cheapest] > cpu_paths.STICKY * costs[packed]:
+        cheapest = packed  # oneDNN's layout unless another is clearly cheaper
+    assert (chosen.bf16, chosen.bf16_prompt) == cheapest
     monkeypatch.setenv("XQCHAT_BF16_PATH", "torch")
     monkeypatch.setenv("XQCHAT_INT_MM", "0")
     pinned = cpu_paths.choose(256, 128)

@@ -35,6 +35,7 @@ BF16_PATHS = ("onednn-packed", "c-pass", "torch")
 # A turn, as the costs weigh it: 200 decode steps of one row, 25 drafter trees of 8 rows (rows
 # and trees take one path: a tree must score as the steps it stands for), 4 prompt chunks of 64.
 TURN = {"row": (200, 1), "tree": (25, 8), "chunk": (4, 64)}
+STICKY = 0.9  # another bf16 path replaces oneDNN's packed one only if its turn costs less than this
 
 
 def onednn_packing() -> bool:
@@ -157,6 +158,11 @@ def choose(n: int, k: int) -> CpuPaths:
         if pinned:
             options = [o for o in options if o[index] == pinned] or options
     bf16, prompt = min(options, key=lambda o: turn(*o))
+    # oneDNN's layout stays unless another is clearly cheaper: on AVX-512 the timings are close,
+    # and a choice that flips from one load to the next on noise helps no one
+    packed = ("onednn-packed", "onednn-packed")
+    if packed in options and turn(bf16, prompt) > STICKY * turn(*packed):
+        bf16, prompt = packed
     int_mm = os.environ.get("XQCHAT_INT_MM")
     pays = int_mm_exact() and ms["int_mm"] < ms["float32 mm"] if int_mm is None else int_mm == "1"
     return CpuPaths(bf16, prompt, pays, ms)
