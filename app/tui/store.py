@@ -279,18 +279,37 @@ class Damaged(sqlite3.DatabaseError):
 
 def connect(path: Path) -> sqlite3.Connection:
     """A connection to the sound store at `path` (created if missing), migrated and in WAL mode;
-    sqlite3.DatabaseError (Damaged where the check found it) if it is not sound."""
+    sqlite3.DatabaseError (Damaged where the check found it) if it is not sound. Apps opening one
+    store together may find it locked for a moment even past the busy timeout: switching to WAL
+    needs every other connection gone, and SQLite answers "locked" at once rather than wait where
+    waiting could deadlock (seen: 1 of 10 processes opening a fresh store without the open lock).
+    So the whole open is tried again until BUSY_TIMEOUT_S has passed."""
     check(path)
-    db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)  # autocommit
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        migrate(db)
-        db.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
-    except BaseException:
-        db.close()
-        raise
-    return db
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)  # autocommit
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            migrate(db)
+            db.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            if not locked(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        except BaseException:
+            db.close()
+            raise
+
+
+def locked(error: sqlite3.DatabaseError) -> bool:
+    """Whether `error` says another connection holds the store (busy or locked)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None:  # Python 3.10: only the message tells
+        return "database is locked" in str(error)
+    return code & 0xFF in (BUSY, LOCKED)
 
 
 def check(path: Path) -> None:
