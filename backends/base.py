@@ -17,7 +17,7 @@ from xqchat.models.spec import ModelSpec
 
 CacheKind = Literal["kv", "kv-quant", "xquant", "xquant-cl"]
 CACHE_KINDS: tuple[str, ...] = ("kv", "kv-quant", "xquant", "xquant-cl")
-WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
+WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "q4", "q8")
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class CacheSpec:
 class EngineOptions:
     backend: str = "auto"  # auto | torch | mlx
     device: str = "auto"  # auto | cpu | cuda
-    weights: str = "auto"  # auto | fp32 | bf16 | fp16 | int8
+    weights: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 | q4 | q8
     int8_threshold: float = 6.0  # int8 weights: input features beyond it are multiplied in float
     int8_head: bool = True  # int8 weights: the LM head (a tied table) too
     cache: CacheSpec = field(default_factory=CacheSpec)
@@ -194,15 +194,30 @@ class EngineBase:
 
 
 def engine_checkpoint(files: ModelFiles, opts: EngineOptions):
-    """(spec, tensors) as an engine will hold them: in the exact MHA form when asked. Tensors are
-    (HF name, numpy array), produced lazily."""
+    """(spec, tensors) as an engine will hold them, produced lazily as (HF name, numpy array or
+    qweights.Packed): a quantized file's matrices stay packed under `--weights auto|q4|q8`
+    (converted to q4/q8 as asked; a float checkpoint's conversion is cached in `derived`), and
+    are dequantized for the float and int8 choices; in the exact MHA form when asked."""
+    from xqchat.models import qweights
+    from xqchat.models.paths import derived_dir
     from xqchat.models.weights import as_mha, open_checkpoint
 
     checkpoint = open_checkpoint(files)
-    spec, tensors = checkpoint.spec, checkpoint.tensors()
+    spec = checkpoint.spec
+    packed = opts.weights in ("auto", "q4", "q8")
+    tensors = checkpoint.tensors(packed=packed)
+    if not packed:
+        tensors = qweights.dequantized(tensors)
     if opts.mha:
-        tensors = ((name, as_mha(checkpoint.spec, name, array)) for name, array in tensors)
+        tensors = ((name, as_mha(spec, name, array)) for name, array in tensors)
         spec = dataclasses.replace(spec, n_kv_heads=spec.n_heads)
+    if opts.weights in ("q4", "q8"):
+        bits = int(opts.weights[1])
+        if checkpoint.quantized:  # reshaping a packed file is quick: no cache
+            tensors = qweights.convert(spec, tensors, bits)
+        else:
+            folder = derived_dir(files) / "qweights"
+            tensors, _ = qweights.cached(spec, tensors, folder, bits, opts.mha)
     return spec, tensors
 
 

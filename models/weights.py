@@ -10,11 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
+from . import qweights
 from .errors import XQError
+from .qweights import Packed
 from .registry import ModelFiles
 from .spec import ModelSpec
 
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_SAFETENSORS_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "U32": np.uint32,  # MLX's packed codes
+}
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -31,6 +38,11 @@ class SafetensorsCheckpoint:
             raise XQError(f"cannot read {folder / 'config.json'}: {e}") from None
         self.spec = ModelSpec.from_hf_config(self.config)
         self._files = [self._index(p) for p in shard_paths(folder)]
+        # an MLX-quantized checkpoint (mlx-community's): packed uint32 codes with `scales` and
+        # `biases` beside each quantized matrix, the format in config.json
+        quantization = self.config.get("quantization") or {}
+        self.bits, self.group = quantization.get("bits"), quantization.get("group_size")
+        self.quantized = self.bits is not None
 
     @staticmethod
     def _index(path: Path):
@@ -56,21 +68,32 @@ class SafetensorsCheckpoint:
                 raise bad
         return path, 8 + n, header
 
+    def _headers(self) -> Iterator[tuple[str, dict]]:
+        """(name, header entry) of every tensor but the scales and biases of quantized ones."""
+        for _, _, header in self._files:
+            for name, info in header.items():
+                if not name.endswith((".scales", ".biases")):
+                    yield name, info
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor's shape, from the headers alone."""
-        return {
-            name: tuple(info["shape"])
-            for _, _, header in self._files
-            for name, info in header.items()
-        }
+        """Every tensor's shape, from the headers alone (a quantized matrix's as it stands for)."""
+        shapes = {}
+        for name, info in self._headers():
+            shape = tuple(info["shape"])
+            if info["dtype"] == "U32":
+                shape = (*shape[:-1], shape[-1] * 32 // self.bits)
+            shapes[name] = shape
+        return shapes
 
     def dtypes(self) -> dict[str, str]:
-        """Every tensor's stored type ("BF16", "F16", "F32"), from the headers alone."""
+        """Every tensor's stored type ("BF16", "F16", "F32", or "Q4" for MLX's 4-bit), from the
+        headers alone."""
         return {
-            name: info["dtype"] for _, _, header in self._files for name, info in header.items()
+            name: f"Q{self.bits}" if info["dtype"] == "U32" else info["dtype"]
+            for name, info in self._headers()
         }
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+    def _arrays(self) -> Iterator[tuple[str, np.ndarray]]:
         for path, offset, header in self._files:
             if not header:
                 continue
@@ -81,6 +104,31 @@ class SafetensorsCheckpoint:
                     data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
                 )
                 yield name, _bf16_to_f32(array) if info["dtype"] == "BF16" else array
+
+    def tensors(self, packed: bool = False) -> Iterator[tuple[str, np.ndarray | Packed]]:
+        """(HF name, array), memory-mapped where stored as they are. An MLX-quantized matrix
+        comes as a qweights.Packed with `packed` (qweights.from_mlx), else dequantized."""
+        if not self.quantized:
+            yield from self._arrays()
+            return
+        parts: dict[str, dict] = {}  # a quantized matrix's codes, scales, biases until all came
+        for name, array in self._arrays():
+            stem, _, part = name.rpartition(".")
+            if part not in ("scales", "biases") and array.dtype != np.uint32:
+                yield name, array
+                continue
+            held = parts.setdefault(stem, {})
+            held[part] = array
+            if len(held) == 3:
+                del parts[stem]
+                yield (
+                    stem + ".weight",
+                    qweights.from_mlx(
+                        held["weight"], held["scales"], held["biases"], self.bits, packed
+                    ),
+                )
+        if parts:
+            raise XQError(f"the quantized tensor {next(iter(parts))} lacks its scales or biases")
 
 
 def shard_paths(folder: Path) -> list[Path]:
@@ -142,12 +190,13 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 class GGUFCheckpoint:
-    """One .gguf file; quantised tensors are dequantised by the gguf package."""
+    """One .gguf file. Quantized matrices come as they are stored where the engine holds that
+    format (qweights.from_gguf), else dequantized by the gguf package."""
 
     def __init__(self, path: Path):
         import gguf
 
-        self._gguf = gguf
+        self._gguf, self.path = gguf, path
         try:
             self.reader = gguf.GGUFReader(path)
         except Exception as e:  # the reader raises many kinds on short or garbled files
@@ -158,6 +207,8 @@ class GGUFCheckpoint:
             meta["tokenizer.ggml.tokens"] = range(len(fields["tokenizer.ggml.tokens"].data))
         self.meta = meta
         by_name = {t.name: t for t in self.reader.tensors}
+        floats = ("F32", "F16", "BF16")
+        self.quantized = any(t.tensor_type.name not in floats for t in self.reader.tensors)
         rope_freqs = by_name.get("rope_freqs.weight")
         self.spec = ModelSpec.from_gguf(
             meta, set(by_name), None if rope_freqs is None else np.asarray(rope_freqs.data)
@@ -178,13 +229,37 @@ class GGUFCheckpoint:
         """Every tensor's shape in transformers' order (GGUF lists dimensions innermost first)."""
         return {hf: tuple(int(n) for n in reversed(t.shape)) for hf, _, t in self._named()}
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+    def tensors(self, packed: bool = False) -> Iterator[tuple[str, np.ndarray | Packed]]:
+        """(HF name, float32 array), or with `packed` a qweights.Packed for each matrix whose type
+        maps. Each tensor's bytes are read from the file as it comes, and dropped after, so
+        loading never holds the file's pages and the engine's copy at once."""
         spec = self.spec
-        for hf, kind, t in self._named():
-            w = self._gguf.quants.dequantize(t.data, t.tensor_type)
-            if spec.arch == "llama" and kind in ("attn_q", "attn_k"):
-                w = _unpermute(w, spec.n_heads if kind == "attn_q" else spec.n_kv_heads)
-            yield hf, w
+        with open(self.path, "rb") as f:
+            for hf, kind, t in self._named():
+                raw = np.empty(int(t.n_bytes), dtype=np.uint8)
+                f.seek(int(t.data_offset))
+                if f.readinto(memoryview(raw)) != raw.size:
+                    raise XQError(f"{self.path.name} is truncated; download it again")
+                shape = tuple(int(n) for n in reversed(t.shape))
+                rows = None
+                if spec.arch == "llama" and kind in ("attn_q", "attn_k"):
+                    heads = spec.n_heads if kind == "attn_q" else spec.n_kv_heads
+                    rows = _unpermute(np.arange(shape[0]), heads)
+                w = (
+                    qweights.from_gguf(t.tensor_type.name, raw, shape)
+                    if packed and len(shape) == 2
+                    else None
+                )
+                if w is None:
+                    w = self._gguf.quants.dequantize(raw, t.tensor_type).reshape(shape)
+                    if t.tensor_type.name in ("F32", "F16", "BF16"):
+                        w = w.astype(np.float32)
+                yield (
+                    hf,
+                    w
+                    if rows is None
+                    else (w[rows] if isinstance(w, np.ndarray) else w.take_rows(rows)),
+                )
 
 
 def open_checkpoint(files: ModelFiles) -> SafetensorsCheckpoint | GGUFCheckpoint:
@@ -260,11 +335,14 @@ def check_shapes(checkpoint: SafetensorsCheckpoint | GGUFCheckpoint) -> None:
             )
 
 
-def to_engine_layout(weights: dict, spec: ModelSpec, concatenate) -> dict:
+def to_engine_layout(weights: dict, spec: ModelSpec, concatenate, skip=()) -> dict:
     """Apply `engine_layout` to framework tensors; `concatenate(list) -> tensor` joins along dim 0.
-    Consumes `weights`; refuses missing or unexpected tensors with a clear message."""
+    Consumes `weights`; refuses missing or unexpected tensors with a clear message. `skip`: engine
+    names made elsewhere (quantized matrices: qweights.engine_packed)."""
     out = {}
     for name, sources in engine_layout(spec).items():
+        if name in skip:
+            continue
         missing = [s for s in sources if s not in weights]
         if missing:
             raise XQError(f"the checkpoint lacks the tensor {missing[0]}")
@@ -278,10 +356,12 @@ def to_engine_layout(weights: dict, spec: ModelSpec, concatenate) -> dict:
     return out
 
 
-def as_mha(spec: ModelSpec, name: str, array: np.ndarray) -> np.ndarray:
+def as_mha(spec: ModelSpec, name: str, array: np.ndarray | Packed) -> np.ndarray | Packed:
     """A GQA model's tensor in its exact MHA form: each K/V head repeated for the query heads
     that share it (attention is unchanged; the cache grows to one K/V head per query head)."""
     if not name.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
         return array
+    if isinstance(array, Packed):  # the same rows of codes, scales and mins
+        return array.take_rows(as_mha(spec, name, np.arange(array.shape[0])))
     heads = array.reshape(spec.n_kv_heads, spec.head_dim, *array.shape[1:])
     return np.repeat(heads, spec.n_heads // spec.n_kv_heads, axis=0).reshape(-1, *array.shape[1:])

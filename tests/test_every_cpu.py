@@ -66,7 +66,7 @@ def test_this_machine_is_read():
 def compiles(compiler: str, flags: list[str], tmp_path) -> None:
     out = tmp_path / "k.so"
     done = subprocess.run(
-        [compiler, *flags, *FLAGS, "-o", str(out), str(cpu_kernels.SOURCE)],
+        [compiler, *flags, *FLAGS, "-o", str(out), *map(str, cpu_kernels.SOURCES)],
         capture_output=True,
         text=True,
     )

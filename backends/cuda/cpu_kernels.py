@@ -25,7 +25,9 @@ import torch
 
 from ..hardware import cpu
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# the passes (.c), built together into one library, and what they share (.h)
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_qlinear.c")]
+HEADER = Path(__file__).with_name("cpu_simd.h")
 FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
 _i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _lock = threading.Lock()
@@ -50,7 +52,8 @@ def _cpu() -> str:
 
 def _build(compiler: list[str], flags: list[str]) -> Path:
     identity = " ".join([*compiler, *flags, _cpu()]).encode()
-    key = hashlib.sha256(SOURCE.read_bytes() + identity).hexdigest()[:16]
+    source = b"".join(path.read_bytes() for path in [*SOURCES, HEADER])
+    key = hashlib.sha256(source + identity).hexdigest()[:16]
     target = Path(platformdirs.user_cache_dir("xqchat")) / "kernels" / f"{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,7 @@ def _build(compiler: list[str], flags: list[str]) -> Path:
         os.close(handle)
         try:
             subprocess.run(
-                [*compiler, *flags, "-o", partial, str(SOURCE), "-lm"],
+                [*compiler, *flags, "-o", partial, *map(str, SOURCES), "-lm"],
                 check=True,
                 capture_output=True,
                 timeout=120,
@@ -99,6 +102,8 @@ def library() -> ctypes.CDLL | None:
     lib.quantize_rows.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _int]
     lib.rope_attend.argtypes = [_ptr, _int, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr]
     lib.rope_attend.argtypes += [_i64, _i64, _i64, _i64, _i64, _ptr, _f32, _ptr, _ptr, _int]
+    lib.q_linear.argtypes = [_ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int]
+    lib.q_dequantize.argtypes = [_ptr, _int, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _ptr, _int]
     lib.compiled_with = " ".join(variant)  # shown by `xqchat show --hardware`
     return lib
 
@@ -332,6 +337,56 @@ class Bf16Product:
         with _traced("xqchat::bf16_linear"):
             library().bf16_linear(
                 x.data_ptr(), m, self.k, self.weights[0], self.weights[1], self.n, y.data_ptr(),
+                torch.get_num_threads(),
+            )  # fmt: skip
+        return y
+
+
+class QProduct:
+    """cpu_qlinear.c's q_linear bound to one layer's q4 or q8 weight (models/qweights.py): codes
+    (n, k / 2) uint8 or (n, k) int8, fp16 scales (and q4 mins) (n, k / group): x (m, k) float32
+    -> x @ Wᵀ + bias (m, n) float32, for any m."""
+
+    def __init__(self, codes, scale, min_, bits: int, bias):
+        n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
+        bias = None if bias is None else bias.detach().float().contiguous()
+        groups = scale.shape[1] if scale.dim() == 2 else 0
+        _check(
+            codes.dtype == (torch.uint8 if bits == 4 else torch.int8) and codes.is_contiguous()
+            and not codes.is_cuda and groups and k % groups == 0 and (k // groups) % 32 == 0
+            and scale.shape == (n, groups) and scale.dtype == torch.float16
+            and scale.is_contiguous() and (min_ is None) == (bits == 8)
+            and (min_ is None or (min_.shape == scale.shape and min_.dtype == torch.float16
+                                  and min_.is_contiguous()))
+            and (bias is None or bias.shape == (n,)),
+            "the codes, scales and mins of q_linear do not match",
+        )  # fmt: skip
+        self.held, self.n, self.k = (codes, scale, min_, bias), n, k
+        self.weights = (bits, _address(codes), _address(scale), _address(min_), k // groups)
+        self.bias = _address(bias)
+
+    def values(self, first: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """Weight rows [first, first + rows) dequantized, (rows, k) float32 or bf16."""
+        _check(0 <= first and first + rows <= self.n, "q_dequantize's rows are out of range")
+        out = torch.empty(rows, self.k, dtype=dtype)
+        bits, codes, scale, min_, group = self.weights
+        library().q_dequantize(
+            codes, bits, scale, min_, group, self.k, first, rows, int(dtype == torch.bfloat16),
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = len(x)
+        x = x.contiguous()
+        _check(
+            x.dim() == 2 and x.shape[1] == self.k and x.dtype == torch.float32 and not x.is_cuda,
+            "the input of q_linear does not match its weight",
+        )  # fmt: skip
+        y = torch.empty(m, self.n)
+        with _traced("xqchat::q_linear"):
+            library().q_linear(
+                x.data_ptr(), m, self.k, *self.weights, self.bias, self.n, y.data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
         return y

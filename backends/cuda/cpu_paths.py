@@ -11,9 +11,14 @@ this CPU (hardware.py says what it offers; what is fast on it is measured, not a
   products in saturating 16-bit lanes (seen under ONEDNN_MAX_CPU_ISA=AVX2), and where PyTorch
   does not call oneDNN it runs a scalar loop, 20x slower than float32.
 
+- q4/q8 weights (qlinear.py): decode rows and trees always through the C pass `q_linear`; a
+  prompt's chunks through it too, or through the weights dequantized a slice at a time to bf16
+  or float32 for PyTorch's product, whichever is fastest here (`q_prompt`).
+
 The costs are weighed as a typical turn (TURN).
 `XQCHAT_BF16_PATH` (onednn-packed, c-pass, torch), `XQCHAT_BF16_PROMPT` (onednn-packed,
-"float32 copy", torch) and `XQCHAT_INT_MM` (1 or 0) pin a choice, for the tests and to measure
+"float32 copy", torch), `XQCHAT_INT_MM` (1 or 0) and `XQCHAT_Q_PROMPT` (q-pass, bf16,
+float32) pin a choice, for the tests and to measure
 each option with `xqchat bench`. The choice shows in `bench` JSON and
 `xqchat show --hardware`.
 """
@@ -55,6 +60,7 @@ class CpuPaths:
     bf16_prompt: str  # "onednn-packed", "float32 copy" or "torch"
     int_mm: bool  # int8 products of many rows through torch._int_mm
     ms: dict = field(default_factory=dict, compare=False)  # what was timed, per candidate
+    q_prompt: str | None = None  # q4/q8 weights' prompt chunks (Q_PROMPTS), where there are some
 
     def describe(self, bf16: bool = True) -> dict:
         """The choices as `bench` JSON and `show --hardware` show them; the bf16 ones only where
@@ -65,6 +71,7 @@ class CpuPaths:
             "cpu": cpu().level,
             **bf16_paths,
             "int8_many_rows": "torch._int_mm" if self.int_mm else "float32",
+            **({"q_prompt": self.q_prompt} if self.q_prompt else {}),
             "int_mm_exact": int_mm_exact(),
             "c_passes": f"built ({kernels.compiled_with})" if kernels else "off",
             "measured_ms": {name: round(ms, 3) for name, ms in self.ms.items()},
@@ -166,3 +173,33 @@ def choose(n: int, k: int) -> CpuPaths:
     int_mm = os.environ.get("XQCHAT_INT_MM")
     pays = int_mm_exact() and ms["int_mm"] < ms["float32 mm"] if int_mm is None else int_mm == "1"
     return CpuPaths(bf16, prompt, pays, ms)
+
+
+Q_PROMPTS = {"q-pass": None, "bf16": torch.bfloat16, "float32": torch.float32}
+
+
+@functools.cache
+def q_prompt(k: int) -> str:
+    """How q4/q8 weights multiply a prompt's chunk of 64 rows here (one of Q_PROMPTS), timed once
+    per process on one thread at a (1024, k) q4 weight."""
+    pinned = os.environ.get("XQCHAT_Q_PROMPT")
+    if pinned in Q_PROMPTS:
+        return pinned
+    if cpu_kernels.library() is None:
+        return "float32"  # QLinear dequantizes with torch ops then; no choice to make
+    g = torch.Generator().manual_seed(0)
+    n, k = 1024, max(32, min(k - k % 32, 2048))
+    codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(n, k // 32, generator=g) * 0.01).half()
+    product = cpu_kernels.QProduct(codes, scale, -8 * scale, 4, None)
+    x = torch.randn(64, k, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ms = {"q-pass": _best_ms(lambda: product(x))}
+        for name in ("bf16", "float32"):
+            dtype = Q_PROMPTS[name]
+            ms[name] = _best_ms(lambda d=dtype: F.linear(x.to(d), product.values(0, n, d)))
+    finally:
+        torch.set_num_threads(threads)
+    return min(ms, key=ms.get)

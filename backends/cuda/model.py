@@ -12,6 +12,7 @@ which read the weights and so bound decode speed, run in the weights' dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xqchat.models import qweights
 from xqchat.models.errors import XQError
 from xqchat.models.paths import derived_dir
 from xqchat.models.registry import ModelFiles
@@ -31,9 +33,11 @@ from ..latents import layer_latents
 from . import cpu_kernels, cpu_paths
 from .cache import Latents, Scratch, new_caches
 from .int8 import Int8Embedding, Int8Linear
+from .qlinear import QEmbedding, QLinear
 from .session import EngineSession
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZED = ("int8", "q4", "q8")  # weights held as codes; the rest of the model in bf16
 
 
 class Linear(nn.Linear):
@@ -251,7 +255,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, Int8Embedding):
+        if isinstance(self.embed, (Int8Embedding, QEmbedding)):  # the table is the head
             return self.embed.logits(hidden)
         if not self.spec.tied_embeddings:
             return self.lm_head(hidden)
@@ -327,8 +331,8 @@ def pick_dtype(weights: str, device: str) -> str:
         # plain matrix-vector product but PyTorch's fp16 matrix-matrix product is ~10x slower than
         # bf16's (prompts, drafter verification); packed bf16 is fast at every width.
         return "bf16"
-    if weights not in (*DTYPES, "int8"):
-        raise XQError(f"unknown weights '{weights}' (use auto, fp32, bf16, fp16 or int8)")
+    if weights not in (*DTYPES, "int8", "q4", "q8"):
+        raise XQError(f"unknown weights '{weights}' (use auto, fp32, bf16, fp16, int8, q4 or q8)")
     return weights
 
 
@@ -344,6 +348,20 @@ def as_int8(module: Transformer, names, threshold: float) -> None:
             new = Int8Embedding(old.num_embeddings, old.embedding_dim, threshold)
         else:
             new = Int8Linear(old.in_features, old.out_features, old.bias is not None, threshold)
+        setattr(owner, child, new)
+
+
+def as_packed(module: Transformer, packed: dict) -> None:
+    """Replace the Linear (and tied Embedding) modules of the `packed` engine matrices by their
+    q4/q8 forms, still on the meta device: load_state_dict then assigns codes, scales and mins."""
+    for name, p in packed.items():
+        parent, _, child = name.removesuffix(".weight").rpartition(".")
+        owner = module.get_submodule(parent)
+        old = getattr(owner, child)
+        if isinstance(old, nn.Embedding):
+            new = QEmbedding(old.num_embeddings, old.embedding_dim, p.bits, p.group)
+        else:
+            new = QLinear(old.in_features, old.out_features, old.bias is not None, p.bits, p.group)
         setattr(owner, child, new)
 
 
@@ -384,8 +402,9 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     derived = derived_dir(files)
     if dtype == "int8":  # converted once, then read from the cache next to the model
         tensors, _ = int8.cached(spec, tensors, derived / "int8", opts.mha, opts.int8_head)
-    # int8: what stays in floating point (norms, biases, an untied embedding table, the K/V cache)
-    torch_dtype = torch.bfloat16 if dtype == "int8" else DTYPES[dtype]
+    # int8, q4, q8: what stays in floating point (norms, biases, an untied embedding table, the
+    # K/V cache, a quantized file's float matrices)
+    torch_dtype = DTYPES.get(dtype, torch.bfloat16)
     act_dtype = torch_dtype if device == "cuda" else torch.float32
     # A tied table on CPU is held in fp16 when its values fit: the one-row head product (every
     # decode step) runs ~2.4x faster in fp16 than in bf16 (1.7 vs 4.1 ms here), and is closer to
@@ -396,7 +415,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     def working_dtype(name, array):
         if array.dtype == np.int8 or name.endswith(int8.SCALE_SUFFIX):
             return None  # int8 codes and their float32 scales stay as they are
-        if name.endswith("norm.weight") or (dtype == "int8" and name.endswith("bias")):
+        if name.endswith("norm.weight") or (dtype in QUANTIZED and name.endswith("bias")):
             return act_dtype
         if half_table and name == "model.embed_tokens.weight" and np.abs(array).max() < 6e4:
             return torch.float16
@@ -404,16 +423,28 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
 
     with warnings.catch_warnings():  # memory-mapped arrays are read-only; weights are never written
         warnings.simplefilter("ignore", UserWarning)
-        weights = {
-            name: torch.from_numpy(array).to(device=device, dtype=working_dtype(name, array))
-            for name, array in tensors
-        }
+        weights, quantized = {}, {}
+        for name, array in tensors:
+            if isinstance(array, qweights.Packed):
+                quantized[name] = array
+            else:
+                weights[name] = torch.from_numpy(array).to(device, working_dtype(name, array))
+    packed = qweights.engine_packed(quantized, weights, spec, lambda t: t.float().cpu().numpy())
+    if packed and dtype == "bf16":  # --weights auto on a quantized file keeps its quantization
+        dtype = qweights.label(packed)
     scales = int8.engine_scales(int8.split_scales(weights), spec, torch.cat)
-    state = to_engine_layout(weights, spec, torch.cat)
+    state = to_engine_layout(weights, spec, torch.cat, skip=packed)
     state |= {name.removesuffix("weight") + "scale": s for name, s in scales.items()}
+    for name, p in packed.items():
+        stem = name.removesuffix("weight")
+        arrays = {"weight": p.codes, "scale": p.scale, "min": p.min}
+        state |= {
+            stem + k: torch.from_numpy(a).to(device) for k, a in arrays.items() if a is not None
+        }
     with torch.device("meta"):
         module = Transformer(spec)
         as_int8(module, scales, opts.int8_threshold)
+        as_packed(module, packed)
     try:
         module.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as e:
@@ -431,6 +462,11 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         for layer in module.modules():
             if isinstance(layer, Int8Linear):
                 layer.int_mm = paths.int_mm
+        if packed:
+            paths = dataclasses.replace(paths, q_prompt=cpu_paths.q_prompt(spec.dim))
+            for layer in module.modules():
+                if isinstance(layer, QLinear):
+                    layer.prompt = cpu_paths.Q_PROMPTS[paths.q_prompt]
         if torch_dtype == torch.bfloat16:
             module.bf16_paths = (paths.bf16, paths.bf16_prompt)
             for linear in module.modules():

@@ -1,0 +1,239 @@
+/* Group-wise quantized weights (q4, q8: backends/qweights.py) times float32 activations on the
+ * CPU, llama.cpp's way: each row of x is quantized per block of 32 values to int8 (absmax / 127,
+ * rounded half to even), each weight block is multiplied with it in integers (u8 x s8 dot
+ * products: AVX-512 VNNI's dpbusd, AVX2's maddubs, NEON's sdot) and the integer sum is scaled by
+ * the weight group's scale times the x block's. A q4 weight's min multiplies the group's float
+ * sum of x, which is exact.
+ *
+ * Weights, (n, k) row-major: q4 codes (n, k / 2), each block of 32 values in 16 bytes as GGUF's
+ * Q4_0/Q4_1 hold them (byte i: value i in the low nibble, value i + 16 in the high one), so those
+ * files load as they are; q8 codes (n, k) int8 in [-127, 127]; fp16 scales (and q4 mins) per
+ * group of `group` values along each row, a multiple of 32. */
+#include "cpu_simd.h"
+
+#define BLOCK 32
+#define TILE 4 /* weight rows per pass over a row of x: four independent sums, x loaded once */
+
+/* Per architecture: `block` (32 int8 values), `partial` (their products' sums, a few lanes),
+ * `sums` (float accumulators), and how to load, multiply and total them. */
+#if defined(__AVX2__)
+typedef __m256i block;
+typedef __m256 sums;
+static inline block load_block(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline block q4_block(const uint8_t *p) { /* 16 bytes -> 32 codes, 0..15 */
+    __m128i b = _mm_loadu_si128((const __m128i *)p), low = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+}
+static inline __m256i dot_us(block a, block b) { /* a unsigned, b signed */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else /* pairs into int16: at most 2 x 127 x 127 (q8) or 2 x 15 x 127 (q4), no saturation */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+/* q4: codes are unsigned. q8: both signed, so x's sign moves onto the weight. */
+static inline __m256i q4_dot(block w, block x) { return dot_us(w, x); }
+static inline __m256i q8_dot(block w, block x) {
+    return dot_us(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+}
+static inline sums sums_zero(void) { return _mm256_setzero_ps(); }
+static inline sums add_scaled(sums acc, __m256i dots, float s) {
+#if defined(__FMA__)
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(s), acc);
+#else
+    return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(s)));
+#endif
+}
+static inline float sums_total(sums v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+typedef int8x16x2_t block;
+typedef float32x4_t sums;
+static inline block load_block(const int8_t *p) { return (block){{vld1q_s8(p), vld1q_s8(p + 16)}}; }
+static inline block q4_block(const uint8_t *p) {
+    uint8x16_t b = vld1q_u8(p);
+    return (block){{vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(15))),
+                    vreinterpretq_s8_u8(vshrq_n_u8(b, 4))}};
+}
+static inline int32x4_t dot16(int8x16_t a, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(vdupq_n_s32(0), a, b);
+#else
+    int16x8_t low = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+    return vpadalq_s16(vpaddlq_s16(low), vmull_high_s8(a, b));
+#endif
+}
+/* NEON multiplies signed by signed: q4's codes (0..15) and q8's alike */
+static inline int32x4_t q4_dot(block w, block x) {
+    return vaddq_s32(dot16(w.val[0], x.val[0]), dot16(w.val[1], x.val[1]));
+}
+static inline int32x4_t q8_dot(block w, block x) { return q4_dot(w, x); }
+static inline sums sums_zero(void) { return vdupq_n_f32(0.0f); }
+static inline sums add_scaled(sums acc, int32x4_t dots, float s) {
+    return vfmaq_n_f32(acc, vcvtq_f32_s32(dots), s);
+}
+static inline float sums_total(sums v) { return vaddvq_f32(v); }
+#else
+typedef struct {
+    int8_t v[BLOCK];
+} block;
+typedef float sums;
+static inline block load_block(const int8_t *p) {
+    block b;
+    memcpy(b.v, p, BLOCK);
+    return b;
+}
+static inline block q4_block(const uint8_t *p) {
+    block b;
+    for (int i = 0; i < BLOCK / 2; i++) b.v[i] = p[i] & 15, b.v[i + BLOCK / 2] = p[i] >> 4;
+    return b;
+}
+static inline int32_t q4_dot(block w, block x) {
+    int32_t sum = 0;
+    for (int i = 0; i < BLOCK; i++) sum += w.v[i] * x.v[i];
+    return sum;
+}
+static inline int32_t q8_dot(block w, block x) { return q4_dot(w, x); }
+static inline sums sums_zero(void) { return 0.0f; }
+static inline sums add_scaled(sums acc, int32_t dots, float s) { return acc + (float)dots * s; }
+static inline float sums_total(sums v) { return v; }
+#endif
+
+/* x (m, k) -> int8 codes per block of 32 (m, k), the blocks' scales (m, k / 32) and, for q4's
+ * mins, each group's float sum of x (m, k / group). */
+static void quantize_blocks(const float *x, int64_t m, int64_t k, int64_t group, int8_t *codes,
+                            float *scale, float *group_sum) {
+    int64_t blocks = k / BLOCK;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *v = x + r * k + b * BLOCK;
+            float absmax = 0.0f, sum = 0.0f;
+            for (int i = 0; i < BLOCK; i++) absmax = fmaxf(absmax, fabsf(v[i])), sum += v[i];
+            float s = absmax / 127;
+            for (int i = 0; i < BLOCK; i++)
+                codes[r * k + b * BLOCK + i] = s > 0.0f ? (int8_t)nearbyintf(v[i] / s) : 0;
+            scale[r * blocks + b] = s;
+            if (group_sum) {
+                int64_t g = r * (k / group) + b * BLOCK / group;
+                group_sum[g] = (b * BLOCK % group ? group_sum[g] : 0.0f) + sum;
+            }
+        }
+}
+
+/* One row of x against `rows` (1 to TILE) weight rows: dots[t] = sum over blocks of
+ * (block product) * d[t][b] * xs[b], where d holds each weight row's scale per block. */
+static inline __attribute__((always_inline)) void tile_dots(const void *const *w, int bits,
+                                                            const float *const *d, int rows,
+                                                            const int8_t *xq, const float *xs,
+                                                            int64_t blocks, float *dots) {
+    sums acc[TILE];
+    for (int t = 0; t < rows; t++) acc[t] = sums_zero();
+    for (int64_t b = 0; b < blocks; b++) {
+        block x = load_block(xq + b * BLOCK);
+        for (int t = 0; t < rows; t++) {
+            float s = d[t][b] * xs[b];
+            if (bits == 4)
+                acc[t] = add_scaled(acc[t], q4_dot(q4_block((const uint8_t *)w[t] + b * 16), x), s);
+            else
+                acc[t] = add_scaled(acc[t], q8_dot(load_block((const int8_t *)w[t] + b * 32), x), s);
+        }
+    }
+    for (int t = 0; t < rows; t++) dots[t] = sums_total(acc[t]);
+}
+
+/* y (m, n) = x (m, k) · Wᵀ + bias for a q4 (bits 4, with mins) or q8 (bits 8, mins NULL)
+ * weight; x, y and bias (or NULL) float32. Outputs are split over the threads in tiles of TILE
+ * weight rows, each tile read once per row of x. */
+void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
+              const uint16_t *scale, const uint16_t *min, int64_t group, const float *bias,
+              int64_t n, float *y, int threads) {
+    int64_t blocks = k / BLOCK, groups = k / group, row_bytes = bits == 4 ? k / 2 : k;
+    int8_t *xq = malloc(m * k);
+    float *xs = malloc(m * blocks * sizeof(float));
+    float *xsum = min ? malloc(m * groups * sizeof(float)) : NULL;
+    quantize_blocks(x, m, k, group, xq, xs, xsum);
+    int64_t tiles = (n + TILE - 1) / TILE;
+#pragma omp parallel num_threads(threads)
+    {
+        float *d_all = malloc(TILE * blocks * sizeof(float)), *d[TILE];
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < tiles; tile++) {
+            int64_t j0 = tile * TILE;
+            int rows = n - j0 < TILE ? (int)(n - j0) : TILE;
+            const void *w[TILE];
+            for (int t = 0; t < rows; t++) {
+                w[t] = (const uint8_t *)codes + (j0 + t) * row_bytes;
+                d[t] = d_all + t * blocks;
+                for (int64_t g = 0, b = 0; g < groups; g++) { /* no division per block */
+                    float sg = half_to_float(scale[(j0 + t) * groups + g]);
+                    for (int64_t end = b + group / BLOCK; b < end; b++) d[t][b] = sg;
+                }
+            }
+            for (int64_t r = 0; r < m; r++) {
+                float dots[TILE];
+                const int8_t *xr = xq + r * k;
+                const float *sr = xs + r * blocks;
+                const float *const *ds = (const float *const *)d;
+                /* constant bits and row counts: no branch in the loop, the sums in registers */
+                if (bits == 4 && rows == TILE) tile_dots(w, 4, ds, TILE, xr, sr, blocks, dots);
+                else if (bits == 4) tile_dots(w, 4, ds, rows, xr, sr, blocks, dots);
+                else if (rows == TILE) tile_dots(w, 8, ds, TILE, xr, sr, blocks, dots);
+                else tile_dots(w, 8, ds, rows, xr, sr, blocks, dots);
+                for (int t = 0; t < rows; t++) {
+                    int64_t j = j0 + t;
+                    float out = dots[t];
+                    if (min)
+                        for (int64_t g = 0; g < groups; g++)
+                            out += half_to_float(min[j * groups + g]) * xsum[r * groups + g];
+                    y[r * n + j] = bias ? out + bias[j] : out;
+                }
+            }
+        }
+        free(d_all);
+    }
+    free(xq), free(xs), free(xsum);
+}
+
+/* One block's 32 values, codes * s + z, into `out`: float32, or bf16 rounded to nearest even
+ * (the prompt's products then run in bf16 where the CPU multiplies bf16 fast). Plain loops over
+ * whole blocks, which the compiler vectorizes. */
+static inline void block_values(const uint8_t *c, int bits, float s, float z, int bf16, void *out) {
+    float v[BLOCK];
+    if (bits == 4)
+        for (int i = 0; i < BLOCK / 2; i++) v[i] = (c[i] & 15) * s + z, v[i + 16] = (c[i] >> 4) * s + z;
+    else
+        for (int i = 0; i < BLOCK; i++) v[i] = (int8_t)c[i] * s;
+    if (!bf16) {
+        memcpy(out, v, sizeof v);
+        return;
+    }
+    uint16_t *o = out;
+    for (int i = 0; i < BLOCK; i++) {
+        uint32_t u;
+        memcpy(&u, &v[i], 4);
+        o[i] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+}
+
+/* The values of weight rows [first, first + rows), float32 or bf16 (rows, k): the prompt's
+ * chunks multiply them with the CPU's fast matrix product, a slice of rows at a time. */
+void q_dequantize(const void *codes, int bits, const uint16_t *scale, const uint16_t *min,
+                  int64_t group, int64_t k, int64_t first, int64_t rows, int bf16, void *out,
+                  int threads) {
+    int64_t groups = k / group, row_bytes = bits == 4 ? k / 2 : k, size = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t j = first + r;
+        const uint8_t *c = (const uint8_t *)codes + j * row_bytes;
+        for (int64_t g = 0; g < groups; g++) {
+            float s = half_to_float(scale[j * groups + g]);
+            float z = min ? half_to_float(min[j * groups + g]) : 0.0f;
+            for (int64_t b = g * group / BLOCK; b < (g + 1) * group / BLOCK; b++)
+                block_values(c + b * BLOCK * bits / 8, bits, s, z, bf16,
+                             (char *)out + (r * k + b * BLOCK) * size);
+        }
+    }
+}
