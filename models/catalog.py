@@ -118,7 +118,7 @@ def _gguf_summary(checkpoint) -> dict:
         quant = "?"
     return {
         "arch": checkpoint.spec.arch,
-        "parameters": sum(int(t.n_elements) for t in checkpoint.reader.tensors),
+        "parameters": sum(t.n_elements for t in checkpoint.tensor_table),
         "format": f"gguf {quant.removeprefix('MOSTLY_')}",
         "chat_template": bool(checkpoint.meta.get("tokenizer.chat_template")),
     }

@@ -3,6 +3,7 @@ tensor at a time to its working dtype; names follow transformers' Llama layout."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import numpy as np
 
 from . import qweights
 from .errors import XQError
+from .gguf_header import read_header
 from .qweights import Packed
 from .registry import ModelFiles
 from .spec import ModelSpec
@@ -198,25 +200,34 @@ class GGUFCheckpoint:
 
         self._gguf, self.path = gguf, path
         try:
-            self.reader = gguf.GGUFReader(path)
-        except Exception as e:  # the reader raises many kinds on short or garbled files
+            self.meta, self.tensor_table = read_header(path)
+        except (OSError, ValueError) as e:
             raise XQError(f"{path.name} is truncated or not a valid GGUF file ({e})") from None
-        fields = self.reader.fields
-        meta = {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.ggml.")}
-        if "tokenizer.ggml.tokens" in fields:
-            meta["tokenizer.ggml.tokens"] = range(len(fields["tokenizer.ggml.tokens"].data))
-        self.meta = meta
-        by_name = {t.name: t for t in self.reader.tensors}
+        by_name = {t.name: t for t in self.tensor_table}
         floats = ("F32", "F16", "BF16")
-        self.quantized = any(t.tensor_type.name not in floats for t in self.reader.tensors)
+        self.quantized = any(t.tensor_type.name not in floats for t in self.tensor_table)
         rope_freqs = by_name.get("rope_freqs.weight")
-        self.spec = ModelSpec.from_gguf(
-            meta, set(by_name), None if rope_freqs is None else np.asarray(rope_freqs.data)
-        )
+        if rope_freqs is not None:
+            rope_freqs = self._values(rope_freqs, self._raw(rope_freqs))
+        self.spec = ModelSpec.from_gguf(self.meta, set(by_name), rope_freqs)
+
+    def _raw(self, t, file=None) -> np.ndarray:
+        """A tensor's bytes as stored, read from the file (not mapped: see `tensors`)."""
+        raw = np.empty(t.n_bytes, dtype=np.uint8)
+        with contextlib.nullcontext(file) if file else open(self.path, "rb") as f:
+            f.seek(t.data_offset)
+            if f.readinto(memoryview(raw)) != raw.size:
+                raise XQError(f"{self.path.name} is truncated; download it again")
+        return raw
+
+    def _values(self, t, raw: np.ndarray) -> np.ndarray:
+        """A tensor's values as float32, in transformers' shape."""
+        shape = tuple(reversed(t.shape))
+        return self._gguf.quants.dequantize(raw, t.tensor_type).reshape(shape).astype(np.float32)
 
     def _named(self):
         """(HF name, GGUF kind, tensor) for every weight tensor."""
-        for t in self.reader.tensors:
+        for t in self.tensor_table:
             if t.name == "rope_freqs.weight":
                 continue
             parts = t.name.split(".")
@@ -227,7 +238,7 @@ class GGUFCheckpoint:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape in transformers' order (GGUF lists dimensions innermost first)."""
-        return {hf: tuple(int(n) for n in reversed(t.shape)) for hf, _, t in self._named()}
+        return {hf: tuple(reversed(t.shape)) for hf, _, t in self._named()}
 
     def tensors(self, packed: bool = False) -> Iterator[tuple[str, np.ndarray | Packed]]:
         """(HF name, float32 array), or with `packed` a qweights.Packed for each matrix whose type
@@ -236,30 +247,18 @@ class GGUFCheckpoint:
         spec = self.spec
         with open(self.path, "rb") as f:
             for hf, kind, t in self._named():
-                raw = np.empty(int(t.n_bytes), dtype=np.uint8)
-                f.seek(int(t.data_offset))
-                if f.readinto(memoryview(raw)) != raw.size:
-                    raise XQError(f"{self.path.name} is truncated; download it again")
-                shape = tuple(int(n) for n in reversed(t.shape))
-                rows = None
+                raw = self._raw(t, f)
+                shape = tuple(reversed(t.shape))
+                w = None
+                if packed and len(shape) == 2:
+                    w = qweights.from_gguf(t.tensor_type.name, raw, shape)
+                if w is None:
+                    w = self._values(t, raw)
                 if spec.arch == "llama" and kind in ("attn_q", "attn_k"):
                     heads = spec.n_heads if kind == "attn_q" else spec.n_kv_heads
                     rows = _unpermute(np.arange(shape[0]), heads)
-                w = (
-                    qweights.from_gguf(t.tensor_type.name, raw, shape)
-                    if packed and len(shape) == 2
-                    else None
-                )
-                if w is None:
-                    w = self._gguf.quants.dequantize(raw, t.tensor_type).reshape(shape)
-                    if t.tensor_type.name in ("F32", "F16", "BF16"):
-                        w = w.astype(np.float32)
-                yield (
-                    hf,
-                    w
-                    if rows is None
-                    else (w[rows] if isinstance(w, np.ndarray) else w.take_rows(rows)),
-                )
+                    w = w[rows] if isinstance(w, np.ndarray) else w.take_rows(rows)
+                yield hf, w
 
 
 def open_checkpoint(files: ModelFiles) -> SafetensorsCheckpoint | GGUFCheckpoint:

@@ -12,6 +12,7 @@ which read the weights and so bound decode speed, run in the weights' dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -336,6 +337,22 @@ def pick_dtype(weights: str, device: str) -> str:
     return weights
 
 
+@contextlib.contextmanager
+def uninitialized():
+    """Modules built without initializing their parameters, which the checkpoint then assigns:
+    on the meta device PyTorch's init functions import torch._dynamo (and sympy), which cost
+    each load 1.5 s and 70 MB."""
+    names = ("kaiming_uniform_", "uniform_", "normal_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 def as_int8(module: Transformer, names, threshold: float) -> None:
     """Replace the Linear (and tied Embedding) modules whose weights are `names` by their int8
     forms, still on the meta device: load_state_dict then assigns codes and scales."""
@@ -441,7 +458,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         state |= {
             stem + k: torch.from_numpy(a).to(device) for k, a in arrays.items() if a is not None
         }
-    with torch.device("meta"):
+    with torch.device("meta"), uninitialized():
         module = Transformer(spec)
         as_int8(module, scales, opts.int8_threshold)
         as_packed(module, packed)
