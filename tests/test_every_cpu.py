@@ -100,10 +100,11 @@ def test_c_passes_build_for_arm64(march, tmp_path):
     reason="the CPU has no AVX-512 (the suite already runs its AVX2 paths) or is capped already",
 )
 def test_cpu_path_tests_pass_as_on_an_avx2_cpu():
-    """The tests of the CPU paths and the C passes (int8's AVX2 dot product among them), run as
-    on an AVX2-only laptop."""
+    """The tests of the CPU paths and the C passes (int8's and q4/q8's AVX2 dot products among
+    them), run as on an AVX2-only laptop."""
     env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    tests = ["test_torch_backend.py", "test_cpu_kernels.py"]
+    tests = ["test_torch_backend.py", "test_cpu_kernels.py", "test_qweights.py::test_c_pass"]
+    tests += ["test_qweights.py::test_prompt_chunks_take_each_path"]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
         + [str(ROOT / "tests" / t) for t in tests],

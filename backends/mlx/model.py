@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from xqchat.models import qweights
 from xqchat.models.errors import XQError
 from xqchat.models.paths import derived_dir
 from xqchat.models.registry import ModelFiles
@@ -27,6 +28,7 @@ from ..latents import layer_latents
 from .cache import Latents, new_caches
 from .int8 import Int8Embedding, Int8Linear
 from .kernels import swiglu
+from .qlinear import QEmbedding, QLinear
 from .session import ENGINE, EngineSession
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
@@ -253,8 +255,8 @@ class Transformer(nn.Module):
 
 
 def dense_weight(linear) -> mx.array:
-    """A Linear's (in, out) weight in float32, dequantised when it is int8."""
-    if isinstance(linear, Int8Linear):
+    """A Linear's (in, out) weight in float32, dequantised when it is int8, q4 or q8."""
+    if isinstance(linear, (Int8Linear, QLinear)):
         return linear.dense_weight()
     return linear.weight.astype(mx.float32)
 
@@ -275,6 +277,22 @@ def as_int8(module: Transformer, names, dtype: mx.Dtype, threshold: float) -> No
         setattr(owner, child, new)
 
 
+def as_packed(module: Transformer, packed: dict, dtype: mx.Dtype) -> None:
+    """Replace the Linear (and tied Embedding) modules of the `packed` engine matrices by their
+    q4/q8 forms; load_weights then assigns codes, scales and biases."""
+    for name, p in packed.items():
+        *path, child, _ = name.split(".")
+        owner = module
+        for part in path:
+            owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+        d_out, d_in = p.shape
+        if isinstance(getattr(owner, child), Embedding):
+            new = QEmbedding(d_out, d_in, p.bits, p.group, dtype)
+        else:
+            new = QLinear(d_in, d_out, "bias" in getattr(owner, child), p.bits, p.group)
+        setattr(owner, child, new)
+
+
 def pick_device(device: str) -> str:
     if device == "cuda":
         raise XQError("the MLX backend has no CUDA device; use --backend torch")
@@ -291,8 +309,8 @@ def pick_dtype(weights: str, device: str) -> str:
     if weights == "auto":
         # MLX's CPU kernels for half types are no faster than fp32 (bf16) or ~4x slower (fp16).
         return "bf16" if device == "metal" else "fp32"
-    if weights not in (*DTYPES, "int8"):
-        raise XQError(f"unknown weights '{weights}' (use auto, fp32, bf16, fp16 or int8)")
+    if weights not in (*DTYPES, "int8", "q4", "q8"):
+        raise XQError(f"unknown weights '{weights}' (use auto, fp32, bf16, fp16, int8, q4 or q8)")
     return weights
 
 
@@ -333,22 +351,34 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
     derived = derived_dir(files)
     if dtype == "int8":  # converted once, then read from the cache next to the model
         tensors, _ = int8.cached(spec, tensors, derived / "int8", opts.mha, opts.int8_head)
-    # int8: what stays in floating point (norms, biases, an untied table, the cache, activations)
-    mx_dtype = DTYPES[pick_dtype("auto", device) if dtype == "int8" else dtype]
-    weights = {}
+    # int8, q4, q8: what stays in floating point (norms, biases, an untied table, the cache,
+    # activations, a quantized file's float matrices)
+    mx_dtype = DTYPES.get(dtype, DTYPES[pick_dtype("auto", device)])
+    weights, quantized = {}, {}
     for name, array in tensors:
+        if isinstance(array, qweights.Packed):
+            quantized[name] = array
+            continue
         array = np.ascontiguousarray(array.T) if array.ndim == 2 else array  # (in, out)
         keep = array.dtype == np.int8 or name.endswith(int8.SCALE_SUFFIX)  # codes and scales
         weights[name] = mx.array(array) if keep else mx.array(array).astype(mx_dtype)
         mx.eval(weights[name])
+    packed = qweights.engine_packed(quantized, weights, spec, lambda a: np.array(a.T, np.float32))
+    if packed and dtype == pick_dtype("auto", device):  # --weights auto keeps a file's quantization
+        dtype = qweights.label(packed)
     # parts were transposed, so q/k/v and gate/up (and their scales) join along the last axis
     scales = int8.split_scales(weights)
     join = lambda parts: mx.concatenate(parts, axis=-1)  # noqa: E731
     scales = int8.engine_scales(scales, spec, join)
-    state = to_engine_layout(weights, spec, join)
+    state = to_engine_layout(weights, spec, join, skip=packed)
     state |= {name.removesuffix("weight") + "scale": s for name, s in scales.items()}
+    for name, p in packed.items():
+        stem = name.removesuffix("weight")
+        arrays = zip(("weight", "scales", "biases"), qweights.to_mlx(p), strict=True)
+        state |= {stem + key: mx.array(a) for key, a in arrays}
     module = Transformer(spec)
     as_int8(module, scales, mx_dtype, opts.int8_threshold)
+    as_packed(module, packed, mx_dtype)
     try:
         module.load_weights(list(state.items()), strict=True)
     except ValueError as e:
