@@ -48,7 +48,9 @@ class EngineOptions:
     backend: str = "auto"  # auto | torch | mlx
     device: str = "auto"  # auto | cpu | cuda
     weights: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 | q4 | q8
-    int8_threshold: float = 6.0  # int8 weights: input features beyond it are multiplied in float
+    # int8 weights: input features beyond it are multiplied in float; None: chosen per model
+    # (int8.CANDIDATES, cached with the conversion: `int8_auto_threshold`)
+    int8_threshold: float | None = None
     int8_head: bool = True  # int8 weights: the LM head (a tied table) too
     cache: CacheSpec = field(default_factory=CacheSpec)
     mha: bool = False  # run a GQA model in its exact MHA form (K/V heads repeated)
@@ -221,6 +223,50 @@ def engine_checkpoint(files: ModelFiles, opts: EngineOptions):
     return spec, tensors
 
 
+def int8_auto_threshold(files: ModelFiles, opts: EngineOptions, model) -> dict:
+    """`--int8-threshold auto`: the largest of int8.CANDIDATES whose perplexity on int8.SAMPLE is
+    within int8.PPL_BUDGET of the float model's (bf16; fp32 on MLX's CPU), else the closest to
+    it (int8.choose_threshold), measured once per model, backend and int8 variant and kept beside
+    the int8 conversion."""
+    import json
+
+    from xqchat.models.paths import derived_dir
+    from xqchat.models.tokenizer import load_tokenizer
+
+    from . import int8
+
+    variant = ("mha" if opts.mha else "model") + ("" if opts.int8_head else "-float-head")
+    path = (
+        derived_dir(files)
+        / "int8"
+        / (f"threshold-v{int8.THRESHOLD_VERSION}-{model.backend}-{variant}.json")
+    )
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass  # not measured yet, or damaged: measure again
+    ids = load_tokenizer(files).encode(int8.SAMPLE)
+
+    def logits(engine):
+        return engine.new_session(CacheSpec()).logits(ids)
+
+    float_weights = "bf16" if model.backend == "torch" or model.device == "metal" else "fp32"
+    float_opts = dataclasses.replace(opts, weights=float_weights, drafter=None)
+    float_logits = logits(load_model(files, float_opts))
+
+    def logits_at(threshold: float):
+        model.use_int8_threshold(threshold)
+        return logits(model)
+
+    result = int8.choose_threshold(ids, float_logits, logits_at)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+    except OSError:
+        pass  # a read-only cache dir measures again at the next load
+    return result
+
+
 def pick_backend(name: str) -> str:
     """auto: MLX on Apple Silicon, otherwise PyTorch (on CUDA when a GPU is visible)."""
     if name not in ("auto", "torch", "mlx"):
@@ -246,6 +292,8 @@ def load_model(files: ModelFiles, opts: EngineOptions) -> Model:
         from xqchat.backends.cuda.model import load
 
         model = load(files, opts)
+    if model.dtype == "int8" and opts.int8_threshold is None:
+        model.use_int8_threshold(int8_auto_threshold(files, opts, model)["threshold"])
     if opts.drafter not in (None, "none"):
         from .drafter import drafter_folder
 

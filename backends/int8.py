@@ -21,8 +21,76 @@ from pathlib import Path
 import numpy as np
 
 THRESHOLD = 6.0  # the paper's: features with any |x| above it are outliers
+# `--int8-threshold auto` tries these, largest first, and keeps the first within PPL_BUDGET of the
+# float model's perplexity on SAMPLE (0: every feature in floating point, weight-only int8)
+CANDIDATES = (6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.5, 0.0)
+PPL_BUDGET = 1.005
+THRESHOLD_VERSION = 1
+SAMPLE = (
+    "The old harbour town sits where the river meets the sea. Fishing boats leave before dawn "
+    "and come back in the afternoon, when the market opens on the quay. In winter the storms "
+    "close the harbour for days, and the families mend nets and repair the hulls in long sheds "
+    "behind the church. A railway reached the town in 1871; it brought visitors in summer, and "
+    "a row of hotels grew along the beach. Most of them are flats now.\n\n"
+    "To make bread, mix 500 grams of flour with 10 grams of salt and 7 grams of dried yeast. "
+    "Add 320 millilitres of warm water and knead for ten minutes, until the dough is smooth and "
+    "springs back when pressed. Leave it covered for an hour, shape it into a loaf, let it rise "
+    "again for forty minutes, then bake at 220 degrees for about thirty minutes.\n\n"
+    "def mean(values):\n    if not values:\n        raise ValueError('no values')\n"
+    "    return sum(values) / len(values)\n\n"
+    "Question: a train leaves at 9:40 and arrives at 13:15. How long is the journey? Answer: "
+    "three hours and thirty-five minutes. Question: what is 17 times 23? Answer: 391.\n\n"
+    "Dear Anna, thank you for your letter and the photographs of the garden. The apple tree "
+    "you planted three years ago has its first fruit, and the roses by the gate have never been "
+    "so tall. We hope to visit in September, when the children are back at school. With love, "
+    "Tom."
+)
 SCALE_SUFFIX = ".int8_scale"  # the checkpoint name of a weight's scales: "<name>.int8_scale"
 CACHE_VERSION = 1
+
+
+def parse_threshold(value) -> float | None:
+    """`--int8-threshold`: "auto" (None: chosen per model, see CANDIDATES) or a number >= 0."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is neither auto nor a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is neither auto nor a number") from None
+    if not np.isfinite(number) or number < 0:
+        raise ValueError(f"{value!r}: use auto or a number of 0 or more")
+    return number
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def choose_threshold(ids: list[int], float_logits: np.ndarray, logits_at) -> dict:
+    """The largest CANDIDATES threshold whose perplexity on `ids` (`logits_at(threshold)`: the
+    next-token logits after each id) is within PPL_BUDGET of the float model's; where none is
+    (a 400-token text moves perplexity by more than that between thresholds on noise alone), the
+    one whose next-token distributions are closest to the float model's (mean KL divergence).
+    Returns {"threshold", "float_ppl", "ppl", "kl"} with every threshold measured."""
+
+    def ppl(logp: np.ndarray) -> float:
+        return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+    reference = log_softmax(float_logits[:-1].astype(np.float64))
+    float_ppl = ppl(reference)
+    measured, kl = {}, {}
+    for threshold in CANDIDATES:
+        logp = log_softmax(logits_at(threshold)[:-1].astype(np.float64))
+        measured[threshold] = ppl(logp)
+        kl[threshold] = float((np.exp(reference) * (reference - logp)).sum(axis=-1).mean())
+        if measured[threshold] <= float_ppl * PPL_BUDGET:
+            break
+    within = [t for t, p in measured.items() if p <= float_ppl * PPL_BUDGET]
+    threshold = within[0] if within else min(kl, key=kl.get)
+    return {"threshold": threshold, "float_ppl": float_ppl, "ppl": measured, "kl": kl}
 
 
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -330,7 +330,7 @@ def test_int8_decoding_with_and_without_the_c_pass(tiny_models, monkeypatch):
     for c_pass in (True, False):
         if not c_pass:
             without_c(monkeypatch)
-        engine = load_model(files, EngineOptions(backend="torch", weights="int8"))
+        engine = load_model(files, EngineOptions(backend="torch", weights="int8", int8_threshold=6))
         session = engine.new_session()
         session.prefill(list(range(400, 480)))
         chunk = session.logits(list(range(600, 607)))

@@ -143,6 +143,7 @@ def test_both_backends_compute_the_same_layer():
 
 
 def int8_model(files, backend, **options):
+    options.setdefault("int8_threshold", int8.THRESHOLD)  # auto has its own test
     return load_model(files, EngineOptions(backend=backend, weights="int8", **options))
 
 
@@ -188,6 +189,31 @@ def test_int8_composes_with_every_cache_kind(tiny_models, backend, kind):
     got = pieces(int8_model(files, backend).new_session(spec), ids, [70, 1, 9])
     # random tiny weights are harsh on int8 activations: 4% RMS on every kind, kv included
     assert np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact**2)) < 0.06
+
+
+def test_auto_threshold_is_measured_once_and_kept(tiny_models, backend, monkeypatch):
+    """`--int8-threshold auto`: the largest candidate within the perplexity budget, else the one
+    closest to the float model; measured at the first load, read at the next."""
+    from xqchat.backends import base
+    from xqchat.models.paths import derived_dir
+
+    files = resolve(str(tiny_models["llama"]))
+    model = int8_model(files, backend, int8_threshold=None)
+    (kept,) = (derived_dir(files) / "int8").glob(f"threshold-v1-{backend}-model.json")
+    result = json.loads(kept.read_text())
+    chosen = result["threshold"]
+    budget = result["float_ppl"] * int8.PPL_BUDGET
+    within = [float(t) for t, p in result["ppl"].items() if p <= budget]
+    if within:
+        assert chosen == within[0] == max(within)
+    else:  # every candidate measured, the closest kept
+        assert len(result["kl"]) == len(int8.CANDIDATES)
+        assert result["kl"][str(chosen)] == min(result["kl"].values())
+    layers = [m for m in model.int8_layers().values()]
+    assert layers and all(layer.threshold == chosen for layer in layers)
+    monkeypatch.setattr(base, "load_model", None)  # the next load must not measure again
+    assert int8_model(files, backend, int8_threshold=None).int8_layers()
+    assert base.int8_auto_threshold(files, EngineOptions(backend=backend), model) == result
 
 
 def test_conversion_is_cached_next_to_the_model(tiny_models, backend, tmp_path):

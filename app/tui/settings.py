@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from xqchat.app.options import MIN_TEMPERATURE
+from xqchat.backends import int8
 from xqchat.backends.base import (
     CACHE_KINDS,
     WEIGHT_DTYPES,
@@ -78,11 +79,12 @@ class Settings:
         "bf16's memory).",
         choices=lambda: WEIGHT_DTYPES,
     )
-    int8_threshold: float = setting(
-        6.0,
+    int8_threshold: str = setting(
+        "auto",
         "int8 outliers",
-        "int8 weights: input features with any |x| above this are multiplied in floating point.",
-        low=0,
+        "int8 weights: input features with any |x| above this are multiplied in floating point; "
+        "auto = the largest that keeps the model within 0.5% of its float perplexity.",
+        suggest=lambda: ("auto", "6", "3", "1.5"),
     )
     int8_head: bool = setting(
         True, "int8 head", "int8 weights: the LM head (a tied embedding table) in int8 too."
@@ -176,7 +178,7 @@ class Settings:
             backend=self.backend,
             device=self.device,
             weights=self.weights,
-            int8_threshold=self.int8_threshold,
+            int8_threshold=int8.parse_threshold(self.int8_threshold),
             int8_head=self.int8_head,
             cache=cache,
             mha=self.mha,
@@ -202,6 +204,12 @@ def option(f: dataclasses.Field) -> Option:
 def check(f: dataclasses.Field, value: object) -> None:
     """Raise ValueError with a line the user can read if `value` does not suit field `f`."""
     kind, opt = type(f.default), option(f)
+    if f.name == "int8_threshold":  # "auto" or a number (as settings before auto saved it)
+        try:
+            int8.parse_threshold(value)
+        except ValueError as e:
+            raise ValueError(f"{f.name}: {e}") from None
+        return
     ok_type = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok_type = True

@@ -79,7 +79,9 @@ class Int8Linear(nn.Module):
         product = self.fused(x)
         if product is not None:
             return product(x, self.threshold).view(*shape[:-1], self.out_features)
-        if not self.int_mm and not x.is_cuda:
+        # threshold 0 (every feature in float: weight-only int8, what `auto` picks where no
+        # threshold keeps the float model's quality) is the dequantized weights' product
+        if (not self.int_mm or self.threshold == 0) and not x.is_cuda:
             y = F.linear(x.float(), self.dense_weight(), self.bias)
             return y.to(x.dtype).view(*shape[:-1], self.out_features)
         absmax = row_absmax(x)

@@ -396,6 +396,12 @@ class Engine(EngineBase):
     def int8_layers(self) -> dict:
         return {n: m for n, m in self.module.named_modules() if type(m) is Int8Linear}
 
+    def use_int8_threshold(self, threshold: float) -> None:
+        """LLM.int8's outlier threshold for every int8 matrix, the head's included."""
+        for layer in self.module.modules():
+            if isinstance(layer, Int8Linear):
+                layer.threshold = threshold
+
     @staticmethod
     def to_numpy(x):
         return x.detach().float().cpu().numpy()
@@ -460,7 +466,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         }
     with torch.device("meta"), uninitialized():
         module = Transformer(spec)
-        as_int8(module, scales, opts.int8_threshold)
+        as_int8(module, scales, opts.int8_threshold or 0.0)  # None (auto): set after the load
         as_packed(module, packed)
     try:
         module.load_state_dict(state, assign=True, strict=True)

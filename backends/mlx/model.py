@@ -328,6 +328,12 @@ class Engine(EngineBase):
     def int8_layers(self) -> dict:
         return {n: m for n, m in self.module.named_modules() if type(m) is Int8Linear}
 
+    def use_int8_threshold(self, threshold: float) -> None:
+        """LLM.int8's outlier threshold for every int8 matrix, the head's included."""
+        for _, layer in self.module.named_modules():
+            if isinstance(layer, Int8Linear):
+                layer.threshold = threshold
+
     @staticmethod
     def to_numpy(x):
         return np.array(x.astype(mx.float32))
@@ -377,7 +383,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         arrays = zip(("weight", "scales", "biases"), qweights.to_mlx(p), strict=True)
         state |= {stem + key: mx.array(a) for key, a in arrays}
     module = Transformer(spec)
-    as_int8(module, scales, mx_dtype, opts.int8_threshold)
+    as_int8(module, scales, mx_dtype, opts.int8_threshold or 0.0)  # auto: set after load
     as_packed(module, packed, mx_dtype)
     try:
         module.load_weights(list(state.items()), strict=True)
