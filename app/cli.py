@@ -27,6 +27,7 @@ from .options import (
     MIN_TEMPERATURE,
     SEED_MAX,
     FiniteFloat,
+    MemorySize,
     ModelName,
     Preflight,
     Temperature,
@@ -356,6 +357,7 @@ Examples:
   xqchat show HuggingFaceTB/SmolLM2-360M-Instruct --json
   xqchat show default --int8-stats --text ../shared/data/wikitext2_test.txt
   xqchat show --hardware
+  xqchat show default --fit 16GB
 """,
 )
 @click.argument("model", type=ModelName(), required=False, metavar="MODEL")
@@ -384,10 +386,19 @@ Examples:
     show_default=True,
     help="--int8-stats: tokens of the text to run.",
 )
+@click.option(
+    "--fit",
+    type=MemorySize(),
+    metavar="SIZE",
+    help="Plan for SIZE of memory (e.g. 16GB; GB and GiB both mean 2^30 bytes, as laptops' "
+    "memory is sold): for each weights x cache choice, the longest chat that fits.",
+)
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto")
 @click.option("--int8-threshold", type=FiniteFloat(min=0), default=6.0, show_default=True)
 @click.pass_context
-def show_command(ctx, model, as_json, hardware, int8_stats, text, tokens, backend, int8_threshold):
+def show_command(
+    ctx, model, as_json, hardware, int8_stats, text, tokens, fit, backend, int8_threshold
+):
     """MODEL's spec, files, chat template and derived artefacts; or, with --hardware, this
     machine's.
 
@@ -422,6 +433,9 @@ def show_command(ctx, model, as_json, hardware, int8_stats, text, tokens, backen
             for line in benchmarks.format_int8_outliers(stats):
                 click.echo(line)
         return
+    if fit is not None:
+        show_fit(resolve(model), fit, as_json)
+        return
     info = details(resolve(model))
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -448,6 +462,37 @@ def show_command(ctx, model, as_json, hardware, int8_stats, text, tokens, backen
     lines += [("note", note) for note in s["notes"]]
     for key, value in lines:
         click.echo(f"{key:>13}  {value}")
+
+
+def show_fit(files, memory: int, as_json: bool) -> None:
+    """`show MODEL --fit SIZE`: the planner's table (backends/planner.py)."""
+    from xqchat.backends import planner
+    from xqchat.models.catalog import format_bytes
+    from xqchat.models.weights import open_checkpoint
+
+    spec = open_checkpoint(files).spec
+    rows = planner.plan(spec, memory)
+    if as_json:
+        click.echo(json.dumps({"memory_bytes": memory, "plan": rows}, indent=2))
+        return
+    click.echo(
+        f"{files.name} in {memory / 2**30:g} GiB (of which {format_bytes(planner.RUNTIME_BYTES)} "
+        f"for the runtime); the context holds at most {spec.max_context} tokens"
+    )
+    click.echo(
+        f"{'weights':<8} {'cache':<19} {'weights':>9} {'cache/1K tok':>13} {'longest chat':>13}"
+    )
+    for row in rows:
+        tokens = row["tokens"]
+        chat = (
+            "does not fit"
+            if tokens == 0
+            else f"{tokens:,}" + (" (all)" if tokens == spec.max_context else "")
+        )
+        click.echo(
+            f"{row['weights']:<8} {row['cache']:<19} {format_bytes(row['weight_bytes']):>9} "
+            f"{format_bytes(row['cache_bytes_per_1k_tokens']):>13} {chat:>13}"
+        )
 
 
 def show_hardware(backend: str, as_json: bool) -> None:

@@ -53,6 +53,29 @@ class FiniteFloat(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
+class MemorySize(click.ParamType):
+    """A size of memory: 16GB, 16GiB, 512MB, 16G (GB and GiB alike mean 2^30 bytes: laptops'
+    memory is sold in binary units under decimal names) -> bytes."""
+
+    name = "size"
+    UNITS = {"": 2**30, "G": 2**30, "GB": 2**30, "GIB": 2**30, "M": 2**20, "MB": 2**20}
+    UNITS |= {"MIB": 2**20, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().replace(" ", "")
+        number = text.rstrip("GMTIB")
+        unit = text[len(number) :]
+        try:
+            size = float(number) * self.UNITS[unit]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size such as 16GB or 512MB", param, ctx)
+        if not math.isfinite(size) or size <= 0:
+            self.fail(f"{value!r} is not a size such as 16GB or 512MB", param, ctx)
+        return int(size)
+
+
 class Int8Threshold(click.ParamType):
     """`--int8-threshold`: auto (None) or a finite number of 0 or more."""
 
