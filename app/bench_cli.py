@@ -3,7 +3,12 @@ minutes to hours, so every value is checked before the model loads."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import statistics
+import sys
 from pathlib import Path
 
 import click
@@ -12,6 +17,7 @@ from xqchat.backends.base import EngineOptions
 from xqchat.models.errors import XQError
 
 from . import bench as benchmarks
+from . import llama_bench
 from .loading import load_engine, note, status
 from .options import (
     MAX_BEAM_LENGTH,
@@ -20,6 +26,7 @@ from .options import (
     Preflight,
     check_utf8_lines,
     drafter_options,
+    given,
     model_options,
     prepare,
     read_text_file,
@@ -106,6 +113,11 @@ Examples:
   xqchat bench speed --new-tokens 128 --compare hf
   xqchat bench speed --prompts ../shared/data/mt_bench_questions.jsonl --json
   xqchat bench speed --drafter auto --beam-width 1 --lookup 7
+  xqchat bench speed -m model-Q4_K_M.gguf --compare llama.cpp --rounds 3
+\b
+--compare llama.cpp runs llama-cpp-python from .bench/llama-cpp-LEVEL (made by
+packaging/install_llama_cpp.sh LEVEL) in a process of its own, on the same GGUF file and the same
+prompt token ids, with as many threads as ours; its peak RSS and load time are its own.
 """
 )
 @model_options
@@ -128,30 +140,107 @@ Examples:
 )
 @click.option(
     "--compare",
-    type=click.Choice(["none", "hf", "mlx-lm"]),
+    type=click.Choice(["none", "hf", "mlx-lm", "llama.cpp"]),
     default="none",
     show_default=True,
     help="Also time a baseline on the same weights: transformers' generate (hf) or mlx-lm's, "
-    "in bf16 and in our dtype.",
+    "in bf16 and in our dtype; or llama.cpp on the same GGUF file.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Time ours and the baseline alternately N times; the report gives each run and the "
+    "medians.",
+)
+@click.option(
+    "--llama-cpp",
+    "llama_level",
+    type=click.Choice(llama_bench.LEVELS),
+    default=None,
+    help="Which llama.cpp build --compare llama.cpp runs (default: this CPU's, avx512 or avx2).",
+)
+@click.option(
+    "--llama-kv",
+    type=click.Choice(llama_bench.KV_TYPES),
+    default="f16",
+    show_default=True,
+    help="llama.cpp's KV cache type (q8_0 turns its flash attention on, which it needs).",
 )
 @click.option(
     "--profile", is_flag=True, help="Also profile decode steps: time in matmuls vs the rest."
 )
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def speed(ctx, prompts, limit, new_tokens, context, compare, profile, as_json, **options):
+def speed(
+    ctx,
+    prompts,
+    limit,
+    new_tokens,
+    context,
+    compare,
+    rounds,
+    llama_level,
+    llama_kv,
+    profile,
+    as_json,
+    **options,
+):
     """Prefill and decode speed, greedy, a fixed number of new tokens per prompt."""
+    for name in ("llama_level", "llama_kv"):
+        if given(ctx, name) and compare != "llama.cpp":
+            flag = "--llama-cpp" if name == "llama_level" else "--llama-kv"
+            raise click.UsageError(f"{flag} applies to --compare llama.cpp only")
     texts = read_prompt_file(prompts)[:limit]
     checked, opts = prepare(ctx, **options)
     checked.fits_context(  # a prompt has a token or more
         context + new_tokens + 1,
         f"--context {context} and --new-tokens {new_tokens} leave no room for a prompt in",
     )
-    if compare != "none":
+    build = None
+    if compare == "llama.cpp":
+        if checked.files.format != "gguf":
+            raise XQError(
+                f"--compare llama.cpp needs a GGUF model (llama.cpp reads GGUF files only); "
+                f"{checked.files.name} is {checked.files.format}"
+            )
+        build = llama_bench.find_build(llama_level or llama_bench.default_level())
+    elif compare != "none":
         check_baseline(compare)
     files, tokenizer, engine = load_engine(checked.files, opts)
     rendered = benchmarks.render_prompts(tokenizer, texts, context)
-    result = benchmarks.speed(engine, rendered, new_tokens, status)
+    with contextlib.ExitStack() as stack:
+        baselines = {}  # (name, weights) -> a call that times one run
+        if compare == "llama.cpp":
+            status(f"loading llama.cpp ({build.name}) …")
+            llama = stack.enter_context(
+                llama_bench.LlamaCpp(
+                    build,
+                    files.path,
+                    llama_bench.context_for(rendered, new_tokens),
+                    engine_threads(),
+                    llama_kv,
+                )
+            )
+            weights = llama_bench.file_type_name(llama.loaded["file_type"])
+            baselines[("llama.cpp", weights)] = lambda: llama.speed(rendered, new_tokens)
+        elif compare != "none":
+            # the usual setup, and ours where the baseline has it (it has no int8 weights)
+            dtypes = dict.fromkeys(["bf16", engine.dtype] if engine.dtype != "int8" else ["bf16"])
+            if engine.dtype == "int8":
+                note(f"{compare} has no int8 weights of ours: its baseline is timed in bf16 only")
+            for dtype in dtypes:
+                baselines[(compare, dtype)] = functools.partial(
+                    baseline_speed, compare, files, tokenizer, dtype, rendered, new_tokens
+                )
+        ours, theirs = alternate(
+            lambda: benchmarks.speed(engine, rendered, new_tokens, status), baselines, rounds
+        )
+    result = dict(ours[-1], **medians(ours))
+    if rounds > 1:
+        result["rounds"] = rounds
+        result["runs"] = [runs_entry(run) for run in ours]
     if engine.drafter is not None:
         result["beam_width"], result["beam_length"] = engine.beams
         result["lookup"] = engine.lookup
@@ -160,25 +249,62 @@ def speed(ctx, prompts, limit, new_tokens, context, compare, profile, as_json, *
         result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))
     if compare != "none":
         result["baselines"] = []
-        # the usual setup, and ours where the baseline has it (it has no int8 weights)
-        dtypes = dict.fromkeys(["bf16", engine.dtype] if engine.dtype != "int8" else ["bf16"])
-        if engine.dtype == "int8":
-            note(f"{compare} has no int8 weights of ours: its baseline is timed in bf16 only")
-        for dtype in dtypes:
-            status(f"timing {compare} ({dtype}) …")
-            prefill, decode = baseline_speed(compare, files, tokenizer, dtype, rendered, new_tokens)
-            result["baselines"].append(
-                {
-                    "name": compare,
-                    "weights": dtype,
-                    "decode_tok_s": decode,
-                    "prefill_tok_s": prefill,
-                    "decode_speedup": result["decode_tok_s"] / decode,
-                    "prefill_speedup": result["prefill_tok_s"] / prefill,
-                }
-            )
+        for (name, weights), runs in theirs.items():
+            entry = {"name": name, "weights": weights, **medians(runs)}
+            entry["decode_speedup"] = result["decode_tok_s"] / entry["decode_tok_s"]
+            entry["prefill_speedup"] = result["prefill_tok_s"] / entry["prefill_tok_s"]
+            if name == "llama.cpp":
+                entry.update(
+                    peak_rss_bytes=max(run["peak_rss_bytes"] for run in runs),
+                    load_s=llama.loaded["load_s"],
+                    kv_cache=llama_kv,
+                    flash_attn=llama.loaded["flash_attn"],
+                    threads=llama.n_threads,
+                    n_ctx=llama.n_ctx,
+                    build=build.name,
+                )
+            if rounds > 1:
+                entry["runs"] = [runs_entry(run) for run in runs]
+            result["baselines"].append(entry)
     status("")
     report(result, engine, as_json)
+
+
+def alternate(ours, baselines: dict, rounds: int) -> tuple[list[dict], dict]:
+    """Run `ours` and then each baseline, `rounds` times over, so a machine that slows down (heat,
+    another process) slows both alike. Returns our runs and each baseline's, as dicts with
+    prefill_tok_s and decode_tok_s (a baseline may return the pair as a tuple)."""
+    runs: list[dict] = []
+    theirs: dict = {key: [] for key in baselines}
+    for r in range(rounds):
+        runs.append(ours())
+        for (name, weights), run in baselines.items():
+            status(f"round {r + 1}/{rounds}: timing {name} ({weights}) …")
+            timed = run()
+            if isinstance(timed, tuple):
+                timed = {"prefill_tok_s": timed[0], "decode_tok_s": timed[1]}
+            theirs[(name, weights)].append(timed)
+    return runs, theirs
+
+
+def medians(runs: list[dict]) -> dict:
+    return {
+        key: statistics.median(run[key] for run in runs)
+        for key in ("decode_tok_s", "prefill_tok_s")
+    }
+
+
+def runs_entry(run: dict) -> dict:
+    return {key: run[key] for key in ("decode_tok_s", "prefill_tok_s")}
+
+
+def engine_threads() -> int:
+    """The threads our engine computes with, for llama.cpp to get as many: PyTorch's count when
+    the engine runs on it (already imported by then), else the CPUs this process may use."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def check_baseline(name: str) -> None:

@@ -25,8 +25,14 @@ if [ -f "$target/llama_cpp/__init__.py" ]; then
 fi
 echo "building llama-cpp-python $version for $level into $target (several minutes) …"
 rm -rf "$target.partial"
+# --no-cache-dir: pip keeps the wheel it built, keyed by the source alone, and would hand a later
+# level the first level's build whatever CMAKE_ARGS say (the avx2 and avx512 folders both held the
+# -march=native build with its AMX kernels, and crashed as it does).
 CMAKE_ARGS="$flags" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$python" -m pip install --quiet \
-  --no-deps --no-binary llama-cpp-python --target "$target.partial" \
+  --no-cache-dir --no-deps --no-binary llama-cpp-python --target "$target.partial" \
   "llama-cpp-python==$version" diskcache
+if [ "$level" != native ] && grep -qa ggml_backend_amx_mul_mat "$target.partial"/llama_cpp/lib/libggml-cpu.so; then
+  echo "the $level build has llama.cpp's AMX kernels: CMAKE_ARGS were not applied" >&2; exit 1
+fi
 mv "$target.partial" "$target"
 echo "done: $target"

@@ -171,7 +171,7 @@ BAD_VALUES = [
     (("bench", "speed", "-m", "@tiny", "--context", "200"), 2, "--context 200 and --new-tokens 128 leave no room for a prompt in the context of llama (256 tokens)"),
     (("bench", "speed", "-m", "@tiny", "--new-tokens", "256"), 2, "--context 0 and --new-tokens 256 leave no room for a prompt in the context of llama (256 tokens)"),
     (("bench", "speed", "--limit", "0"), 2, "Invalid value for '--limit': 0 is not in the range x>=1."),
-    (("bench", "speed", "--compare", "vllm"), 2, "Invalid value for '--compare': 'vllm' is not one of 'none', 'hf', 'mlx-lm'."),
+    (("bench", "speed", "--compare", "vllm"), 2, "Invalid value for '--compare': 'vllm' is not one of 'none', 'hf', 'mlx-lm', 'llama.cpp'."),
     (("bench", "speed", "--temperature", "nan"), 2, "No such option '--temperature'. Did you mean '--compare'?"),
     # show
     (("show", ""), 2, "Invalid value for 'MODEL': the model name is empty (use default, a pulled model, a path)"),
