@@ -106,16 +106,23 @@ def quantize(w: np.ndarray, bits: int, group: int = 32) -> Packed:
         raise ValueError(f"{k} input features do not fill groups of {group}")
     g = w.reshape(n, k // group, group)
     if bits == 8:
-        scale = (np.abs(g).max(axis=2) / 127).astype(np.float16)
+        scale = _half_at_least(np.abs(g).max(axis=2) / 127)
         s = scale.astype(np.float32)[..., None]
         codes = np.clip(np.rint(np.divide(g, s, out=np.zeros_like(g), where=s > 0)), -127, 127)
         return Packed(8, codes.astype(np.int8).reshape(n, k), scale)
     low, high = g.min(axis=2), g.max(axis=2)
-    scale = ((high - low) / 15).astype(np.float16)
     minimum = low.astype(np.float16)
+    scale = _half_at_least((high - minimum.astype(np.float32)) / 15)
     s, m = scale.astype(np.float32)[..., None], minimum.astype(np.float32)[..., None]
     codes = np.clip(np.rint(np.divide(g - m, s, out=np.zeros_like(g), where=s > 0)), 0, 15)
     return Packed(4, pack_q4(codes.reshape(n, k)), scale, minimum)
+
+
+def _half_at_least(x: np.ndarray) -> np.ndarray:
+    """x as fp16, rounded up where rounding to nearest went down: a scale rounded down would
+    push a group's largest value past the top code, where it would be clipped."""
+    half = x.astype(np.float16)
+    return np.where(half < x, np.nextafter(half, np.float16(np.inf)), half)
 
 
 def requantize(p: Packed, bits: int, group: int = 32) -> Packed:
@@ -314,9 +321,17 @@ def from_gguf(kind: str, raw: np.ndarray, shape: tuple[int, int]) -> Packed | No
         qs = blocks[:, 16:].reshape(-1, 1, 32)
         codes = np.concatenate([qs & 15, qs >> 4], axis=1).reshape(n, k)
         return Packed(4, pack_q4(codes), scale, minimum)
-    if kind in ("Q5_K", "Q6_K"):
+    if kind in ("Q5_K", "Q6_K"):  # a slice of rows at a time: a 128K-token table is 1 GB as float
         import gguf
 
-        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
-        return quantize(values.reshape(n, k), 8)
+        qtype = gguf.GGMLQuantizationType[kind]
+        rows = raw.reshape(n, -1)
+        step = max(1, 2**22 // k)
+        parts = [
+            quantize(gguf.quants.dequantize(rows[a : a + step], qtype).reshape(-1, k), 8)
+            for a in range(0, n, step)
+        ]
+        return Packed(
+            8, *(np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "scale"))
+        )
     return None
