@@ -102,6 +102,32 @@ static inline sums add_scaled(sums acc, int32_t dots, float s) { return acc + (f
 static inline float sums_total(sums v) { return v; }
 #endif
 
+/* n halves as floats: 8 at a time where the CPU converts them (F16C), so the scales of a weight
+ * row (one per 32 values) cost little beside its products. */
+static inline void halves_to_floats(const uint16_t *h, int64_t n, float *out) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) out[i] = half_to_float(h[i]);
+}
+
+/* sum_i half(h[i]) * x[i]: a q4 row's mins times its groups' sums of x. */
+static inline float half_dot(const uint16_t *h, const float *x, int64_t n) {
+    float sum = 0.0f;
+    int64_t i = 0;
+#if defined(__F16C__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))),
+                              _mm256_loadu_ps(x + i), acc);
+    sum = sums_total(acc);
+#endif
+    for (; i < n; i++) sum += half_to_float(h[i]) * x[i];
+    return sum;
+}
+
 /* x (m, k) -> int8 codes per block of 32 (m, k), the blocks' scales (m, k / 32) and, for q4's
  * mins, each group's float sum of x (m, k / group). */
 static void quantize_blocks(const float *x, int64_t m, int64_t k, int64_t group, int8_t *codes,
@@ -167,10 +193,9 @@ void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
             for (int t = 0; t < rows; t++) {
                 w[t] = (const uint8_t *)codes + (j0 + t) * row_bytes;
                 d[t] = d_all + t * blocks;
-                for (int64_t g = 0, b = 0; g < groups; g++) { /* no division per block */
-                    float sg = half_to_float(scale[(j0 + t) * groups + g]);
-                    for (int64_t end = b + group / BLOCK; b < end; b++) d[t][b] = sg;
-                }
+                halves_to_floats(scale + (j0 + t) * groups, groups, d[t]);
+                for (int64_t b = blocks - 1; group > BLOCK && b >= 0; b--) /* one per block */
+                    d[t][b] = d[t][b * BLOCK / group];
             }
             for (int64_t r = 0; r < m; r++) {
                 float dots[TILE];
@@ -185,9 +210,7 @@ void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
                 for (int t = 0; t < rows; t++) {
                     int64_t j = j0 + t;
                     float out = dots[t];
-                    if (min)
-                        for (int64_t g = 0; g < groups; g++)
-                            out += half_to_float(min[j * groups + g]) * xsum[r * groups + g];
+                    if (min) out += half_dot(min + j * groups, xsum + r * groups, groups);
                     y[r * n + j] = bias ? out + bias[j] : out;
                 }
             }
