@@ -24,6 +24,40 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak of resident memory (Linux: the high-water mark resets on request);
+    False where the system keeps only the process's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> int | None:
+    """The peak resident memory since `reset_peak_rss` (VmHWM), or None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def phase_peak(phase_peaks: dict, phase: str, run: Callable):
+    """run(), and the peak RSS it reached kept in phase_peaks[phase] (the largest over calls;
+    None where the system cannot tell)."""
+    known = reset_peak_rss()
+    result = run()
+    peak = peak_rss_since_reset() if known else None
+    if peak is None or phase_peaks.get(phase, 0) is None:
+        phase_peaks[phase] = None
+    else:
+        phase_peaks[phase] = max(phase_peaks.get(phase, 0), peak)
+    return result
+
+
 def read_prompts(path: Path | None) -> list[str]:
     """MT-Bench-style JSONL ({"turns": [...]}, first turn used) or the built-in prompt."""
     if path is None:
@@ -59,10 +93,12 @@ def render_prompts(tokenizer: Tokenizer, prompts: list[str], context: int) -> li
 def speed(
     model: Model, rendered: list[list[int]], new_tokens: int, progress: Callable[[str], None]
 ) -> dict:
-    """Greedy, exactly `new_tokens` per prompt (stop tokens ignored), totals over all prompts."""
+    """Greedy, exactly `new_tokens` per prompt (stop tokens ignored), totals over all prompts, and
+    the peak RSS while prefilling and while decoding (the largest over prompts)."""
     cfg = GenerationConfig(max_tokens=new_tokens)
     prefill_tokens = prefill_s = decode_tokens = decode_s = steps = 0.0
     cache_bytes = 0
+    peaks: dict = {}  # peak RSS while reading prompts and while decoding
     for i, ids in enumerate(rendered, 1):
         progress(f"prompt {i}/{len(rendered)}: {len(ids)} prompt tokens")
         if len(ids) + new_tokens > model.spec.max_context:
@@ -70,8 +106,8 @@ def speed(
                 f"prompt {i} plus {new_tokens} new tokens exceeds the context ({model.spec.max_context})"
             )
         session = model.new_session()
-        session.prefill(ids)
-        *_, event = session.generate(cfg)
+        phase_peak(peaks, "prefill", lambda s=session, ids=ids: s.prefill(ids))
+        *_, event = phase_peak(peaks, "decode", lambda s=session: list(s.generate(cfg)))
         prefill_tokens += event.prompt_tokens
         prefill_s += event.prompt_tokens / event.prefill_tok_s
         if event.new_tokens > 1:
@@ -85,6 +121,8 @@ def speed(
         "prefill_tok_s": prefill_tokens / prefill_s,
         "accepted_per_step": decode_tokens / steps if steps else None,
         "cache_bytes": cache_bytes,
+        "peak_rss_prefill_bytes": peaks.get("prefill"),
+        "peak_rss_decode_bytes": peaks.get("decode"),
         "prompts": len(rendered),
         "prompt_tokens": int(prefill_tokens),
         "new_tokens": new_tokens,

@@ -44,7 +44,11 @@ def report(result: dict, engine, as_json: bool) -> None:
         device=engine.device,
         weights=engine.dtype,
         weight_bytes=engine.weight_bytes(),
-        peak_rss_bytes=benchmarks.peak_rss_bytes(),
+        # the process's peak: resetting the per-phase peaks (bench speed) resets this one too
+        peak_rss_bytes=max(
+            [benchmarks.peak_rss_bytes()]
+            + [v for k, v in result.items() if k.startswith("peak_rss_") and v is not None]
+        ),
         paths=engine.paths,  # which path each kind of product took (CPU: cpu_paths.py)
     )
     if as_json:
@@ -208,7 +212,10 @@ def speed(
         build = llama_bench.find_build(llama_level or llama_bench.default_level())
     elif compare != "none":
         check_baseline(compare)
-    files, tokenizer, engine = load_engine(checked.files, opts)
+    load_peak: dict = {}
+    files, tokenizer, engine = benchmarks.phase_peak(
+        load_peak, "load", lambda: load_engine(checked.files, opts)
+    )
     rendered = benchmarks.render_prompts(tokenizer, texts, context)
     with contextlib.ExitStack() as stack:
         baselines = {}  # (name, weights) -> a call that times one run
@@ -237,7 +244,7 @@ def speed(
         ours, theirs = alternate(
             lambda: benchmarks.speed(engine, rendered, new_tokens, status), baselines, rounds
         )
-    result = dict(ours[-1], **medians(ours))
+    result = dict(ours[-1], **medians(ours), peak_rss_load_bytes=load_peak["load"])
     if rounds > 1:
         result["rounds"] = rounds
         result["runs"] = [runs_entry(run) for run in ours]

@@ -201,6 +201,10 @@ def test_bench_speed_json(capsys, tiny_models, backend):
     }
     assert stats["prompts"] == 2 and stats["backend"] == backend and stats["device"] == "cpu"
     assert stats["decode_tok_s"] > 0 and stats["prefill_tok_s"] > 0 and stats["peak_rss_bytes"] > 0
+    phases = [stats[f"peak_rss_{phase}_bytes"] for phase in ("load", "prefill", "decode")]
+    if sys.platform.startswith("linux"):  # the peak resets per phase there
+        assert all(0 < peak <= stats["peak_rss_bytes"] for peak in phases)
+        assert stats["weight_bytes"] + stats["cache_bytes"] < max(phases)
     profile = stats["profile"]
     assert 0 < profile["matmul_ms"] and 0 <= profile["outside_matmul_share"] < 1
     ops = {op["op"] for op in profile["top_ops"]}
