@@ -211,7 +211,7 @@ def engine_checkpoint(files: ModelFiles, opts: EngineOptions):
     if not packed:
         tensors = qweights.dequantized(tensors)
     if opts.mha:
-        tensors = ((name, as_mha(spec, name, array)) for name, array in tensors)
+        tensors = ((name, as_mha(checkpoint.spec, name, array)) for name, array in tensors)
         spec = dataclasses.replace(spec, n_kv_heads=spec.n_heads)
     if opts.weights in ("q4", "q8"):
         bits = int(opts.weights[1])

@@ -556,7 +556,7 @@ class XQuantCache:
 
     def _mixed(self, layer, q, cos, sin, mask, step):
         """The attention-weighted sums of the value stream's rows, each head's through its block
-        of the value projection, (H_kv, n_rep * T, D): the cache is read SPAN tokens at a time
+        of the value projection, (H_kv, n_rep * T, D): the cache is read a span of tokens at a time
         into reused buffers (K rebuilt and rotated for that span only; spans merged by their
         softmax maxima and sums), so the transient memory stays bounded however long the chat.
         A chain's accumulated rows are whole by nature."""
@@ -577,7 +577,8 @@ class XQuantCache:
         int8_keys = engine and step and self.keys_in_int8
         chained = [store.read(dtype) if store.chain is not None else None for store in self.stores]
         parts, n_sink = [], self.stores[0].sink.shape[0]
-        for start, stop in itertools.pairwise([0, *range(n_sink + SPAN, end, SPAN), end]):
+        span = span_for(q.shape[0] * q.shape[1])
+        for start, stop in itertools.pairwise([0, *range(n_sink + span, end, span), end]):
             cached = [
                 rows[start:stop] if rows is not None else self._span(i, store, start, stop, dtype)
                 for i, (store, rows) in enumerate(zip(self.stores, chained, strict=True))
@@ -690,6 +691,17 @@ class XQuantCache:
 
 
 SPAN = 4096  # cached tokens whose keys the torch path rebuilds at once
+SCORES_BYTES = 2**26  # a prompt chunk's span is shortened so its float32 scores stay within this
+
+
+def span_for(rows: int) -> int:
+    """Cached tokens read at once for `rows` query rows (heads x new tokens): SPAN for a decode
+    step; for a prompt's chunk as many as keep its scores within SCORES_BYTES (the scores of 512
+    new tokens of 32 heads against 4096 keys took 268 MB, and their softmax as much again: a
+    quantized cache's prefill peaked above the exact cache's), a multiple of every group size."""
+    return min(SPAN, max(128, SCORES_BYTES // (4 * rows) // 128 * 128))
+
+
 INT8_KEYS_BITS = 4  # XQuant caches of at most these bits: steps rebuild keys in int8 (CPU engine)
 BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant and seed the chain
 

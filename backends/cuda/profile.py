@@ -10,7 +10,11 @@ from torch.profiler import ProfilerActivity, profile
 from ..base import GenerationConfig
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "mkldnn::_linear_pointwise"}
-MATMUL_OPS |= {"xqchat::bf16_linear", "xqchat::int8_linear"}  # the C passes (cpu_kernels.py)
+MATMUL_OPS |= {
+    "xqchat::bf16_linear",
+    "xqchat::int8_linear",
+    "xqchat::q_linear",
+}  # the C passes (cpu_kernels.py)
 
 
 def profile_decode(model, prompt: list[int], steps: int = 32) -> dict:

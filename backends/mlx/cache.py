@@ -477,7 +477,7 @@ class XQuantCache:
 
     def _mixed(self, layer, q, rope, mask, end):
         """The attention-weighted sums of the value stream's rows, (H_kv, n_rep * T, width):
-        the cache is read SPAN tokens at a time (K rebuilt for that span only, spans merged by
+        the cache is read a span of tokens at a time (span_for; K rebuilt for that span only, spans merged by
         their softmax maxima and sums), so no full-length K is built however long the chat. A
         chain's accumulated rows are whole by nature."""
         (ki, to_keys), (vi, to_values) = self.latents.keys, self.latents.values
@@ -494,7 +494,8 @@ class XQuantCache:
             return a @ chained[i][start:stop].astype(a.dtype)
 
         parts, scale, n_sink = [], q.shape[-1] ** -0.5, self.stores[0].sink.shape[0]
-        for start, stop in itertools.pairwise([0, *range(n_sink + SPAN, end, SPAN), end]):
+        span = span_for(q.size // q.shape[-1])
+        for start, stop in itertools.pairwise([0, *range(n_sink + span, end, span), end]):
             keys = layer.finish_keys(times(ki, to_keys, start, stop)[None].astype(q.dtype))[0]
             if mask is None:  # decode: RoPE on the keys inside the scores, no rotated copy
                 flat = q.reshape(-1, q.shape[-1])
@@ -555,6 +556,15 @@ def _cuts(widths):  # split points between consecutive widths
 
 
 SPAN = 4096  # cached tokens whose keys are rebuilt at once (a multiple of every group size)
+SCORES_BYTES = 2**26  # a prompt chunk's span is shortened so its float32 scores stay within this
+
+
+def span_for(rows: int) -> int:
+    """Cached tokens read at once for `rows` query rows (heads x new tokens): SPAN for a decode
+    step; for a prompt's chunk as many as keep its scores within SCORES_BYTES (cuda/cache.py)."""
+    return min(SPAN, max(128, SCORES_BYTES // (4 * rows) // 128 * 128))
+
+
 BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant and seed the chain
 
 
