@@ -127,11 +127,17 @@ def svd_bases(w_k: list[np.ndarray], w_v: list[np.ndarray], directory: Path) -> 
 
     def compute():
         (u_k, d_k), (u_v, d_v) = (
-            [np.stack(a) for a in zip(*(thin_svd(w) for w in ws), strict=True)] for ws in (w_k, w_v)
+            [np.stack(a) for a in zip(*(_svd32(w) for w in ws), strict=True)] for ws in (w_k, w_v)
         )
         return Bases(u_k, d_k, u_v, d_v, 0.0)
 
     return _cached(directory / f"svd-{weights_key(w_k, w_v)}.npz", compute)
+
+
+def _svd32(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """thin_svd in float64, kept in float32."""
+    u, d = thin_svd(w)
+    return u.astype(np.float32), d.astype(np.float32)
 
 
 def layer_latents(
@@ -156,7 +162,13 @@ def layer_latents(
         ]
         return _float32(layers), 0.0
     bases = svd_bases(w_k, w_v, directory)
-    u_k, d_k, u_v, d_v = bases.u_k, bases.d_k, bases.u_v, bases.d_v
+    # in float32, as the engines use them: a 1B model's float64 bases, their aligned copies and
+    # float32 casts took 600 MB at once (the first XQuant prefill's peak passed kv's)
+    u_k, d_k, u_v, d_v = (
+        np.asarray(a, dtype=np.float32) for a in (bases.u_k, bases.d_k, bases.u_v, bases.d_v)
+    )
+    seconds = bases.seconds
+    del bases
     if cross_layer:
         (u_k, d_k), (u_v, d_v) = aligned(u_k, d_k), aligned(u_v, d_v)
     turn = block_hadamard(kv_dim, group)
@@ -168,7 +180,7 @@ def layer_latents(
         )
         for i in range(len(w_k))
     ]
-    return _float32(layers), bases.seconds
+    return _float32(layers), seconds
 
 
 def _float32(layers: list[LayerLatents]) -> list[LayerLatents]:
