@@ -1,8 +1,9 @@
 """The fused CPU passes of XQuant decode, of LLM.int8()'s product and of decode attention on an
-exact bf16 cache (cpu_kernels.c), compiled at first use by the system's C compiler into the
-user's cache (one library per source, flags and CPU) and called through ctypes on the tensors'
-memory. Where no compiler works, `library()` is None: the caches and Int8Linear run the same
-steps as separate torch ops (correct, slower) and the engine says so."""
+exact bf16 cache (cpu_kernels.c), and of q4/q8 weights (cpu_qlinear.c), compiled together at
+first use by the system's C compiler into the user's cache (one library per source, flags and
+CPU) and called through ctypes on the tensors' memory. Where no compiler works, `library()` is
+None: the caches, Int8Linear and QLinear run the same steps as torch ops (correct, slower) and
+the engine says so."""
 
 from __future__ import annotations
 
