@@ -126,11 +126,17 @@ def test_mlx_layout_is_what_mx_quantize_writes(bits, group):
 
 
 def integer_reference(x: np.ndarray, p: qweights.Packed, bias=None) -> np.ndarray:
-    """cpu_qlinear.c's arithmetic in float64: x quantized per block of 32 (absmax / 127, rounded
+    """cpu_qlinear.c's arithmetic in float64: the outlier columns (any row's |x| beyond 6x its
+    RMS) multiplied in float; the rest of x quantized per block of 32 (absmax / 127, rounded
     half to even in float32), exact integer block dots, scaled by the weight group's scale times
     the block's, plus each q4 min times its group's sum of x."""
     m, k = x.shape
     n, group = p.shape[0], p.group
+    rms = np.sqrt((x.astype(np.float64) ** 2).mean(axis=1, keepdims=True))
+    columns = np.flatnonzero((np.abs(x) > 6 * rms).any(axis=0))
+    outliers = x[:, columns].astype(np.float64) @ p.dequantize()[:, columns].T.astype(np.float64)
+    x = x.copy()
+    x[:, columns] = 0
     blocks = x.reshape(m, k // 32, 32)
     xs = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)
     xq = np.rint(np.divide(blocks, xs, out=np.zeros_like(blocks), where=xs > 0))
@@ -141,6 +147,7 @@ def integer_reference(x: np.ndarray, p: qweights.Packed, bias=None) -> np.ndarra
     if p.min is not None:
         sums = x.astype(np.float64).reshape(m, k // group, group).sum(axis=2)
         y += sums @ p.min.astype(np.float64).T
+    y += outliers
     return y if bias is None else y + bias
 
 
@@ -163,10 +170,15 @@ def test_c_pass_equals_the_integer_reference(bits, group, m):
     p = qweights.quantize(matrix(n=70, k=256), bits, group)  # 70 outputs: a partial tile of 4
     x = RNG.uniform(-3, 3, (m, 256)).astype(np.float32)
     x[0, :32] = 0  # an all-zero block: scale 0, codes 0
+    x[-1, 77] = 90.0  # an outlier feature (beyond 6x the row's RMS), in one row only
+    x[:, 200] = -60.0  # and one in every row
     bias = RNG.standard_normal(70).astype(np.float32)
     got = torch_layer(p, bias)(torch.from_numpy(x)).numpy()
     expected = integer_reference(x, p, bias)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    # the outliers in float keep the product within x's 8-bit rounding of the float one
+    exact = x.astype(np.float64) @ p.dequantize().T.astype(np.float64) + bias
+    assert np.abs(got - exact).max() <= 5e-3 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
