@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 from pathlib import Path
 
 from .errors import XQError
@@ -112,6 +113,21 @@ def converted_tokenizer_dir(files: ModelFiles) -> Path:
     return derived_dir(files) / "tokenizer"
 
 
+def _gguf_tokenizer(path: Path):
+    """A GGUF's own tokenizer: read from a folder holding only (a link to) the file, since
+    transformers prefers a tokenizer_config.json beside it, another model's where GGUFs are
+    kept together with other files."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as alone:
+        try:
+            (Path(alone) / path.name).symlink_to(path.resolve())
+            folder = Path(alone)
+        except OSError:  # no symlinks here (some Windows setups): the file's own folder
+            folder = path.parent
+        return AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+
+
 def load_tokenizer(files: ModelFiles) -> Tokenizer:
     import transformers
     from transformers import AutoTokenizer
@@ -128,7 +144,7 @@ def load_tokenizer(files: ModelFiles) -> Tokenizer:
         if (saved / "tokenizer_config.json").is_file():
             hf = AutoTokenizer.from_pretrained(saved)
         else:
-            hf = AutoTokenizer.from_pretrained(files.path.parent, gguf_file=files.path.name)
+            hf = _gguf_tokenizer(files.path)
             hf.save_pretrained(saved)
         return Tokenizer(hf, _stop_tokens(hf, files.path.parent))
     except XQError:

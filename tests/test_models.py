@@ -189,3 +189,20 @@ def test_detokenizer_streams_exactly_the_decoded_text(default_tokenizer):
     detok = default_tokenizer.detokenizer()
     pieces = [detok.add(t) for t in default_tokenizer.encode(text)]
     assert "".join(pieces) == detok.text == text
+
+
+def test_a_gguf_reads_its_own_tokenizer_beside_another_models_files(default_files, tmp_path, dirs):
+    """GGUFs are often kept in a folder with other models' files: transformers would take the
+    tokenizer_config.json beside the file over the GGUF's own vocabulary and template."""
+    from xqchat.models.registry import ModelFiles
+    from xqchat.models.tokenizer import load_tokenizer
+
+    (tmp_path / "model.gguf").symlink_to(default_files.path)
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": "WRONG"})
+    )
+    (tmp_path / "tokenizer.json").write_text("{}")
+    files = ModelFiles("model.gguf", tmp_path / "model.gguf", "gguf")
+    tokenizer = load_tokenizer(files)
+    assert "WRONG" not in (tokenizer.hf.chat_template or "")
+    assert len(tokenizer.hf) == 49152
