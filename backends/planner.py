@@ -42,8 +42,9 @@ def matrices(spec: ModelSpec) -> list[tuple[int, int]]:
 
 
 def weight_bytes(spec: ModelSpec, weights: str) -> int:
-    """The weights' bytes as the PyTorch engine holds them on a CPU: matrices in `weights`, norms
-    in float32, biases in float32 (bf16 beside bf16 matrices), an untied input table in bf16."""
+    """The weights' bytes as the PyTorch engine holds them on a CPU: matrices in `weights` (q4/q8:
+    an untied input table too; bf16 and int8 keep it in bf16), norms in float32, biases in
+    float32 (bf16 beside bf16 matrices)."""
     per_matrix = {
         "bf16": lambda n, k: 2 * n * k,
         "int8": int8.nbytes,
@@ -52,7 +53,8 @@ def weight_bytes(spec: ModelSpec, weights: str) -> int:
     }[weights]
     total = sum(per_matrix(n, k) for n, k in matrices(spec))
     if not spec.tied_embeddings:
-        total += 2 * spec.vocab_size * spec.dim
+        table = per_matrix if weights in ("q4", "q8") else lambda n, k: 2 * n * k
+        total += table(spec.vocab_size, spec.dim)
     norms = spec.n_layers * (2 * spec.dim + 2 * spec.head_dim * spec.qk_norm) + spec.dim
     biases = spec.n_layers * (spec.n_heads * spec.head_dim + 2 * spec.kv_dim) * spec.qkv_bias
     return total + 4 * norms + (2 if weights == "bf16" else 4) * biases

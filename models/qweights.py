@@ -161,11 +161,9 @@ def join(parts: list) -> Packed:
 
 
 def is_matrix(name: str, spec) -> bool:
-    """The matrices q4/q8 hold: every attention and MLP matrix and the LM head (with tied
-    embeddings: the table, which is then also the head)."""
-    if name.endswith("_proj.weight"):
-        return True
-    return name == ("model.embed_tokens.weight" if spec.tied_embeddings else "lm_head.weight")
+    """The matrices q4/q8 hold: every attention and MLP matrix, the embedding table (a lookup
+    dequantizes its rows; tied, it is also the head) and an untied LM head."""
+    return name.endswith("_proj.weight") or name in ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def convert(spec, tensors: Iterable, bits: int) -> Iterator:

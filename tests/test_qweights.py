@@ -395,3 +395,17 @@ def test_a_gguf_load_holds_no_float_copy_of_the_model(default_files):
     grew, weights = map(int, done.stdout.split())
     largest = max(t.n_bytes for t in read_header(default_files.path).tensors)
     assert grew <= 1.3 * weights + largest
+
+
+@pytest.mark.parametrize("weights,limit", [("q8", 0.05), ("q4", 0.5)])
+def test_an_untied_model_keeps_its_head_apart_from_its_table(tiny_models, backend, weights, limit):
+    """qwen3 here has its own LM head: both it and the input table are quantized, and the logits
+    come from the head (the table as head would be another model: ~140% off)."""
+    files = resolve(str(tiny_models["qwen3"]))
+    ids = list(range(300, 340))
+    fp32 = load_model(files, EngineOptions(backend=backend, weights="fp32"))
+    exact = fp32.new_session().logits(ids)
+    got = (
+        load_model(files, EngineOptions(backend=backend, weights=weights)).new_session().logits(ids)
+    )
+    assert np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact**2)) < limit

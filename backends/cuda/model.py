@@ -256,10 +256,10 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, (Int8Embedding, QEmbedding)):  # the table is the head
-            return self.embed.logits(hidden)
         if not self.spec.tied_embeddings:
             return self.lm_head(hidden)
+        if isinstance(self.embed, (Int8Embedding, QEmbedding)):  # the table is the head
+            return self.embed.logits(hidden)
         table = self.embed.weight
         if table.dtype == torch.float16 and table.device.type == "cpu" and hidden.shape[-2] > 1:
             return self.rows_head()(hidden)
