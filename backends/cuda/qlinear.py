@@ -1,12 +1,13 @@
 """Group-wise quantized linear layers, q4 and q8, in PyTorch (models/qweights.py has the format).
 
 On a CPU, decode rows and a drafter's tree go through the C pass `q_linear` (cpu_qlinear.c): x
-quantized per block of 32 to int8 and multiplied in integers against the codes as they are held,
-llama.cpp's way. A prompt's chunks take what cpu_paths.q_prompt measured fastest here: the same
-pass, or the weight dequantized (C pass `q_dequantize`) a slice of rows at a time, in bf16 or
-float32, for PyTorch's matrix product, each slice small enough to stay in cache. Without a C compiler, and on CUDA (not built yet: PyTorch's
-`_weight_int4pack_mm` would take q4 there), the weight is dequantized to float for each product:
-correct and slow, and `engine.paths` says so.
+quantized per block of 32 to int8 (its outlier features kept in float) and multiplied in
+integers against the codes as they are held, llama.cpp's way. A prompt's chunks take what
+cpu_paths.q_prompt measured fastest here: the same pass, or the weight dequantized (C pass
+`q_dequantize`) a slice of rows at a time, in bf16 or float32, for PyTorch's matrix product.
+Without a C compiler, and on CUDA (not built yet: PyTorch's `_weight_int4pack_mm` would take q4
+there), the weight is dequantized to float for each product: correct and slow, and
+`engine.paths` says so.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class QLinear(nn.Module):
 
 
 class QEmbedding(QLinear):
-    """A tied table (vocab, dim) in q4 or q8: rows are gathered for tokens and dequantized, and
-    the same codes serve as the LM head (each vocabulary row is one output channel)."""
+    """The embedding table (vocab, dim) in q4 or q8: rows are gathered for tokens and dequantized;
+    a tied table's codes also serve as the LM head (each vocabulary row is one output channel)."""
 
     def __init__(self, vocab_size: int, dim: int, bits: int, group: int):
         super().__init__(dim, vocab_size, bias=False, bits=bits, group=group)

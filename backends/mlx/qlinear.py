@@ -42,8 +42,8 @@ class QLinear(nn.Module):
 
 
 class QEmbedding(QLinear):
-    """A tied table in q4 or q8, held (vocab, dim): a lookup gathers and dequantizes rows, and the
-    LM head multiplies by the codes."""
+    """The embedding table in q4 or q8, held (vocab, dim): a lookup gathers and dequantizes rows;
+    a tied table's codes are also the LM head."""
 
     def __init__(self, vocab_size: int, dim: int, bits: int, group: int, dtype: mx.Dtype):
         super().__init__(dim, vocab_size, False, bits, group)
