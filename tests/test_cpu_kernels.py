@@ -11,6 +11,7 @@ from test_conformance import pieces
 from xqchat.backends import int8
 from xqchat.backends.base import CacheSpec, EngineOptions, load_model
 from xqchat.backends.cuda import cpu_kernels, cpu_paths, quant
+from xqchat.backends.cuda import model as cuda_model
 from xqchat.backends.cuda.cache import attention, rotate
 from xqchat.backends.cuda.int8 import Int8Linear
 from xqchat.models import resolve
@@ -386,6 +387,8 @@ def test_bf16_decoding_with_and_without_the_attention_pass(tiny_models, monkeypa
     run = cpu_kernels.attend_bf16
     monkeypatch.setattr(cpu_kernels, "attend_bf16", lambda *a: calls.append(a[3]) or run(*a))
     monkeypatch.setenv("XQCHAT_BF16_PATH", "torch")  # matmuls the same way in both runs
+    # and norms: the C pass's last-bit differences would change the bf16 matmuls' inputs
+    monkeypatch.setattr(cuda_model, "few_cpu_rows", lambda x: False)
     engine = load_model(
         resolve(str(tiny_models["gqa-qwen2"])), EngineOptions(backend="torch", weights="bf16")
     )
@@ -430,3 +433,37 @@ def test_without_a_compiler_the_torch_ops_run_and_the_paths_say_so(
         np.testing.assert_allclose(logits, exact.logits([7]), atol=0.02)  # 8 bits: close to kv
     finally:
         cpu_kernels.library.cache_clear()
+
+
+@needs_c
+@pytest.mark.parametrize("rows, k", [(1, 576), (16, 64), (3, 2048)])
+def test_rms_norm_equals_the_torch_op(rows, k):
+    """A decode step's few rows normed in one C call: PyTorch's float32 result but for the
+    order of the sum of squares (within a unit in the last place)."""
+    g = torch.Generator().manual_seed(k)
+    x, weight = 3 * torch.randn(rows, 1, k, generator=g), torch.randn(k, generator=g)
+    got = cpu_kernels.rms_norm(x, weight, 1e-5)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, F.rms_norm(x, (k,), weight, 1e-5), rtol=2.4e-7, atol=1e-7)
+
+
+@needs_c
+@pytest.mark.parametrize("m, heads, kv_heads, d", [(1, 9, 3, 64), (7, 4, 2, 128), (2, 6, 6, 20)])
+def test_rope_into_a_bf16_cache_equals_the_torch_ops_bit_for_bit(m, heads, kv_heads, d):
+    """The newest m rows' queries rotated, and their keys rotated and values stored as bf16 at
+    the cache's offset, in one C call: exactly what rotate() and a bf16 copy give, with the keys
+    and values read as the model leaves them (halves of the fused K/V product), and nothing else
+    in the cache touched."""
+    g = torch.Generator().manual_seed(m * d)
+    q = torch.randn(1, m, heads, d, generator=g)
+    k, v = torch.randn(1, m, 2 * kv_heads * d, generator=g).split(kv_heads * d, dim=-1)
+    k, v = k.view(1, m, kv_heads, d), v.view(1, m, kv_heads, d)
+    cos, sin = torch.randn(m, d, generator=g), torch.randn(m, d, generator=g)
+    keys = torch.randn(1, kv_heads, 12, d, generator=g).bfloat16()
+    values = torch.randn(1, kv_heads, 12, d, generator=g).bfloat16()
+    want_keys, want_values = keys.clone(), values.clone()
+    want_keys[:, :, 3 : 3 + m] = rotate(k.transpose(1, 2), cos, sin)
+    want_values[:, :, 3 : 3 + m] = v.transpose(1, 2)
+    got = cpu_kernels.rope_append_bf16(q, k, v, cos, sin, keys, values, 3)
+    assert torch.equal(got, rotate(q.transpose(1, 2), cos, sin))
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)

@@ -95,11 +95,18 @@ class KVCache:
     def attend(self, layer, x, q, cos, sin, mask, step):
         k, v = layer.keys_values(x)
         start, end = self.offset, self.offset + k.shape[2]
-        q, k = rotate(q, cos[start:end], sin[start:end]), rotate(k, cos[start:end], sin[start:end])
-        keys, values = self.update_and_fetch(k, v)
-        if self.one_pass(q, mask, start):
+        if self.one_pass(q, mask, start):  # rotation, cache write and attention: two C calls
+            if end > self.keys.shape[2]:
+                self._reserve(end)
+            q = cpu_kernels.rope_append_bf16(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cos[start:end],
+                sin[start:end], self.keys, self.values, start,
+            )  # fmt: skip
+            self.offset = end
             newest = None if mask is None else mask[:, start:]
             return cpu_kernels.attend_bf16(q, self.keys, self.values, end, newest)
+        q, k = rotate(q, cos[start:end], sin[start:end]), rotate(k, cos[start:end], sin[start:end])
+        keys, values = self.update_and_fetch(k, v)
         if keys.dtype != q.dtype:  # attention runs in the activation dtype (fp32 on CPU)
             keys = self.scratch("keys", keys.shape, q.dtype, q.device).copy_(keys)
             values = self.scratch("values", values.shape, q.dtype, q.device).copy_(values)

@@ -27,7 +27,9 @@ import torch
 from ..hardware import cpu
 
 # the passes (.c), built together into one library, and what they share (.h)
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_qlinear.c")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_qlinear.c", "cpu_step.c")
+]
 HEADER = Path(__file__).with_name("cpu_simd.h")
 FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
 _i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -105,8 +107,20 @@ def library() -> ctypes.CDLL | None:
     lib.rope_attend.argtypes += [_i64, _i64, _i64, _i64, _i64, _ptr, _f32, _ptr, _ptr, _int]
     lib.q_linear.argtypes = [_ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int]
     lib.q_dequantize.argtypes = [_ptr, _int, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _ptr, _int]
+    lib.rms_norm.argtypes = [_ptr, _i64, _i64, _ptr, _f32, _ptr]
+    lib.rope_append_bf16.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr]
+    lib.rope_append_bf16.argtypes += [_ptr, _ptr, _ptr, _ptr, _i64, _i64]
     lib.compiled_with = " ".join(variant)  # shown by `xqchat show --hardware`
     return lib
+
+
+def _run(name: str, function, *args):
+    """function(*args), within a profiler range when the profiler runs (_traced), without the
+    cost of a context manager otherwise: the q4/q8 pass runs ~150 times per decode step."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(name):
+            return function(*args)
+    return function(*args)
 
 
 def _traced(name: str):
@@ -385,9 +399,46 @@ class QProduct:
             "the input of q_linear does not match its weight",
         )  # fmt: skip
         y = torch.empty(m, self.n)
-        with _traced("xqchat::q_linear"):
-            library().q_linear(
-                x.data_ptr(), m, self.k, *self.weights, self.bias, self.n, y.data_ptr(),
-                torch.get_num_threads(),
-            )  # fmt: skip
+        args = (x.data_ptr(), m, self.k, *self.weights, self.bias, self.n, y.data_ptr())
+        _run("xqchat::q_linear", library().q_linear, *args, torch.get_num_threads())
         return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dimension of x's few rows (float32), in one call."""
+    k = x.shape[-1]
+    x = x.contiguous()
+    _check(
+        x.dtype == weight.dtype == torch.float32 and weight.shape == (k,) and not x.is_cuda
+        and weight.is_contiguous(),
+        "the input and weight of rms_norm do not match",
+    )  # fmt: skip
+    y = torch.empty_like(x)
+    library().rms_norm(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def rope_append_bf16(q, k, v, cos, sin, keys, values, offset: int) -> torch.Tensor:
+    """cache.py's rotate of the newest m rows' queries and keys, and the keys and values written
+    into an exact bf16 cache at `offset`, in one call: q (1, m, H, D), k and v (1, m, H_kv, D)
+    float32 with rows of any stride, cos and sin (m, D), keys and values (1, H_kv, capacity, D)
+    -> the rotated queries (1, H, m, D), as attend_bf16 takes them."""
+    _, m, n_heads, d = q.shape
+    _, n_kv, capacity, _ = keys.shape
+    q, cos, sin = q.contiguous(), cos.contiguous(), sin.contiguous()
+    _check(
+        q.dtype == k.dtype == v.dtype == cos.dtype == sin.dtype == torch.float32
+        and k.shape == v.shape == (1, m, n_kv, d) and cos.shape == sin.shape == (m, d)
+        and k.stride()[2:] == v.stride()[2:] == (d, 1)
+        and keys.dtype == values.dtype == torch.bfloat16 and keys.shape == values.shape
+        and keys.shape[3] == d and keys.is_contiguous() and values.is_contiguous()
+        and 0 <= offset and offset + m <= capacity and not keys.is_cuda,
+        "the queries, keys, values and cache of rope_append_bf16 do not match",
+    )  # fmt: skip
+    out = torch.empty(1, n_heads, m, d)
+    library().rope_append_bf16(
+        q.data_ptr(), m, n_heads, k.data_ptr(), k.stride(1), v.data_ptr(), v.stride(1), n_kv, d,
+        cos.data_ptr(), sin.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(),
+        offset, capacity,
+    )  # fmt: skip
+    return out

@@ -107,6 +107,16 @@ def float32_copy_linear(x, weight, bias, block: int = 8192):
     )
 
 
+def few_cpu_rows(x: torch.Tensor) -> bool:
+    """A decode step's or a drafter tree's float32 rows on a CPU: the elementwise steps take one
+    C call each (cpu_step.c) where PyTorch would dispatch several kernels."""
+    return (
+        x.dtype == torch.float32 and not x.is_cuda
+        and x.numel() <= cpu_kernels.LINEAR_ROWS * x.shape[-1]
+        and cpu_kernels.library() is not None
+    )  # fmt: skip
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -114,6 +124,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if few_cpu_rows(x):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 

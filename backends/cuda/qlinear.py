@@ -56,25 +56,30 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        if not x.is_cuda and cpu_kernels.library() is not None:
-            if self._product is None or self._product.held[0] is not self.weight:
-                self._product = cpu_kernels.QProduct(
-                    self.weight, self.scale, self.min, self.bits, self.bias
-                )
-            if self.prompt is None or len(x) <= cpu_kernels.LINEAR_ROWS:
-                y = self._product(x.float())
-            else:
-                y = self._sliced(x.to(self.prompt))
-        else:
+        if x.is_cuda or cpu_kernels.library() is None:
             bias = None if self.bias is None else self.bias.float()
             y = F.linear(x.float(), self.dense_weight().to(x.device), bias)
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        elif self.prompt is None or len(x) <= cpu_kernels.LINEAR_ROWS:
+            y = self.product()(x if x.dtype == torch.float32 else x.float())
+        else:
+            y = self._sliced(x.to(self.prompt))
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def product(self) -> cpu_kernels.QProduct:
+        """The C pass bound to these weights; bound again if they were replaced (it holds their
+        addresses). Read from `_buffers`: a decode step calls this ~150 times, and the module's
+        attribute lookup costs more than the dictionary's."""
+        codes = self._buffers["weight"]
+        if self._product is None or self._product.held[0] is not codes:
+            self._product = cpu_kernels.QProduct(codes, self.scale, self.min, self.bits, self.bias)
+        return self._product
 
     def _sliced(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Wᵀ + b for many rows: W dequantized about 2M values at a time."""
         rows = max(1, 2**21 // self.in_features)
         parts = [
-            F.linear(x, self._product.values(a, min(rows, self.out_features - a), x.dtype))
+            F.linear(x, self.product().values(a, min(rows, self.out_features - a), x.dtype))
             for a in range(0, self.out_features, rows)
         ]
         y = torch.cat(parts, dim=-1).float()
