@@ -266,25 +266,32 @@ void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
     int8_t *xq = malloc(m * k);
     float *xs = malloc(m * blocks * sizeof(float));
     float *xsum = min ? malloc(m * groups * sizeof(float)) : NULL;
-    /* outlier columns (any row's), taken out of x before it is quantized */
+    /* each row's outliers, taken out of that row before it is quantized, multiplied in float;
+     * the weights of any row's outlier columns are read once per tile. A row's other values stay
+     * in its quantized part whatever the other rows hold, so a row gives the same result alone
+     * (a decode step) as in a drafter's tree: speculation stays lossless. */
     int64_t *columns = malloc(k * sizeof(int64_t)), n_columns = 0;
-    uint8_t *outlier = calloc(k, 1);
+    uint8_t *outlier = calloc(m * k, 1), *any = calloc(k, 1);
     for (int64_t r = 0; r < m; r++) {
         float squares = 0.0f;
         for (int64_t i = 0; i < k; i++) squares += x[r * k + i] * x[r * k + i];
         float limit = OUTLIER_RMS * sqrtf(squares / k);
-        for (int64_t i = 0; i < k; i++) outlier[i] |= fabsf(x[r * k + i]) > limit;
+        for (int64_t i = 0; i < k; i++) {
+            outlier[r * k + i] = fabsf(x[r * k + i]) > limit;
+            any[i] |= outlier[r * k + i];
+        }
     }
     for (int64_t i = 0; i < k; i++)
-        if (outlier[i]) columns[n_columns++] = i;
+        if (any[i]) columns[n_columns++] = i;
     float *kept = NULL, *outliers = malloc((m * n_columns + 1) * sizeof(float));
     if (n_columns) {
         kept = malloc(m * k * sizeof(float));
         memcpy(kept, x, m * k * sizeof(float));
         for (int64_t r = 0; r < m; r++)
             for (int64_t c = 0; c < n_columns; c++) {
-                outliers[r * n_columns + c] = x[r * k + columns[c]];
-                kept[r * k + columns[c]] = 0.0f;
+                int64_t i = r * k + columns[c];
+                outliers[r * n_columns + c] = outlier[i] ? x[i] : 0.0f;
+                if (outlier[i]) kept[i] = 0.0f;
             }
     }
     quantize_blocks(kept ? kept : x, m, k, group, xq, xs, xsum);
@@ -349,7 +356,7 @@ void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
         }
         free(d_all), free(w_out);
     }
-    free(xq), free(xs), free(xsum), free(columns), free(outlier), free(kept), free(outliers);
+    free(xq), free(xs), free(xsum), free(columns), free(outlier), free(any), free(kept), free(outliers);
 #ifdef PAIRS
     free(in.x), free(in.scale), free(in.base);
 #endif
