@@ -41,6 +41,7 @@ from .options import (
     read_stdin,
     read_text_file,
 )
+from .serve_cli import serve
 
 __all__ = ["DRAFTER_OPTIONS", "ENGINE_OPTIONS", "cli", "main", "open_model", "prepare_xquant"]
 
@@ -74,6 +75,7 @@ def cli(ctx, debug):
     xqchat show MODEL        a model's spec, files and derived artefacts
     xqchat rm MODEL          delete a pulled model
     xqchat bench ppl|speed   measure quality and speed on this machine
+    xqchat serve             the model behind OpenAI's HTTP API, for other programs
     xqchat train-drafter     train a drafter for faster replies (--drafter auto)
     """
     if ctx.invoked_subcommand is None:
@@ -552,6 +554,7 @@ def rm_command(model, yes):
 
 cli.add_command(bench)
 cli.add_command(train_drafter)
+cli.add_command(serve)
 
 
 def describe(error: BaseException) -> tuple[str, int]:

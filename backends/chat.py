@@ -65,10 +65,13 @@ class ChatSession:
         messages: list[dict] | None = None,
         policy: ContextPolicy | None = None,
         cache: CacheSpec | None = None,
+        session: Session | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.session: Session = model.new_session(cache)
+        # `session`: one that holds another conversation's tokens (a server's pool); its longest
+        # common prefix with this conversation is kept, as between turns
+        self.session: Session = session or model.new_session(cache)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.messages += messages or []
         self.policy = policy or ContextPolicy()
