@@ -1,0 +1,248 @@
+"""`xqchat serve` through the official openai client, on the real default model (greedy): the
+same text as `xqchat run`, usage, reuse across turns, stop strings, each error, a client that
+leaves mid-stream, concurrent clients; and the serving parts alone (stop strings, the pool)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import openai
+import pytest
+from conftest import cli
+
+from xqchat.backends.base import CacheMemory, EngineOptions
+from xqchat.backends.chat import common_prefix
+from xqchat.backends.serving import SessionPool, StopStrings
+
+KEY = "test-key"
+QUESTION = "What is the capital of France?"
+
+
+@dataclass
+class Served:
+    url: str
+    server: object  # app.server.Server
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(default_files):
+    """`xqchat serve` in this process on a free port, with an API key."""
+    import uvicorn
+
+    from xqchat.app.loading import open_model
+    from xqchat.app.server import Server, create_app
+
+    files, tokenizer, model = open_model(default_files, EngineOptions(backend="torch"))
+    server = Server(files.name, model, tokenizer, cache_budget=2**30, api_key=KEY)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    runner = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
+    thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not runner.started:
+        time.sleep(0.05)
+    yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", server)
+    assert server.active == 0
+    runner.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def fresh(served, monkeypatch):
+    """No reuse: each reply reads its whole prompt, as `xqchat run` does. A prompt read in other
+    pieces (a reused prefix, then the rest) rounds differently, and greedy text may differ."""
+    monkeypatch.setattr(served.server.completions.pool, "budget", 0)
+    served.server.completions.pool.idle.clear()
+    return served
+
+
+def ask(client, messages, **options):
+    return client.chat.completions.create(
+        model="smollm2-135m", messages=messages, temperature=0, **options
+    )
+
+
+def streamed(client, messages, **options) -> tuple[str, list]:
+    chunks = list(ask(client, messages, stream=True, **options))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.slow
+def test_stream_and_plain_replies_equal_xqchat_run(
+    fresh, served, capsys, monkeypatch, default_tokenizer
+):
+    engine = served.server.model
+    loaded = (None, served.server.completions.tokenizer, engine)  # run loads nothing again
+    monkeypatch.setattr("xqchat.app.cli.load_engine", lambda files, opts: loaded)
+    code, out, _ = cli(
+        capsys, "run", "--backend", "torch", "--max-tokens", "24", "--json", QUESTION
+    )
+    assert code == 0
+    run = json.loads(out)
+    client = served.client()
+    reply = ask(client, user(QUESTION), max_tokens=24)
+    assert reply.choices[0].message.content == run["text"]
+    assert reply.choices[0].finish_reason == run["finish_reason"] == "stop"
+    prompt = len(default_tokenizer.render(user(QUESTION)))
+    assert reply.usage.prompt_tokens == prompt
+    assert reply.usage.completion_tokens == run["new_tokens"]
+    assert reply.usage.total_tokens == prompt + run["new_tokens"]
+    text, chunks = streamed(client, user(QUESTION), max_completion_tokens=24)
+    assert text == run["text"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    assert all(c.usage is None for c in chunks)  # not asked for
+    cut = ask(client, user(QUESTION), max_tokens=3)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
+    assert [m.id for m in client.models.list()] == ["smollm2-135m"]
+
+
+@pytest.mark.slow
+def test_turn_two_reads_only_what_is_new(served, default_tokenizer):
+    client = served.client()
+    turn1 = user("Name a color.")
+    first = ask(client, turn1, max_tokens=16)
+    prompt1 = default_tokenizer.render(turn1)
+    held = list(served.server.completions.pool.idle[-1].tokens)  # the session that answered
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content}]
+    turn2 += user("Name another.")
+    prompt2 = default_tokenizer.render(turn2)
+    text, chunks = streamed(client, turn2, max_tokens=16, stream_options={"include_usage": True})
+    used = chunks[-1].usage
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    shared = common_prefix(held, prompt2)
+    assert shared > len(prompt1)  # the first reply is reused too, not only the first prompt
+    assert used.prompt_tokens == len(prompt2)
+    assert used.prompt_tokens_details.cached_tokens == shared
+    ended = chunks[-2].choices[0].finish_reason == "stop"  # then the end of turn counts too
+    assert used.completion_tokens == len(default_tokenizer.encode(text)) + ended
+
+
+@pytest.mark.slow
+def test_stop_strings_end_the_reply_before_them(fresh, served):
+    client = served.client()
+    whole = ask(client, user(QUESTION), max_tokens=24).choices[0].message.content
+    for stop in ([" Paris"], "l of Fr"):  # one token; the middle of several
+        first = stop[0] if isinstance(stop, list) else stop
+        reply = ask(client, user(QUESTION), max_tokens=24, stop=stop)
+        assert reply.choices[0].message.content == whole[: whole.index(first)]
+        assert reply.choices[0].finish_reason == "stop"
+        text, chunks = streamed(client, user(QUESTION), max_tokens=24, stop=stop)
+        assert text == whole[: whole.index(first)]
+
+
+@pytest.mark.slow
+def test_errors_take_openais_shape(served, monkeypatch):
+    client = served.client()
+    cases = [
+        (openai.BadRequestError, {"temperature": 5}, 400, None, "temperature"),
+        (openai.BadRequestError, {"stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop"),
+        (openai.BadRequestError, {"n": 2}, 400, None, "n"),
+        (openai.NotFoundError, {"model": "gpt-4o"}, 404, "model_not_found", "model"),
+    ]
+    for error, options, status, code, param in cases:
+        with pytest.raises(error) as caught:
+            client.chat.completions.create(
+                **{"model": "smollm2-135m", "messages": user("hi"), **options}
+            )
+        body = caught.value.body
+        assert caught.value.status_code == status
+        assert (body["code"], body["param"], body["type"]) == (code, param, "invalid_request_error")
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, user("word " * 10000), max_tokens=16)
+    assert caught.value.body["code"] == "context_length_exceeded"
+    assert "the prompt is 100" in caught.value.body["message"]  # says how long, never truncates
+    with pytest.raises(openai.AuthenticationError) as caught:
+        served.client("wrong").models.list()
+    assert caught.value.body["code"] == "invalid_api_key"
+    monkeypatch.setattr(served.server, "limit", 0)  # a full queue
+    with pytest.raises(openai.RateLimitError) as caught:
+        ask(client, user("hi"), max_tokens=2)
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert caught.value.body["code"] == "rate_limit_exceeded"
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_mid_stream_stops_its_generation(served, monkeypatch):
+    completions = served.server.completions
+    run, finishes = completions.run, []
+
+    def recorded(request, cancel):
+        for piece in run(request, cancel):
+            finishes.append(piece.finish_reason)
+            yield piece
+
+    monkeypatch.setattr(completions, "run", recorded)
+    stream = ask(served.client(), user("Count from 1 to 500."), max_tokens=2000, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 5:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while served.server.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.server.active == 0
+    assert finishes[-1] == "cancelled" and len(finishes) < 2000
+
+
+@pytest.mark.slow
+def test_concurrent_clients_get_the_texts_of_sequential_runs(fresh, served):
+    prompts = [f"Say the number {n} in French." for n in range(8)]
+    client = served.client()
+    alone = {p: ask(client, user(p), max_tokens=8).choices[0].message.content for p in prompts}
+
+    def chat(prompt: str) -> list[str]:
+        own = served.client()  # each client its own connection
+        return [streamed(own, user(prompt), max_tokens=8)[0] for _ in range(2)]
+
+    with ThreadPoolExecutor(8) as pool:
+        together = dict(zip(prompts, pool.map(chat, prompts), strict=True))
+    assert together == {p: [text, text] for p, text in alone.items()}
+
+
+def test_stop_strings_hold_back_what_may_begin_one():
+    stops = StopStrings(("o w", "xyz"))
+    assert stops.add("Hel") == ("Hel", False)
+    assert stops.add("lo") == ("l", False)  # "o" may begin "o w"
+    assert stops.add(" ") == ("", False)
+    assert stops.add("wor") == ("", True)
+    tail = StopStrings(("xyz",))
+    assert tail.add("ax") == ("a", False) and tail.flush() == "x"
+
+
+class Sized:
+    def __init__(self, tokens: list[int], nbytes: int):
+        self.tokens, self.nbytes = tokens, nbytes
+
+    def memory(self) -> CacheMemory:
+        return CacheMemory(len(self.tokens), self.nbytes, 0, 0, 0, self.nbytes)
+
+
+class Fresh:
+    def new_session(self):
+        return Sized([], 0)
+
+
+def test_the_pool_reuses_the_longest_match_and_evicts_the_oldest():
+    pool = SessionPool(Fresh(), budget=250)
+    a, b, c = Sized([1, 2, 3, 4], 100), Sized([1, 2, 9, 9], 100), Sized([1, 7, 7, 7], 100)
+    for session in (a, b, c):
+        pool.put(session)
+    assert pool.idle == [b, c] and pool.nbytes() == 200  # a was the oldest
+    assert pool.take([1, 2, 9, 9, 5]) is b and pool.idle == [c]
+    # sharing only a system prompt would cut a long conversation down to it: a new session
+    assert pool.take([1, 8, 8]) not in (b, c) and pool.idle == [c]
+    assert pool.take([1, 7, 7, 5]) is c  # keeps 3 of 4
