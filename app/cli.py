@@ -8,6 +8,7 @@ offers them."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .options import (
     Temperature,
     check_device,
     check_drafter,
+    check_remote,
     drafter_options,
     engine_options,
     given,
@@ -40,6 +42,7 @@ from .options import (
     prepare,
     read_stdin,
     read_text_file,
+    remote_options,
 )
 from .serve_cli import serve
 
@@ -54,6 +57,7 @@ Examples:
   xqchat run --json "Hi"          # stats object instead of streamed text
   xqchat run --drafter auto "Hi"  # speculative decoding: same text, fewer model steps
   xqchat run --overflow sink-window - < long.txt  # too long: keep its start and its end
+  xqchat run --backend openai --url http://127.0.0.1:8000/v1 "Hi"  # a server's model
 
 \b
 A prompt that is not valid UTF-8 is read with each invalid byte replaced by U+FFFD, and a note
@@ -93,10 +97,13 @@ Examples:
   xqchat chat --cache kv-quant --bits 4
   xqchat chat --cache xquant --mha --overflow drop-oldest
   xqchat chat --drafter auto
+  xqchat chat --backend openai --url http://127.0.0.1:8000/v1   # xqchat serve, vLLM, ...
+  xqchat chat --backend openai --url http://127.0.0.1:11434/v1 -m llama3.2   # Ollama
 """
 )
 @model_options
 @drafter_options
+@remote_options
 @click.option(
     "--max-tokens", type=click.IntRange(min=1), default=512, help="Most tokens in a reply."
 )
@@ -119,6 +126,15 @@ def chat(ctx, **options):
     """Open the chat app: chats, streaming replies, live cache memory and speed."""
     from .tui.app import run as run_tui
 
+    if check_remote(ctx, (*ENGINE_KEYS[1:], "overflow")):
+        api_key = options.pop("api_key")
+        if api_key:  # for this run only: the settings file never holds it
+            os.environ["OPENAI_API_KEY"] = api_key
+        remote = ("backend", "url", "model", "max_tokens", "temperature", "top_p")
+        chosen = {name: options[name] for name in remote if given(ctx, name)}
+        run_tui(chosen)
+        return
+    options.pop("api_key")
     chosen = {
         name: int(value) if name in ("bits", "group") else value
         for name, value in options.items()
@@ -143,6 +159,7 @@ def chat(ctx, **options):
 @click.argument("prompt")
 @model_options
 @drafter_options
+@remote_options
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
@@ -179,19 +196,40 @@ def chat(ctx, **options):
     "--json", "as_json", is_flag=True, help="Print a JSON stats object instead of the text."
 )
 @click.pass_context
-def run(ctx, prompt, max_tokens, temperature, top_p, seed, system, overflow, as_json, **engine):
+def run(
+    ctx,
+    prompt,
+    max_tokens,
+    temperature,
+    top_p,
+    seed,
+    system,
+    overflow,
+    as_json,
+    url,
+    api_key,
+    **engine,
+):
     """Answer PROMPT (or stdin with -) once and exit."""
     from xqchat.backends.chat import ChatSession, ContextPolicy
 
+    remote = check_remote(ctx, (*ENGINE_KEYS[1:], "overflow"))
     prompt = user_text(read_stdin() if prompt == "-" else prompt, "the prompt")
     if not prompt.strip():
         raise XQError("the prompt is empty")
     if system is not None:
         system = user_text(system, "the system prompt")
-    checked, opts = prepare(ctx, **engine)
-    _, tokenizer, model = load_engine(checked.files, opts)
-    policy = ContextPolicy(overflow=overflow)
-    chat = ChatSession(model, tokenizer, system=system, policy=policy)
+    if remote:
+        from xqchat.backends.remote import RemoteModel
+
+        chosen = engine["model"] if given(ctx, "model") else None
+        opening = [{"role": "system", "content": system}] if system else []
+        chat = RemoteModel(url, api_key, chosen).conversation(opening)
+    else:
+        checked, opts = prepare(ctx, **engine)
+        _, tokenizer, model = load_engine(checked.files, opts)
+        policy = ContextPolicy(overflow=overflow)
+        chat = ChatSession(model, tokenizer, system=system, policy=policy)
     cfg = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if not as_json and hasattr(sys.stdout, "reconfigure"):
         # A reply may hold characters the terminal's encoding lacks: show them as '?', rather

@@ -45,7 +45,7 @@ def loopback(host: str) -> bool:
 )
 @click.option(
     "--cache-budget",
-    type=MemorySize(),
+    type=MemorySize(zero=True),
     default="1GB",
     show_default=True,
     help="Memory for recent conversations' caches, reused when a client resends a "

@@ -177,7 +177,13 @@ class Server:
         except Cancelled:
             pass
         except ContextFull as e:
-            job.put(APIError(400, str(e), param="messages", code="context_length_exceeded"))
+            limit = self.model.spec.max_context
+            message = (
+                f"the prompt is {e.prompt} tokens; the model's context holds {limit} and the "
+                f"reply needs room for up to {e.room} more (ask for fewer max_tokens, or send "
+                "fewer messages: nothing is cut here)"
+            )
+            job.put(APIError(400, message, param="messages", code="context_length_exceeded"))
         except XQError as e:
             job.put(APIError(400, str(e), param="messages"))
         except Exception as e:  # a bug: this request fails, the server goes on

@@ -51,8 +51,39 @@ class ContextPolicy:
 class ContextFull(XQError):
     """The `stop` policy refused a turn: the conversation no longer fits the context."""
 
+    def __init__(self, message: str, prompt: int = 0, room: int = 0):
+        super().__init__(message)
+        self.prompt, self.room = prompt, room  # tokens: the prompt's, and the reply's room
 
-class ChatSession:
+
+class Conversation:
+    """A message list answered turn by turn: `reply` (each kind its own) streams the answer to
+    the list as it stands and appends it; `notices` says what it left out on the last turn."""
+
+    messages: list[dict]
+    notices: list[str]
+
+    def reply(
+        self, cfg: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        raise NotImplementedError
+
+    def send(
+        self, text: str, cfg: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        """Add a user message and stream the assistant's reply (appended to `messages` at the end)."""
+        if not text.strip():
+            raise XQError("the prompt is empty")
+        self.messages.append({"role": "user", "content": text})
+        try:
+            yield from self.reply(cfg, cancel)
+        except BaseException:
+            if self.messages[-1]["role"] == "user":
+                self.messages.pop()
+            raise
+
+
+class ChatSession(Conversation):
     """One conversation. Each turn renders the message list with the chat template (as the context
     policy shapes it), keeps the longest common token prefix already in the cache, and prefills
     only what follows it. `notices` says what the policy left out on the last turn."""
@@ -83,20 +114,6 @@ class ChatSession:
     def limit(self) -> int:
         return self.model.spec.max_context
 
-    def send(
-        self, text: str, cfg: GenerationConfig, cancel: threading.Event | None = None
-    ) -> Iterator[TokenEvent]:
-        """Add a user message and stream the assistant's reply (appended to `messages` at the end)."""
-        if not text.strip():
-            raise XQError("the prompt is empty")
-        self.messages.append({"role": "user", "content": text})
-        try:
-            yield from self.reply(cfg, cancel)
-        except BaseException:
-            if self.messages[-1]["role"] == "user":
-                self.messages.pop()
-            raise
-
     def _prompt(self, cfg: GenerationConfig) -> list[int]:
         """The tokens this turn feeds the model, after the context policy has had its say."""
         room = min(cfg.max_tokens, self.limit // 4)  # the reply needs room too
@@ -111,7 +128,9 @@ class ChatSession:
             raise ContextFull(
                 f"the context is full: the prompt is {len(full)} tokens; the model's context "
                 f"holds {self.limit} and the reply needs room for up to {room} more (start a new "
-                "chat, or choose the drop-oldest or sink-window overflow policy)"
+                "chat, or choose the drop-oldest or sink-window overflow policy)",
+                len(full),
+                room,
             )
         return full
 
