@@ -246,3 +246,56 @@ def test_the_pool_reuses_the_longest_match_and_evicts_the_oldest():
     # sharing only a system prompt would cut a long conversation down to it: a new session
     assert pool.take([1, 8, 8]) not in (b, c) and pool.idle == [c]
     assert pool.take([1, 7, 7, 5]) is c  # keeps 3 of 4
+
+
+SIZE = (110, 32)
+
+
+def status_of(app) -> dict[str, str]:
+    from xqchat.app.tui.widgets import StatusBar
+
+    bar = app.chat_screen.query_one(StatusBar)
+    return {s.id: str(s.render()) for s in bar.query("Static") if s.display}
+
+
+@pytest.mark.slow
+async def test_the_app_chats_through_a_server(fresh, served, dirs, monkeypatch):
+    """`xqchat chat --backend openai --url URL` against `xqchat serve`: the server's greedy text,
+    what the status bar can say about a server's model, local-only settings hidden, and a server
+    that stops answering costs one line and no message."""
+    from tui_fakes import send, settle
+
+    from xqchat.app.tui.app import XQChatApp
+    from xqchat.app.tui.settings_screen import SettingsScreen
+
+    expected = ask(served.client(), user(QUESTION), max_tokens=24).choices[0].message.content
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    app = XQChatApp({"backend": "openai", "url": served.url, "max_tokens": 24})
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await send(pilot, QUESTION)
+        chat = app.chat_screen.chat_id
+        rows = [(m.role, m.content, m.status) for m in app.store.messages(chat)]
+        assert rows == [("user", QUESTION, "done"), ("assistant", expected, "done")]
+        shown = status_of(app)
+        assert shown.keys() == {"model", "engine", "speed"}  # no weights, cache, gauge, memory
+        assert shown["model"] == "smollm2-135m"
+        assert shown["engine"] == "openai/" + served.url.split("/")[2]
+        assert shown["speed"].endswith(" tok/s")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        form = app.screen
+        assert isinstance(form, SettingsScreen)
+        assert not form.query_one("#cache").parent.display and form.query_one("#url").parent.display
+        await pilot.press("escape")
+        model = app.engine.model
+        model.client = model.client.with_options(base_url="http://127.0.0.1:9/v1")  # gone
+        await send(pilot, "And of Italy?")
+        problem = list(app._notifications)[-1].message
+        assert problem.startswith(f"cannot reach {served.url}: ") and "\n" not in problem
+        assert [(m.role, m.content) for m in app.store.messages(chat)] == [
+            ("user", QUESTION),
+            ("assistant", expected),
+            ("user", "And of Italy?"),  # kept, to send again
+            ("notice", f"no reply: {problem}"),
+        ]
