@@ -257,7 +257,15 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": server.name, "requests": server.active}
+        pool = server.completions.pool
+        return {
+            "status": "ok",
+            "model": server.name,
+            "requests": server.active,  # running or queued
+            "cached_conversations": len(pool.idle),
+            "cache_bytes": pool.held,
+            "cache_budget": pool.budget,
+        }
 
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> dict:

@@ -49,6 +49,7 @@ class SessionPool:
     def __init__(self, model: Model, budget: int):
         self.model, self.budget = model, budget
         self.idle: list[Session] = []
+        self.held = 0  # bytes the idle sessions hold (read from other threads: /health)
 
     def take(self, prompt: list[int]) -> Session:
         """The idle session sharing the longest prefix with `prompt`, when answering from it keeps
@@ -62,12 +63,14 @@ class SessionPool:
         if best is None or shared < len(best.tokens) - shared:
             return self.model.new_session()
         self.idle.remove(best)
+        self.held = self.nbytes()
         return best
 
     def put(self, session: Session) -> None:
         self.idle.append(session)
         while self.idle and self.nbytes() > self.budget:
             self.idle.pop(0)
+        self.held = self.nbytes()
 
     def nbytes(self) -> int:
         return sum(session.memory().reserved_bytes for session in self.idle)

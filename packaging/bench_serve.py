@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -71,7 +72,11 @@ def replay(options: list[str], questions: list[str], max_tokens: int, replies=No
             prefilled += usage["prompt_tokens"] - cached
             said.append(text if replies is None else replies[i])
             messages.append({"role": "assistant", "content": said[-1]})
+        root = str(client.base_url).removesuffix("/").removesuffix("/v1")
+        with urllib.request.urlopen(f"{root}/health") as answer:
+            health = json.load(answer)
         return {
+            "conversation_bytes": health["cache_bytes"],
             "prefilled_tokens": prefilled,
             "last_prompt_tokens": usage["prompt_tokens"],
             "last_cached_tokens": cached,
@@ -87,11 +92,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="one run, with reuse: how many bytes the conversation's cache holds (per --cache)",
+    )
     parser.add_argument("serve_options", nargs="*")
     args = parser.parse_args()
     lines = PROMPTS.read_text().splitlines()[: args.turns]
     questions = [json.loads(line)["turns"][0] for line in lines]
     reuse = replay(args.serve_options, questions, args.max_tokens)
+    if args.reuse_only:
+        del reuse["replies"]
+        print(json.dumps(reuse, indent=2))
+        return
     none = replay(
         [*args.serve_options, "--cache-budget", "0"], questions, args.max_tokens, reuse["replies"]
     )

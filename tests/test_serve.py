@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -105,6 +106,20 @@ def test_stream_and_plain_replies_equal_xqchat_run(
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
     assert all(c.usage is None for c in chunks)  # not asked for
+    code, out, _ = cli(
+        capsys,
+        "run",
+        "--backend",
+        "openai",
+        "--url",
+        served.url,
+        "--api-key",
+        KEY,
+        "--max-tokens",
+        "24",
+        QUESTION,
+    )
+    assert (code, out) == (0, run["text"] + "\n")  # the same reply through the remote backend
     cut = ask(client, user(QUESTION), max_tokens=3)
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
     assert [m.id for m in client.models.list()] == ["smollm2-135m"]
@@ -127,6 +142,11 @@ def test_turn_two_reads_only_what_is_new(served, default_tokenizer):
     assert shared > len(prompt1)  # the first reply is reused too, not only the first prompt
     assert used.prompt_tokens == len(prompt2)
     assert used.prompt_tokens_details.cached_tokens == shared
+    with urllib.request.urlopen(served.url.removesuffix("/v1") + "/health") as answer:
+        health = json.load(answer)  # no key needed: for load balancers and scripts
+    pool = served.server.completions.pool
+    assert health["cached_conversations"] == len(pool.idle) >= 1
+    assert health["cache_bytes"] == pool.nbytes() > 0
     ended = chunks[-2].choices[0].finish_reason == "stop"  # then the end of turn counts too
     assert used.completion_tokens == len(default_tokenizer.encode(text)) + ended
 
@@ -200,7 +220,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(served, monkeypatc
 
 @pytest.mark.slow
 def test_concurrent_clients_get_the_texts_of_sequential_runs(fresh, served):
-    prompts = [f"Say the number {n} in French." for n in range(8)]
+    prompts = [f"Say the number {n} in French." for n in range(4)]
     client = served.client()
     alone = {p: ask(client, user(p), max_tokens=8).choices[0].message.content for p in prompts}
 
@@ -208,9 +228,55 @@ def test_concurrent_clients_get_the_texts_of_sequential_runs(fresh, served):
         own = served.client()  # each client its own connection
         return [streamed(own, user(prompt), max_tokens=8)[0] for _ in range(2)]
 
-    with ThreadPoolExecutor(8) as pool:
-        together = dict(zip(prompts, pool.map(chat, prompts), strict=True))
-    assert together == {p: [text, text] for p, text in alone.items()}
+    clients = prompts * 2  # 8 clients, two on each prompt
+    with ThreadPoolExecutor(len(clients)) as pool:
+        together = list(pool.map(chat, clients))
+    assert together == [[alone[p], alone[p]] for p in clients]
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["run", "--backend", "openai", "hi"], 2, "--backend openai needs --url"),
+        (["run", "--url", "http://127.0.0.1:9/v1", "hi"], 2, "--url applies with --backend openai"),
+        (
+            ["chat", "--backend", "openai", "--url", "http://h/v1", "--cache", "xquant"],
+            2,
+            "--cache: for a local model",
+        ),
+        (["serve", "--backend", "openai"], 2, "only chat and run talk to a server"),
+        (
+            ["run", "--backend", "openai", "--url", "ftp://h", "hi"],
+            1,
+            "--url ftp://h: give the server's address",
+        ),
+        (
+            ["run", "--backend", "openai", "--url", "http://127.0.0.1:9", "hi"],
+            1,
+            "cannot reach http://127.0.0.1:9/v1: ",
+        ),
+    ],
+)
+def test_remote_options_are_checked_in_one_line(capsys, args, code, message):
+    got, out, err = cli(capsys, *args)
+    assert (got, out) == (code, "") and message in err and err.count("\n") == 1
+
+
+def test_serve_warns_when_reachable_without_a_key(capsys, monkeypatch, default_tokenizer):
+    class Files:
+        name = "smollm2-135m"
+
+    listened = []
+    loaded = (Files(), default_tokenizer, None)
+    monkeypatch.setattr("xqchat.app.serve_cli.load_engine", lambda files, opts: loaded)
+    monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kw: listened.append((host, port)))
+    code, _, err = cli(capsys, "serve", "--host", "0.0.0.0", "--port", "8123")
+    assert code == 0 and "WARNING: listening on 0.0.0.0 without --api-key" in err
+    code, _, err = cli(capsys, "serve", "--host", "0.0.0.0", "--api-key", "k", "--port", "8124")
+    assert code == 0 and "WARNING" not in err
+    code, _, err = cli(capsys, "serve", "--port", "8125")
+    assert code == 0 and "WARNING" not in err and "at http://127.0.0.1:8125/v1" in err
+    assert listened == [("0.0.0.0", 8123), ("0.0.0.0", 8124), ("127.0.0.1", 8125)]
 
 
 def test_stop_strings_hold_back_what_may_begin_one():
