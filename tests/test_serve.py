@@ -5,6 +5,7 @@ leaves mid-stream, concurrent clients; and the serving parts alone (stop strings
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -365,3 +366,73 @@ async def test_the_app_chats_through_a_server(fresh, served, dirs, monkeypatch):
             ("user", "And of Italy?"),  # kept, to send again
             ("notice", f"no reply: {problem}"),
         ]
+
+
+@pytest.fixture(scope="module")
+def llama_server(default_files):
+    """llama-cpp-python's OpenAI-compatible server on the default GGUF: a server nobody here
+    wrote. Needs a build (packaging/install_llama_cpp.sh) and its server's dependencies
+    (pip install sse-starlette starlette-context pydantic-settings); skipped without them."""
+    import subprocess
+    import sys
+
+    from xqchat.app.llama_bench import default_level, find_build
+    from xqchat.models.errors import XQError
+
+    try:
+        build = find_build(default_level())
+    except XQError as e:
+        pytest.skip(str(e))
+    env = {**os.environ, "PYTHONPATH": str(build)}
+    probe = [sys.executable, "-c", "import llama_cpp.server.app"]
+    if subprocess.run(probe, env=env, capture_output=True).returncode:
+        pytest.skip(
+            "llama-cpp-python's server needs sse-starlette, starlette-context, pydantic-settings"
+        )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_files.path)]
+    command += ["--model_alias", "smollm2-gguf", "--port", str(port), "--n_ctx", "2048"]
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    client = openai.OpenAI(base_url=url, api_key="-", max_retries=0)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            assert server.poll() is None and time.monotonic() < deadline, "llama server failed"
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+async def test_the_app_chats_through_llama_cpps_server(llama_server, dirs, capsys):
+    from tui_fakes import send, settle
+
+    from xqchat.app.tui.app import XQChatApp
+
+    code, out, _ = cli(
+        capsys, "run", "--backend", "openai", "--url", llama_server, "--max-tokens", "24", QUESTION
+    )
+    assert code == 0 and out.strip()  # its own sampling defaults: not our text
+    app = XQChatApp({"backend": "openai", "url": llama_server, "max_tokens": 24})
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await send(pilot, QUESTION)
+        (_, _, _), (role, answer, status) = [
+            (m.role, m.content, m.status) for m in app.store.messages(app.chat_screen.chat_id)
+        ]
+        assert role == "assistant" and answer.strip() and status in ("done", "length")
+        shown = status_of(app)
+        assert (
+            shown.keys() == {"model", "engine", "speed"}
+            and shown["model"] == "smollm2-gguf"
+            and shown["speed"].endswith(" tok/s")
+        )
