@@ -289,6 +289,9 @@ def create_app(server: Server) -> FastAPI:
             watcher.cancel()
             job.cancel.set()
             raise
+        if first is None:  # the client left before the first token: nobody reads this
+            watcher.cancel()
+            return APIError(499, "the client closed the request").response()
         if body.stream:
             with_usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(stream(job, first, head, with_usage, watcher))

@@ -217,6 +217,16 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(served, monkeypatc
         time.sleep(0.05)
     assert served.server.active == 0
     assert finishes[-1] == "cancelled" and len(finishes) < 2000
+    finishes.clear()  # now a client that leaves while a long prompt is read
+    impatient = served.client().with_options(timeout=0.3)
+    long = user("word " * 6000)
+    with pytest.raises(openai.APITimeoutError):
+        ask(impatient, long, max_tokens=4)
+    while served.server.active and time.monotonic() < deadline + 30:
+        time.sleep(0.05)
+    assert served.server.active == 0 and finishes == []  # not one token
+    read = max(len(s.tokens) for s in served.server.completions.pool.idle)
+    assert read < 6000  # the prefill stopped between chunks
 
 
 @pytest.mark.slow
