@@ -273,6 +273,17 @@ def test_remote_options_are_checked_in_one_line(capsys, args, code, message):
     assert (got, out) == (code, "") and message in err and err.count("\n") == 1
 
 
+def test_chat_through_a_server_opens_the_app_without_saving_the_key(capsys, monkeypatch):
+    opened = []
+    monkeypatch.setattr("xqchat.app.tui.app.run", lambda overrides=None: opened.append(overrides))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    url = "http://127.0.0.1:9/v1"
+    args = ["chat", "--backend", "openai", "--url", url, "--api-key", "k", "-m", "m"]
+    assert cli(capsys, *args, "--temperature", "0.5")[0] == 0
+    assert opened == [{"backend": "openai", "url": url, "model": "m", "temperature": 0.5}]
+    assert os.environ["OPENAI_API_KEY"] == "k"  # for this run: Settings never hold it
+
+
 def test_serve_warns_when_reachable_without_a_key(capsys, monkeypatch, default_tokenizer):
     class Files:
         name = "smollm2-135m"
