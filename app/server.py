@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
 
 from xqchat.backends.base import GenerationConfig, Model
@@ -31,6 +31,13 @@ from xqchat.models.tokenizer import Tokenizer
 
 from .options import MIN_TEMPERATURE, SEED_MAX
 
+# request fields xqchat cannot honour, and the values that ask for nothing
+UNSUPPORTED = {
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+}
 DISCONNECT_POLL_S = 0.2  # how often a waiting request looks for its client having gone
 
 
@@ -85,6 +92,18 @@ class ChatRequest(BaseModel):
     n: Literal[1] = 1
     logprobs: Literal[False] | None = None
     tools: list[dict] | None = Field(None, max_length=0)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict | None = None
+    response_format: dict | None = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _neutral(cls, value, info: ValidationInfo):
+        """Fields whose effect xqchat does not have are refused unless neutral, not ignored."""
+        if value not in UNSUPPORTED[info.field_name]:
+            raise ValueError("not supported here (leave it out)")
+        return value
 
     @field_validator("temperature")
     @classmethod
@@ -244,7 +263,8 @@ def create_app(server: Server) -> FastAPI:
     async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"] if part != "body")
-        return APIError(400, f"{where}: {first['msg']}", param=where or None).response()
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for ours
+        return APIError(400, f"{where}: {message}", param=where or None).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -172,6 +172,7 @@ def test_errors_take_openais_shape(served, monkeypatch):
         (openai.BadRequestError, {"temperature": 5}, 400, None, "temperature"),
         (openai.BadRequestError, {"stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop"),
         (openai.BadRequestError, {"n": 2}, 400, None, "n"),
+        (openai.BadRequestError, {"frequency_penalty": 0.5}, 400, None, "frequency_penalty"),
         (openai.NotFoundError, {"model": "gpt-4o"}, 404, "model_not_found", "model"),
     ]
     for error, options, status, code, param in cases:
@@ -182,6 +183,7 @@ def test_errors_take_openais_shape(served, monkeypatch):
         body = caught.value.body
         assert caught.value.status_code == status
         assert (body["code"], body["param"], body["type"]) == (code, param, "invalid_request_error")
+        assert body["message"].startswith(f"{param}: ")
     with pytest.raises(openai.BadRequestError) as caught:
         ask(client, user("word " * 10000), max_tokens=16)
     assert caught.value.body["code"] == "context_length_exceeded"
