@@ -183,7 +183,7 @@ def test_errors_take_openais_shape(served, monkeypatch):
         body = caught.value.body
         assert caught.value.status_code == status
         assert (body["code"], body["param"], body["type"]) == (code, param, "invalid_request_error")
-        assert body["message"].startswith(f"{param}: ")
+        assert param in body["message"]  # says which
     with pytest.raises(openai.BadRequestError) as caught:
         ask(client, user("word " * 10000), max_tokens=16)
     assert caught.value.body["code"] == "context_length_exceeded"
