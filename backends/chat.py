@@ -102,7 +102,7 @@ class ChatSession(Conversation):
         self.tokenizer = tokenizer
         # `session`: one that holds another conversation's tokens (a server's pool); its longest
         # common prefix with this conversation is kept, as between turns
-        self.session: Session = session or model.new_session(cache)
+        self.session: Session = session if session is not None else model.new_session(cache)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.messages += messages or []
         self.policy = policy or ContextPolicy()
