@@ -8,6 +8,7 @@ offers them."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .options import (
     Temperature,
     check_device,
     check_drafter,
+    check_remote,
     drafter_options,
     engine_options,
     given,
@@ -40,7 +42,9 @@ from .options import (
     prepare,
     read_stdin,
     read_text_file,
+    remote_options,
 )
+from .serve_cli import serve
 
 __all__ = ["DRAFTER_OPTIONS", "ENGINE_OPTIONS", "cli", "main", "open_model", "prepare_xquant"]
 
@@ -53,6 +57,7 @@ Examples:
   xqchat run --json "Hi"          # stats object instead of streamed text
   xqchat run --drafter auto "Hi"  # speculative decoding: same text, fewer model steps
   xqchat run --overflow sink-window - < long.txt  # too long: keep its start and its end
+  xqchat run --backend openai --url http://127.0.0.1:8000/v1 "Hi"  # a server's model
 
 \b
 A prompt that is not valid UTF-8 is read with each invalid byte replaced by U+FFFD, and a note
@@ -74,6 +79,7 @@ def cli(ctx, debug):
     xqchat show MODEL        a model's spec, files and derived artefacts
     xqchat rm MODEL          delete a pulled model
     xqchat bench ppl|speed   measure quality and speed on this machine
+    xqchat serve             the model behind OpenAI's HTTP API, for other programs
     xqchat train-drafter     train a drafter for faster replies (--drafter auto)
     """
     if ctx.invoked_subcommand is None:
@@ -91,10 +97,13 @@ Examples:
   xqchat chat --cache kv-quant --bits 4
   xqchat chat --cache xquant --mha --overflow drop-oldest
   xqchat chat --drafter auto
+  xqchat chat --backend openai --url http://127.0.0.1:8000/v1   # xqchat serve, vLLM, ...
+  xqchat chat --backend openai --url http://127.0.0.1:11434/v1 -m llama3.2   # Ollama
 """
 )
 @model_options
 @drafter_options
+@remote_options
 @click.option(
     "--max-tokens", type=click.IntRange(min=1), default=512, help="Most tokens in a reply."
 )
@@ -117,6 +126,15 @@ def chat(ctx, **options):
     """Open the chat app: chats, streaming replies, live cache memory and speed."""
     from .tui.app import run as run_tui
 
+    if check_remote(ctx, (*ENGINE_KEYS[1:], "overflow")):
+        api_key = options.pop("api_key")
+        if api_key:  # for this run only: the settings file never holds it
+            os.environ["OPENAI_API_KEY"] = api_key
+        remote = ("backend", "url", "model", "max_tokens", "temperature", "top_p")
+        chosen = {name: options[name] for name in remote if given(ctx, name)}
+        run_tui(chosen)
+        return
+    options.pop("api_key")
     chosen = {
         name: int(value) if name in ("bits", "group") else value
         for name, value in options.items()
@@ -141,6 +159,7 @@ def chat(ctx, **options):
 @click.argument("prompt")
 @model_options
 @drafter_options
+@remote_options
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
@@ -177,19 +196,40 @@ def chat(ctx, **options):
     "--json", "as_json", is_flag=True, help="Print a JSON stats object instead of the text."
 )
 @click.pass_context
-def run(ctx, prompt, max_tokens, temperature, top_p, seed, system, overflow, as_json, **engine):
+def run(
+    ctx,
+    prompt,
+    max_tokens,
+    temperature,
+    top_p,
+    seed,
+    system,
+    overflow,
+    as_json,
+    url,
+    api_key,
+    **engine,
+):
     """Answer PROMPT (or stdin with -) once and exit."""
     from xqchat.backends.chat import ChatSession, ContextPolicy
 
+    remote = check_remote(ctx, (*ENGINE_KEYS[1:], "overflow"))
     prompt = user_text(read_stdin() if prompt == "-" else prompt, "the prompt")
     if not prompt.strip():
         raise XQError("the prompt is empty")
     if system is not None:
         system = user_text(system, "the system prompt")
-    checked, opts = prepare(ctx, **engine)
-    _, tokenizer, model = load_engine(checked.files, opts)
-    policy = ContextPolicy(overflow=overflow)
-    chat = ChatSession(model, tokenizer, system=system, policy=policy)
+    if remote:
+        from xqchat.backends.remote import RemoteModel
+
+        chosen = engine["model"] if given(ctx, "model") else None
+        opening = [{"role": "system", "content": system}] if system else []
+        chat = RemoteModel(url, api_key, chosen).conversation(opening)
+    else:
+        checked, opts = prepare(ctx, **engine)
+        _, tokenizer, model = load_engine(checked.files, opts)
+        policy = ContextPolicy(overflow=overflow)
+        chat = ChatSession(model, tokenizer, system=system, policy=policy)
     cfg = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if not as_json and hasattr(sys.stdout, "reconfigure"):
         # A reply may hold characters the terminal's encoding lacks: show them as '?', rather
@@ -552,6 +592,7 @@ def rm_command(model, yes):
 
 cli.add_command(bench)
 cli.add_command(train_drafter)
+cli.add_command(serve)
 
 
 def describe(error: BaseException) -> tuple[str, int]:

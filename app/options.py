@@ -58,6 +58,10 @@ class MemorySize(click.ParamType):
     memory is sold in binary units under decimal names) -> bytes."""
 
     name = "size"
+
+    def __init__(self, zero: bool = False) -> None:
+        self.zero = zero  # whether 0 means something (no memory for it)
+
     UNITS = {"": 2**30, "G": 2**30, "GB": 2**30, "GIB": 2**30, "M": 2**20, "MB": 2**20}
     UNITS |= {"MIB": 2**20, "T": 2**40, "TB": 2**40, "TIB": 2**40}
 
@@ -71,7 +75,7 @@ class MemorySize(click.ParamType):
             size = float(number) * self.UNITS[unit]
         except (ValueError, KeyError):
             self.fail(f"{value!r} is not a size such as 16GB or 512MB", param, ctx)
-        if not math.isfinite(size) or size <= 0:
+        if not math.isfinite(size) or size < 0 or size == 0 and not self.zero:
             self.fail(f"{value!r} is not a size such as 16GB or 512MB", param, ctx)
         return int(size)
 
@@ -311,10 +315,11 @@ ENGINE_OPTIONS = [
     ),
     click.option(
         "--backend",
-        type=click.Choice(["auto", "torch", "mlx"]),
+        type=click.Choice(["auto", "torch", "mlx", "openai"]),
         default="auto",
         show_default=True,
-        help="Engine: auto = MLX on Apple Silicon, else PyTorch (CUDA when present).",
+        help="Engine: auto = MLX on Apple Silicon, else PyTorch (CUDA when present); openai = "
+        "a server speaking OpenAI's API, at --url (chat and run only).",
     ),
     click.option(
         "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
@@ -427,6 +432,46 @@ DRAFTER_OPTIONS = [
 ]
 
 
+REMOTE_OPTIONS = [
+    click.option(
+        "--url",
+        default=None,
+        help="--backend openai: the server, e.g. http://127.0.0.1:8000/v1 (xqchat serve, "
+        "vLLM, llama-server, Ollama's http://127.0.0.1:11434/v1, LM Studio).",
+    ),
+    click.option(
+        "--api-key",
+        envvar="OPENAI_API_KEY",
+        default=None,
+        help="--backend openai: the server's key, if it wants one (also read from OPENAI_API_KEY).",
+    ),
+]
+
+
+def remote_options(f):
+    for option in reversed(REMOTE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def check_remote(ctx: click.Context, local_only: tuple[str, ...]) -> bool:
+    """Whether the command talks to a server (--backend openai): then it needs --url, and the
+    options in `local_only` that were given would do nothing, so they are refused."""
+    remote = ctx.params["backend"] == "openai"
+    if not remote:
+        if ctx.params["url"] is not None:
+            raise click.UsageError("--url applies with --backend openai")
+        return False
+    if ctx.params["url"] is None:
+        raise click.UsageError(
+            "--backend openai needs --url, the server's address (e.g. http://127.0.0.1:8000/v1)"
+        )
+    local = ["--" + name.replace("_", "-") for name in local_only if given(ctx, name)]
+    if local:
+        raise click.UsageError(f"{', '.join(local)}: for a local model, not --backend openai")
+    return True
+
+
 # engine_options' arguments: every option of ENGINE_OPTIONS and DRAFTER_OPTIONS but --model
 ENGINE_KEYS = (
     "backend",
@@ -501,6 +546,8 @@ def prepare(ctx: click.Context, model: str, **options) -> tuple[Preflight, Engin
     """Every check of the engine options that can be made before the model loads: the options
     themselves, the model's name, the backend and device, the drafter, and a --residual that
     the model's context must hold (the cache allocates it up front)."""
+    if options["backend"] == "openai":
+        raise click.UsageError("--backend openai: only chat and run talk to a server")
     opts = engine_options(**options)
     checked = Preflight(model)
     checked.engine(opts.backend, opts.device, options.get("drafter", "none"))

@@ -51,34 +51,22 @@ class ContextPolicy:
 class ContextFull(XQError):
     """The `stop` policy refused a turn: the conversation no longer fits the context."""
 
+    def __init__(self, message: str, prompt: int = 0, room: int = 0):
+        super().__init__(message)
+        self.prompt, self.room = prompt, room  # tokens: the prompt's, and the reply's room
 
-class ChatSession:
-    """One conversation. Each turn renders the message list with the chat template (as the context
-    policy shapes it), keeps the longest common token prefix already in the cache, and prefills
-    only what follows it. `notices` says what the policy left out on the last turn."""
 
-    def __init__(
-        self,
-        model: Model,
-        tokenizer: Tokenizer,
-        system: str | None = None,
-        messages: list[dict] | None = None,
-        policy: ContextPolicy | None = None,
-        cache: CacheSpec | None = None,
-    ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.session: Session = model.new_session(cache)
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.messages += messages or []
-        self.policy = policy or ContextPolicy()
-        self.notices: list[str] = []
-        self._dropped = 0  # drop-oldest: messages left out after the system prompt
-        self._cut = 0  # sink-window: where the kept window starts in the rendered conversation
+class Conversation:
+    """A message list answered turn by turn: `reply` (each kind its own) streams the answer to
+    the list as it stands and appends it; `notices` says what it left out on the last turn."""
 
-    @property
-    def limit(self) -> int:
-        return self.model.spec.max_context
+    messages: list[dict]
+    notices: list[str]
+
+    def reply(
+        self, cfg: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        raise NotImplementedError
 
     def send(
         self, text: str, cfg: GenerationConfig, cancel: threading.Event | None = None
@@ -94,6 +82,38 @@ class ChatSession:
                 self.messages.pop()
             raise
 
+
+class ChatSession(Conversation):
+    """One conversation. Each turn renders the message list with the chat template (as the context
+    policy shapes it), keeps the longest common token prefix already in the cache, and prefills
+    only what follows it. `notices` says what the policy left out on the last turn."""
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        system: str | None = None,
+        messages: list[dict] | None = None,
+        policy: ContextPolicy | None = None,
+        cache: CacheSpec | None = None,
+        session: Session | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        # `session`: one that holds another conversation's tokens (a server's pool); its longest
+        # common prefix with this conversation is kept, as between turns
+        self.session: Session = session if session is not None else model.new_session(cache)
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.messages += messages or []
+        self.policy = policy or ContextPolicy()
+        self.notices: list[str] = []
+        self._dropped = 0  # drop-oldest: messages left out after the system prompt
+        self._cut = 0  # sink-window: where the kept window starts in the rendered conversation
+
+    @property
+    def limit(self) -> int:
+        return self.model.spec.max_context
+
     def _prompt(self, cfg: GenerationConfig) -> list[int]:
         """The tokens this turn feeds the model, after the context policy has had its say."""
         room = min(cfg.max_tokens, self.limit // 4)  # the reply needs room too
@@ -108,7 +128,9 @@ class ChatSession:
             raise ContextFull(
                 f"the context is full: the prompt is {len(full)} tokens; the model's context "
                 f"holds {self.limit} and the reply needs room for up to {room} more (start a new "
-                "chat, or choose the drop-oldest or sink-window overflow policy)"
+                "chat, or choose the drop-oldest or sink-window overflow policy)",
+                len(full),
+                room,
             )
         return full
 

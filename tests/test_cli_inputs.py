@@ -115,7 +115,7 @@ BAD_VALUES = [
     # run: the engine
     (("run", "-m", "", "hi"), 2, "Invalid value for '--model' / '-m': the model name is empty (use default, a pulled model, a path)"),
     (("run", "-m", " ", "hi"), 2, "Invalid value for '--model' / '-m': the model name is empty (use default, a pulled model, a path)"),
-    (("run", "--backend", "cuda", "hi"), 2, "Invalid value for '--backend': 'cuda' is not one of 'auto', 'torch', 'mlx'."),
+    (("run", "--backend", "cuda", "hi"), 2, "Invalid value for '--backend': 'cuda' is not one of 'auto', 'torch', 'mlx', 'openai'."),
     (("run", "--device", "gpu", "hi"), 2, "Invalid value for '--device': 'gpu' is not one of 'auto', 'cpu', 'cuda'."),
     (("run", "--weights", "int4", "hi"), 2, "Invalid value for '--weights': 'int4' is not one of 'auto', 'fp32', 'bf16', 'fp16', 'int8', 'q4', 'q8'."),
     (("run", "--int8-threshold", "nan", "hi"), 2, "Invalid value for '--int8-threshold': 'nan': use auto or a number of 0 or more"),

@@ -53,7 +53,7 @@ PARTIAL = [
         {"mha": True, "weights": "int8", "backend": "tpu", "temperature": None},
         {"mha": True, "weights": "int8"},
         [
-            "backend: 'tpu' is not one of auto, torch, mlx (reset to 'auto')",
+            "backend: 'tpu' is not one of auto, torch, mlx, openai (reset to 'auto')",
             "temperature: expected float, got None (reset to 0.0)",
         ],
     ),

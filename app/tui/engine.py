@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xqchat.backends.base import CacheMemory, CacheSpec, GenerationConfig, Model, TokenEvent
-from xqchat.backends.chat import ChatSession
+from xqchat.backends.chat import ChatSession, Conversation
 from xqchat.backends.engine_thread import EngineThread
 from xqchat.backends.latents import uses_latents
 from xqchat.models.errors import XQError
@@ -22,11 +23,21 @@ from xqchat.models.tokenizer import Tokenizer
 from .settings import Settings
 
 Progress = Callable[[str], None]
-Loader = Callable[[Settings, Progress], tuple[str, Tokenizer, Model]]
+Loader = Callable[[Settings, Progress], tuple[str, Tokenizer | None, Model]]
 KEPT_SESSIONS = 3  # chats whose caches stay in memory, so switching back needs no prefill
 
 
-def load_model(settings: Settings, progress: Progress) -> tuple[str, Tokenizer, Model]:
+def load_model(settings: Settings, progress: Progress) -> tuple[str, Tokenizer | None, Model]:
+    """The model the settings name: loaded here, or (backend openai) on the server at their
+    url, with the key in OPENAI_API_KEY (`xqchat chat --api-key` sets it for the run)."""
+    if settings.backend == "openai":
+        from xqchat.backends.remote import RemoteModel
+
+        if not settings.url:
+            raise XQError("backend openai needs the server's URL (Settings, Ctrl+S)")
+        progress(f"connecting to {settings.url} …")
+        model = RemoteModel(settings.url, os.environ.get("OPENAI_API_KEY"), settings.model)
+        return model.name, None, model
     from xqchat.app.cli import open_model
 
     files, tokenizer, model = open_model(settings.model, settings.engine_options(), progress)
@@ -40,11 +51,15 @@ class ModelInfo:
     name: str
     backend: str
     device: str
-    weights: str  # the working dtype of the weights: int8, bf16, fp16, fp32
-    cache: CacheSpec
+    weights: str  # the working dtype of the weights: int8, bf16, fp16, fp32 ("": a server's)
+    cache: CacheSpec | None  # None: a server's model (backend openai), whose cache is its own
     drafter: str | None  # how it speculates (auto, lookup, a drafter folder's name), if it does
-    max_context: int
+    max_context: int  # 0: not known (a server's)
     notes: tuple[str, ...]
+
+    @property
+    def local(self) -> bool:
+        return self.cache is not None
 
 
 @dataclass(frozen=True)
@@ -105,10 +120,12 @@ class ChatEngine:
         return await self._run(self._configure, settings, progress)
 
     def _configure(self, settings: Settings, progress: Progress) -> ModelInfo:
-        cache = settings.engine_options().cache
+        remote = settings.backend == "openai"
+        cache = None if remote else settings.engine_options().cache
         old = self._loaded_with
         self.sessions.clear()
-        if old is not None and old.engine_options() == dataclasses.replace(
+        same = old is not None and (old.model, old.url) == (settings.model, settings.url)
+        if same and old.engine_options() == dataclasses.replace(
             settings.engine_options(), cache=old.engine_options().cache
         ):
             name = self.info.name
@@ -134,7 +151,11 @@ class ChatEngine:
         """Whether a new session will be the first of this model with this xquant cache: the
         first computes XQuant's SVD factors (or reads them from disk), which takes seconds."""
         cache, spec = self.info.cache, self.model.spec
-        if cache.kind not in ("xquant", "xquant-cl") or not uses_latents(spec.dim, spec.kv_dim):
+        if (
+            cache is None
+            or cache.kind not in ("xquant", "xquant-cl")
+            or not uses_latents(spec.dim, spec.kv_dim)
+        ):
             return False  # no factors: another cache kind, or an MHA model (it caches X itself)
         key = (cache.kind, cache.group)
         first = key not in self._factored
@@ -144,8 +165,11 @@ class ChatEngine:
     def saved_cache(self, chat_id: int) -> Path:
         return self.saved_dir / f"{chat_id}.safetensors"
 
-    def _session(self, chat_id: int, settings: Settings) -> tuple[ChatSession, CacheNote | None]:
-        """The chat's session, and why its saved cache was refused (if it was)."""
+    def _session(self, chat_id: int, settings: Settings) -> tuple[Conversation, CacheNote | None]:
+        """The chat's session, and why its saved cache was refused (if it was). A server's
+        model keeps no session here: each turn sends the whole chat."""
+        if not self.info.local:
+            return self.model.conversation(), None
         chat = self.sessions.pop(chat_id, None)
         note = None
         if chat is None:
@@ -213,7 +237,7 @@ class ChatEngine:
                 if self.model is None:
                     raise XQError("no model is loaded (Settings, Ctrl+S, picks one)")
                 put(Busy("starting the reply …"))
-                if chat_id not in self.sessions:
+                if chat_id not in self.sessions and self.info.local:
                     if self._first_factors():
                         put(Busy("preparing XQuant factors (first use) …"))
                     if self.saved_cache(chat_id).exists():
@@ -222,20 +246,23 @@ class ChatEngine:
                 if note:
                     put(note)
                 chat.messages = messages
-                chat.session.on_prefill = on_prefill
+                local = isinstance(chat, ChatSession)
+                if local:
+                    chat.session.on_prefill = on_prefill
                 for i, event in enumerate(chat.reply(cfg, self.cancel)):
                     if i == 0:
                         put(list(chat.notices))
                     put(event)
-                put(chat.session.memory())
-                if note := self._save(chat, chat_id):
-                    put(note)
+                if local:
+                    put(chat.session.memory())
+                    if note := self._save(chat, chat_id):
+                        put(note)
             except PrefillCancelled:
                 pass  # nothing to answer with; the screen says it was cancelled
             except BaseException as e:  # handed to the UI, which shows it as a notification
                 put(e)
             finally:
-                if chat is not None:
+                if isinstance(chat, ChatSession):
                     chat.session.on_prefill = None  # it holds this reply's queue
                 put(done)
 

@@ -172,9 +172,10 @@ class ReplyingScreen(Screen):
                         reply.view.text = reply.writer.text
                         await reply.stream.write(item.text)
                         status.show_speed(item.decode_tok_s, item.accepted_per_step)
-                        status.show_memory(item.cache_bytes, item.fp16_kv_bytes)
-                        used = item.cached_tokens + item.prompt_tokens + item.new_tokens
-                        status.show_context(used, engine.info.max_context)
+                        if engine.info.local:
+                            status.show_memory(item.cache_bytes, item.fp16_kv_bytes)
+                            used = item.cached_tokens + item.prompt_tokens + item.new_tokens
+                            status.show_context(used, engine.info.max_context)
                 elif isinstance(item, CacheMemory) and reply.chat_id == self.chat_id:
                     self.show_cache(item)
             ended = {None: "done", "stop": "done"}.get(finish, finish)
@@ -208,6 +209,8 @@ class ReplyingScreen(Screen):
 
     def show_cache(self, memory: CacheMemory) -> None:
         """The gauge and memory figures of the chat on screen, from what its cache holds."""
+        if not self.app.engine.info.local:  # a server's cache is its own
+            return
         status = self.query_one(StatusBar)
         status.show_context(memory.tokens, self.app.engine.info.max_context)
         status.show_memory(memory.cache_bytes, memory.fp16_kv_bytes)

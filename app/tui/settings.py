@@ -48,6 +48,7 @@ class Option:
     suggest: Callable[[], Sequence] | None = None  # offered in a picker; any value is allowed
     low: float | None = None
     high: float | None = None
+    where: str = "both"  # local | remote | both: for which backends the setting means something
 
 
 def setting(default: Any, label: str, help: str, **option: Any) -> Any:
@@ -66,11 +67,23 @@ class Settings:
     backend: str = setting(
         "auto",
         "Backend",
-        "auto = MLX on Apple Silicon, else PyTorch.",
-        choices=lambda: ("auto", "torch", "mlx"),
+        "auto = MLX on Apple Silicon, else PyTorch; openai = a server speaking OpenAI's API "
+        "(xqchat serve, vLLM, llama-server, Ollama, LM Studio) at the URL below.",
+        choices=lambda: ("auto", "torch", "mlx", "openai"),
+    )
+    url: str = setting(
+        "",
+        "Server URL",
+        "backend openai: the server, e.g. http://127.0.0.1:8000/v1 (its key, if it wants one, "
+        "comes from OPENAI_API_KEY or `xqchat chat --api-key`).",
+        where="remote",
     )
     device: str = setting(
-        "auto", "Device", "Where PyTorch runs.", choices=lambda: ("auto", "cpu", "cuda")
+        "auto",
+        "Device",
+        "Where PyTorch runs.",
+        choices=lambda: ("auto", "cpu", "cuda"),
+        where="local",
     )
     weights: str = setting(
         "auto",
@@ -78,6 +91,7 @@ class Settings:
         "Working dtype of the weights; auto = the fastest here; int8 = LLM.int8() (half of "
         "bf16's memory).",
         choices=lambda: WEIGHT_DTYPES,
+        where="local",
     )
     int8_threshold: str = setting(
         "auto",
@@ -85,15 +99,20 @@ class Settings:
         "int8 weights: input features with any |x| above this are multiplied in floating point; "
         "auto = the largest that keeps the model within 0.5% of its float perplexity.",
         suggest=lambda: ("auto", "6", "3", "1.5"),
+        where="local",
     )
     int8_head: bool = setting(
-        True, "int8 head", "int8 weights: the LM head (a tied embedding table) in int8 too."
+        True,
+        "int8 head",
+        "int8 weights: the LM head (a tied embedding table) in int8 too.",
+        where="local",
     )
     mha: bool = setting(
         False,
         "MHA form",
         "Run a GQA model in its exact MHA form (K/V heads repeated): xquant then caches X "
         "itself rather than the SVD latents.",
+        where="local",
     )
     cache: str = setting(
         "kv",
@@ -102,21 +121,36 @@ class Settings:
         "X (GQA: its SVD latents), quantized, K/V rebuilt from it; xquant-cl = xquant storing "
         "each layer's difference from the one before.",
         choices=lambda: CACHE_KINDS,
+        where="local",
     )
     bits: int = setting(
-        4, "Cache bits", "Bits per cached value (quantized caches).", choices=lambda: (2, 3, 4, 8)
+        4,
+        "Cache bits",
+        "Bits per cached value (quantized caches).",
+        choices=lambda: (2, 3, 4, 8),
+        where="local",
     )
     group: int = setting(
         128,
         "Cache group",
         "Values sharing one fp16 scale and zero point.",
         choices=lambda: (32, 64, 128),
+        where="local",
     )
     residual: int = setting(
-        128, "Exact window", "Newest tokens kept exact (quantized caches).", low=0
+        128,
+        "Exact window",
+        "Newest tokens kept exact (quantized caches).",
+        low=0,
+        where="local",
     )
     cache_sink: int = setting(
-        4, "Exact first", "First tokens kept exact (quantized caches).", low=0, high=256
+        4,
+        "Exact first",
+        "First tokens kept exact (quantized caches).",
+        low=0,
+        high=256,
+        where="local",
     )
     drafter: str = setting(
         "none",
@@ -125,15 +159,21 @@ class Settings:
         "xqchat), a drafter folder, or lookup (no drafter, only the lookup beam: any model). "
         "Greedy replies are unchanged; sampled ones keep the model's distribution.",
         suggest=lambda: ("none", "auto", "lookup"),
+        where="local",
     )
     beam_width: int = setting(
-        EngineOptions.beam_width, "Beam width", "Drafter beams per step.", low=1
+        EngineOptions.beam_width,
+        "Beam width",
+        "Drafter beams per step.",
+        low=1,
+        where="local",
     )
     beam_length: int = setting(
         EngineOptions.beam_length,
         "Beam length",
         "Tokens per drafter beam, the model's own next token included.",
         low=1,
+        where="local",
     )
     lookup: int = setting(
         EngineOptions.lookup,
@@ -141,6 +181,7 @@ class Settings:
         "One more beam of up to this many tokens beside the drafter's: what followed the last "
         "few tokens where they occurred before in the chat (0: none).",
         low=0,
+        where="local",
     )
     temperature: float = setting(0.0, "Temperature", "0 = greedy (deterministic).", low=0, high=2)
     top_p: float = setting(
@@ -153,13 +194,17 @@ class Settings:
         "When a chat outgrows the context: stop = refuse with a message; drop-oldest = leave out "
         "whole oldest turns; sink-window = keep the first tokens and a recent window.",
         choices=lambda: OVERFLOW_POLICIES,
+        where="local",
     )
-    sink: int = setting(4, "Sink tokens", "sink-window: first tokens always kept.", low=0)
+    sink: int = setting(
+        4, "Sink tokens", "sink-window: first tokens always kept.", low=0, where="local"
+    )
     window: int = setting(
         0,
         "Window tokens",
         "sink-window: newest tokens kept at a cut (0 = half the context).",
         low=0,
+        where="local",
     )
 
     def __post_init__(self) -> None:
@@ -225,7 +270,7 @@ def check(f: dataclasses.Field, value: object) -> None:
         raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(map(str, opt.choices()))}")
     if opt.low is not None and value < opt.low or opt.high is not None and value > opt.high:
         raise ValueError(f"{f.name}: {value!r} is outside {opt.low}..{opt.high or '∞'}")
-    if kind is str and not value.strip():
+    if kind is str and not value.strip() and f.name != "url":  # no URL: no server chosen
         raise ValueError(f"{f.name}: empty")
 
 

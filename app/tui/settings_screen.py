@@ -35,7 +35,7 @@ class SettingsScreen(Screen):
             yield Label("Settings", classes="title")
             for f in dataclasses.fields(Settings):
                 opt, value = option(f), getattr(self.settings, f.name)
-                with Horizontal(classes="row"):
+                with Horizontal(classes=f"row -{opt.where}"):
                     yield Label(opt.label, classes="label")
                     yield self.editor(f.name, opt, value)
                     yield Label(opt.help, classes="help")
@@ -44,6 +44,22 @@ class SettingsScreen(Screen):
                 yield Button("Cancel (Esc)", id="cancel")
                 yield Button("Pull a model (F4)", id="pull")
         yield Footer()
+
+    def on_mount(self) -> None:
+        self.show_rows_for(self.settings.backend)
+
+    def show_rows_for(self, backend: str) -> None:
+        """Only the settings that mean something for `backend`: a server's model has no local
+        cache, weights or drafter here, and a local one no server URL."""
+        remote = backend == "openai"
+        for row in self.query(".-local"):
+            row.display = not remote
+        for row in self.query(".-remote"):
+            row.display = remote
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "backend":
+            self.show_rows_for(event.value)
 
     @staticmethod
     def editor(name: str, opt, value):

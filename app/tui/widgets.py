@@ -155,8 +155,10 @@ class StatusBar(Horizontal):
         self._clear()
 
     def show_model(self, info: ModelInfo) -> None:
-        cache = info.cache.kind
-        if cache != "kv":
+        """A server's model (backend openai) shows its name and server: its weights and cache
+        are its own, and the speed is measured here."""
+        cache = "" if info.cache is None else info.cache.kind
+        if cache not in ("kv", ""):
             cache += f" {info.cache.bits}-bit"
         self._set("model", info.name).remove_class("-failed")
         self._set("engine", f"{info.backend}/{info.device}")
