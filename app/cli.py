@@ -75,6 +75,7 @@ def cli(ctx, debug):
     xqchat rm MODEL          delete a pulled model
     xqchat bench ppl|speed   measure quality and speed on this machine
     xqchat train-drafter     train a drafter for faster replies (--drafter auto)
+    xqchat doctor            what this machine offers, what xqchat uses, and fixes
     """
     if ctx.invoked_subcommand is None:
         from .tui.app import run as run_tui
@@ -498,27 +499,15 @@ def show_fit(files, memory: int, as_json: bool) -> None:
 def show_hardware(backend: str, as_json: bool) -> None:
     from xqchat.backends.base import hardware
 
+    from .doctor import hardware_lines
+
     status("measuring this CPU's paths …")
     report = hardware(backend)
     status("")
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    cpu = report.pop("cpu")
-    lines = [
-        ("cpu", f"{cpu['model']} ({cpu['arch']}, {cpu['level']})"),
-        ("features", " ".join(cpu["features"]) or "none the engine uses"),
-    ]
-    if cpu["capped_by"]:
-        lines.append(("capped by", cpu["capped_by"]))
-    paths = report.pop("cpu_paths", {})
-    measured = paths.pop("measured_ms", {})
-    lines += [(key, "none" if value is None else str(value)) for key, value in report.items()]
-    lines += [(key.replace("_", " "), str(value)) for key, value in paths.items() if key != "cpu"]
-    if measured:
-        timed = ", ".join(f"{name} {ms:g}" for name, ms in measured.items())
-        lines.append(("timed (ms)", timed))
-    for key, value in lines:
+    for key, value in hardware_lines(report):
         click.echo(f"{key:>15}  {value}")
 
 
@@ -548,6 +537,21 @@ def rm_command(model, yes):
         raise XQError("rm asks before deleting: answer y, or pass -y") from None
     removal.run()
     click.echo(f"removed {removal.name} ({format_bytes(removal.size)} freed)")
+
+
+@cli.command(epilog="\b\nExamples:\n  xqchat doctor\n  xqchat doctor --json")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto")
+def doctor(as_json, backend):
+    """What this machine offers and what xqchat uses on it: backend, device, CPU features and
+    the paths chosen (timed here: a second or two), the C compiler, the data, config and cache
+    dirs with their sizes, the installed models, and the fix for each problem found."""
+    from .doctor import examine, render
+
+    status("examining this machine …")
+    report = examine(backend)
+    status("")
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(render(report)))
 
 
 cli.add_command(bench)
