@@ -20,7 +20,7 @@ from xqchat.models.registry import SUGGESTED_PULL, default_model_install, instal
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 WITHOUT_C_PASSES = (
     "without them q4/q8 and int8 weights, XQuant caches and bf16 decode attention run as torch "
-    "ops: same results, slower (the default model's decode several times slower)"
+    "ops: the same replies, slower (the default model decoded 3.9x slower on a 2-core CPU)"
 )
 
 

