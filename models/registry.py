@@ -29,10 +29,9 @@ class ModelFiles:
 def install_command(requirement: str, no_deps: bool = False) -> str:
     """How to install `requirement` into the environment xqchat runs in: pipx and `uv tool` keep
     each app in its own venv, where a plain `pip install` does not reach."""
-    prefix = Path(sys.prefix)
-    if (prefix / "pipx_metadata.json").is_file():
-        return f"pipx inject {'--pip-args=--no-deps ' * no_deps}xqchat {requirement}"
-    flags = "--no-deps " * no_deps
+    prefix, flags = Path(sys.prefix), "--no-deps " * no_deps
+    if (prefix / "pipx_metadata.json").is_file():  # not `pipx inject`: it fails on --no-deps
+        return f"pipx runpip xqchat install {flags}{requirement}"
     if (prefix / "uv-receipt.toml").is_file():
         return f"uv pip install --python {sys.executable} {flags}{requirement}"
     return f"pip install {flags}{requirement}"

