@@ -541,7 +541,12 @@ def rm_command(model, yes):
 
 @cli.command(epilog="\b\nExamples:\n  xqchat doctor\n  xqchat doctor --json")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "mlx"]),
+    default="auto",
+    help="The engine to examine (auto: the one xqchat uses here).",
+)
 def doctor(as_json, backend):
     """What this machine offers and what xqchat uses on it: backend, device, CPU features and
     the paths chosen (timed here: a second or two), the C compiler, the data, config and cache

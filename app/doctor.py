@@ -58,10 +58,11 @@ def unwritable(path: Path) -> bool:
     return not os.access(path, os.W_OK)
 
 
-def engine_fix() -> str:
-    """How to get an engine on this platform."""
-    if sys.platform == "darwin" and platform.machine() == "arm64":
-        return install_command("mlx")
+def engine_fix(backend: str) -> str:
+    """How to get the engine `backend` names (auto: this platform's) here."""
+    apple = sys.platform == "darwin" and platform.machine() == "arm64"
+    if backend == "mlx" or (backend == "auto" and apple):
+        return install_command("mlx" if apple else "'xqchat[mlx]'")
     if sys.platform == "darwin":
         return "none: PyTorch stopped supporting Intel Macs at 2.2 and MLX needs Apple Silicon"
     if sys.platform == "linux":  # PyPI's torch for Linux brings GBs of CUDA packages
@@ -82,7 +83,7 @@ def examine(backend: str = "auto") -> dict:
         engine = hardware(backend)
     except XQError as e:  # no engine installed (or the one asked for is missing)
         engine = None
-        problem(str(e), engine_fix())
+        problem(str(e), engine_fix(backend))
     if engine is not None and engine["backend"] == "torch":
         apple = sys.platform == "darwin" and platform.machine() == "arm64"
         if apple and backend == "auto":
