@@ -1,21 +1,23 @@
 # Homebrew formula: xqchat in its own virtualenv under libexec, as pipx installs an app, with the
-# default model. Use it from a tap: `brew install --formula ./packaging/xqchat.rb`.
+# default model. Homebrew installs formulae from taps: `brew tap-new you/xqchat`, copy this file
+# into that tap's Formula/ folder (`brew --repository you/xqchat`), `brew install you/xqchat/xqchat`.
 #
-# The dependencies are not listed as resources: xqchat's engine comes as binary wheels (mlx and
-# mlx-metal on Apple Silicon, torch on Linux) that Homebrew's resource installs (--no-binary)
+# The dependencies are not listed as resources: xqchat's engine comes as binary wheels (torch,
+# and mlx with mlx-metal on Apple Silicon) that Homebrew's resource installs (--no-binary)
 # cannot build, so pip resolves them from PyPI for the machine it runs on. On Linux, torch comes
 # from PyTorch's CPU-only index: PyPI's torch for Linux brings several GB of CUDA packages.
 #
-# Before a release: `uv build` (or `python -m build`) makes dist/xqchat-VERSION.tar.gz; upload it
-# to PyPI, then set `url` to it and `sha256` to `shasum -a 256` of that file. The sha256 below is
-# that of the sdist built from the commit that added this file.
+# xqchat is not on PyPI yet, so `url` does not resolve. At a release: `uv build` (or `python -m
+# build`) makes dist/xqchat-VERSION.tar.gz; upload it, then set `url` to it and `sha256` to
+# `shasum -a 256` of that very file. The sha256 below is of an sdist built here (an sdist's bytes
+# change with its files' times, so no other build matches it).
 class Xqchat < Formula
   include Language::Python::Virtualenv
 
   desc "Offline terminal chat that keeps long chats small in memory"
   homepage "https://pypi.org/project/xqchat/"
   url "https://files.pythonhosted.org/packages/source/x/xqchat/xqchat-0.1.0.tar.gz"
-  sha256 "SDIST_SHA256"
+  sha256 "84c661094cfb60deff9fe1879d2ac10c4aec42ea206913aaaae1b69953b32ead"
   license "Apache-2.0"
 
   depends_on "python@3.12"
