@@ -19,6 +19,7 @@ from xqchat.models.errors import XQError
 
 from . import bench as benchmarks
 from .bench_cli import bench, train_drafter
+from .doctor import doctor
 from .loading import load_engine, note, open_model, status, user_text
 from .options import (
     DRAFTER_OPTIONS,
@@ -539,28 +540,9 @@ def rm_command(model, yes):
     click.echo(f"removed {removal.name} ({format_bytes(removal.size)} freed)")
 
 
-@cli.command(epilog="\b\nExamples:\n  xqchat doctor\n  xqchat doctor --json")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "torch", "mlx"]),
-    default="auto",
-    help="The engine to examine (auto: the one xqchat uses here).",
-)
-def doctor(as_json, backend):
-    """What this machine offers and what xqchat uses on it: backend, device, CPU features and
-    the paths chosen (timed here: a second or two), the C compiler, the data, config and cache
-    dirs with their sizes, the installed models, and the fix for each problem found."""
-    from .doctor import examine, render
-
-    status("examining this machine …")
-    report = examine(backend)
-    status("")
-    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(render(report)))
-
-
 cli.add_command(bench)
 cli.add_command(train_drafter)
+cli.add_command(doctor)
 
 
 def describe(error: BaseException) -> tuple[str, int]:

@@ -5,17 +5,22 @@ asks the engine (backends.base.hardware) and the models layer; it loads no model
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
 import sys
 from pathlib import Path
 
+import click
+
 from xqchat.backends.base import hardware
 from xqchat.models import paths
 from xqchat.models.catalog import format_bytes, listing
 from xqchat.models.errors import XQError
 from xqchat.models.registry import SUGGESTED_PULL, default_model_install, install_command
+
+from .loading import status
 
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 WITHOUT_C_PASSES = (
@@ -193,3 +198,21 @@ def render(report: dict) -> list[str]:
     for found in report["problems"]:
         lines += [f"  - {found['problem']}", f"    fix: {found['fix']}"]
     return lines
+
+
+@click.command(epilog="\b\nExamples:\n  xqchat doctor\n  xqchat doctor --json")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "mlx"]),
+    default="auto",
+    help="The engine to examine (auto: the one xqchat uses here).",
+)
+def doctor(as_json, backend):
+    """What this machine offers and what xqchat uses on it: backend, device, CPU features and
+    the paths chosen (timed here: a second or two), the C compiler, the data, config and cache
+    dirs with their sizes, the installed models, and the fix for each problem found."""
+    status("examining this machine …")
+    report = examine(backend)
+    status("")
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(render(report)))
