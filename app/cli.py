@@ -20,6 +20,7 @@ from xqchat.models.errors import XQError
 
 from . import bench as benchmarks
 from .bench_cli import bench, train_drafter
+from .doctor import doctor
 from .loading import load_engine, note, open_model, status, user_text
 from .options import (
     DRAFTER_OPTIONS,
@@ -81,6 +82,7 @@ def cli(ctx, debug):
     xqchat bench ppl|speed   measure quality and speed on this machine
     xqchat serve             the model behind OpenAI's HTTP API, for other programs
     xqchat train-drafter     train a drafter for faster replies (--drafter auto)
+    xqchat doctor            what this machine offers, what xqchat uses, and fixes
     """
     if ctx.invoked_subcommand is None:
         from .tui.app import run as run_tui
@@ -538,27 +540,15 @@ def show_fit(files, memory: int, as_json: bool) -> None:
 def show_hardware(backend: str, as_json: bool) -> None:
     from xqchat.backends.base import hardware
 
+    from .doctor import hardware_lines
+
     status("measuring this CPU's paths …")
     report = hardware(backend)
     status("")
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    cpu = report.pop("cpu")
-    lines = [
-        ("cpu", f"{cpu['model']} ({cpu['arch']}, {cpu['level']})"),
-        ("features", " ".join(cpu["features"]) or "none the engine uses"),
-    ]
-    if cpu["capped_by"]:
-        lines.append(("capped by", cpu["capped_by"]))
-    paths = report.pop("cpu_paths", {})
-    measured = paths.pop("measured_ms", {})
-    lines += [(key, "none" if value is None else str(value)) for key, value in report.items()]
-    lines += [(key.replace("_", " "), str(value)) for key, value in paths.items() if key != "cpu"]
-    if measured:
-        timed = ", ".join(f"{name} {ms:g}" for name, ms in measured.items())
-        lines.append(("timed (ms)", timed))
-    for key, value in lines:
+    for key, value in hardware_lines(report):
         click.echo(f"{key:>15}  {value}")
 
 
@@ -593,6 +583,7 @@ def rm_command(model, yes):
 cli.add_command(bench)
 cli.add_command(train_drafter)
 cli.add_command(serve)
+cli.add_command(doctor)
 
 
 def describe(error: BaseException) -> tuple[str, int]:

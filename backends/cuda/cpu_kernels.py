@@ -75,11 +75,16 @@ def _build(compiler: list[str], flags: list[str]) -> Path:
     return target
 
 
+def c_compiler() -> str | None:
+    """The C compiler the passes are built with: $CC, else cc or gcc on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     if os.environ.get("XQCHAT_NO_CPU_KERNELS"):
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         return None
     # Tried in order: this CPU's instructions (hardware.py: capped where ATEN_CPU_CAPABILITY caps
