@@ -6,6 +6,7 @@ blocks, as the caches flush them), plus what the runtime itself takes, measured.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from xqchat.models import qweights
@@ -132,6 +133,23 @@ def longest_chat(spec: ModelSpec, weights: str, cache: CacheSpec, memory: int) -
         else:
             high = middle - 1
     return low
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes, what the app plans with (0 where the OS does not
+    say through sysconf, e.g. Windows: the app then shows no plan)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def fits(spec: ModelSpec, weights: str, cache: CacheSpec, memory: int) -> int | None:
+    """longest_chat for weights the planner knows (bf16, int8, q8, q4) in a known memory, else
+    None (fp32/fp16 weights, an unknown memory)."""
+    if weights not in WEIGHTS or memory <= 0:
+        return None
+    return longest_chat(spec, weights, cache, memory)
 
 
 def plan(spec: ModelSpec, memory: int) -> list[dict]:

@@ -59,3 +59,30 @@ def test_show_fit_prints_the_table(capsys):
     assert "longest chat" in out and "q4" in out
     code, _, err = cli(capsys, "show", "default", "--fit", "lots")
     assert code == 2 and "is not a size such as 16GB" in err
+
+
+def test_the_app_plans_with_what_the_planner_knows(default_files, monkeypatch):
+    """The status bar's and settings' figure: longest_chat for bf16/int8/q8/q4 in a known memory;
+    none for fp32/fp16 weights or where the OS does not say its memory."""
+    from xqchat.app.tui.settings_screen import plan_line
+    from xqchat.models.weights import open_checkpoint
+
+    spec = open_checkpoint(default_files).spec
+    cache = CacheSpec("xquant-cl", bits=3)
+    assert planner.fits(spec, "q4", cache, 2**30) == planner.longest_chat(spec, "q4", cache, 2**30)
+    assert planner.fits(spec, "fp32", cache, 2**30) is None
+    assert planner.fits(spec, "q4", cache, 0) is None
+    assert planner.machine_memory() > 2**30  # this machine's, from sysconf
+    monkeypatch.setattr(planner, "machine_memory", lambda: 5 * 2**29)  # 2.5 GiB
+    assert plan_line("default", "q4", "xquant-cl", 3) == (
+        "Memory plan: this machine's 2.5 GiB hold its whole context (q4 weights, xquant-cl 3-bit "
+        "cache)"
+    )
+    tight = planner.RUNTIME_BYTES + planner.weight_bytes(spec, "bf16") + 2**20
+    monkeypatch.setattr(planner, "machine_memory", lambda: tight)
+    tokens = planner.longest_chat(spec, "bf16", CacheSpec("kv"), tight)
+    assert 0 < tokens < spec.max_context
+    assert f"hold a chat of {tokens:,} tokens (bf16 weights, kv cache)" in plan_line(
+        "default", "bf16", "kv", 4
+    )
+    assert "--fit" in plan_line("default", "fp32", "kv", 4)

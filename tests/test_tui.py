@@ -3,6 +3,7 @@ cancel, regenerate, edit, context policies, chats, export, copy, settings, help,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,6 +82,23 @@ async def test_gauge_warns_near_the_limit(default_tokenizer):
         for used, classes in [(50, set()), (80, {"-warning"}), (96, {"-full"})]:
             bar.show_context(used, 100)
             assert {"-warning", "-full"} & set(gauge.classes) == classes
+
+
+async def test_the_status_bar_says_how_much_of_what_memory_holds_the_chat_uses(default_tokenizer):
+    """Shown only where the machine's memory, not the context, is what ends a chat."""
+    app, _ = app_with(default_tokenizer)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        bar = app.chat_screen.query_one(StatusBar)
+        info = dataclasses.replace(app.engine.info, max_context=4096, fits=1000)
+        bar.show_fit(250, info)
+        assert status_text(app)["fit"] == "RAM holds 1,000 tok: 25% used"
+        assert "-warning" not in bar.query_one("#fit").classes
+        bar.show_fit(850, info)
+        assert "-warning" in bar.query_one("#fit").classes
+        for fits in (4096, None):  # the context binds first, or the weights are not planned
+            bar.show_fit(250, dataclasses.replace(info, fits=fits))
+            assert not bar.query_one("#fit").display
 
 
 async def send_until_held(pilot, app, model, text):

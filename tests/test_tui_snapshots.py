@@ -8,6 +8,16 @@ from tui_fakes import app_with, send, settle
 from xqchat.app.tui.widgets import PromptInput
 
 pytestmark = pytest.mark.usefixtures("dirs")
+
+
+@pytest.fixture(autouse=True)
+def memory(monkeypatch):
+    """The settings' memory plan says this machine's memory: the same on every machine here."""
+    from xqchat.backends import planner
+
+    monkeypatch.setattr(planner, "machine_memory", lambda: 16 * 2**30)
+
+
 SIZE = (120, 34)
 REPLY = """Use slicing or `reversed`:
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from xqchat.backends import planner
 from xqchat.backends.base import CacheMemory, CacheSpec, GenerationConfig, Model, TokenEvent
 from xqchat.backends.chat import ChatSession, Conversation
 from xqchat.backends.engine_thread import EngineThread
@@ -56,6 +57,9 @@ class ModelInfo:
     drafter: str | None  # how it speculates (auto, lookup, a drafter folder's name), if it does
     max_context: int  # 0: not known (a server's)
     notes: tuple[str, ...]
+    # the longest chat these weights and this cache hold in this machine's memory (planner.py);
+    # None: not known (a server's model, fp32/fp16 weights)
+    fits: int | None = None
 
     @property
     def local(self) -> bool:
@@ -144,6 +148,7 @@ class ChatEngine:
             drafter_label(settings.drafter, model),
             model.spec.max_context,
             (*model.spec.notes, *model.notes),
+            planner.fits(model.spec, model.dtype, cache, planner.machine_memory()),
         )
         return self.info
 

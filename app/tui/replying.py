@@ -176,6 +176,7 @@ class ReplyingScreen(Screen):
                             status.show_memory(item.cache_bytes, item.fp16_kv_bytes)
                             used = item.cached_tokens + item.prompt_tokens + item.new_tokens
                             status.show_context(used, engine.info.max_context)
+                            status.show_fit(used, engine.info)
                 elif isinstance(item, CacheMemory) and reply.chat_id == self.chat_id:
                     self.show_cache(item)
             ended = {None: "done", "stop": "done"}.get(finish, finish)
@@ -214,6 +215,7 @@ class ReplyingScreen(Screen):
         status = self.query_one(StatusBar)
         status.show_context(memory.tokens, self.app.engine.info.max_context)
         status.show_memory(memory.cache_bytes, memory.fp16_kv_bytes)
+        status.show_fit(memory.tokens, self.app.engine.info)
 
     def refresh_chats(self) -> None:
         """A reply moves its chat to the top of the sidebar: ChatScreen, which has one, lists it

@@ -10,8 +10,47 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Select, Switch
 
+from xqchat.backends.base import CacheSpec
+
 from .pull_screen import PullScreen, pulled_line
 from .settings import Settings, installed_models, option
+
+PLANNED = ("model", "weights", "cache", "bits")  # the settings the memory plan depends on
+
+
+def plan_line(model: str, weights: str, cache: str, bits: int, loaded=None) -> str:
+    """One line of the memory planner for the settings screen. Weights `auto` are what the loaded
+    engine chose, when it is this model; otherwise the line points to `show --fit`."""
+    from xqchat.backends import planner
+    from xqchat.models.errors import XQError
+    from xqchat.models.registry import resolve
+    from xqchat.models.weights import open_checkpoint
+
+    memory = planner.machine_memory()
+    if memory <= 0:
+        return ""
+    gib = memory / 2**30
+    try:
+        files = resolve(model)
+        spec = open_checkpoint(files).spec
+    except XQError as e:
+        return f"Memory plan: {e}"
+    if weights == "auto" and loaded is not None and loaded.name == files.name:
+        weights = loaded.weights
+    tokens = planner.fits(spec, weights, CacheSpec(cache, bits=bits), memory)
+    if tokens is None:
+        return f"Memory plan: `xqchat show {model} --fit {gib:.0f}GB` lists every weights x cache"
+    kind = cache if cache == "kv" else f"{cache} {bits}-bit"
+    held = (
+        "not even the weights"
+        if tokens == 0
+        else "its whole context"
+        if tokens == spec.max_context
+        else f"a chat of {tokens:,} tokens"
+    )
+    return (
+        f"Memory plan: this machine's {gib:.1f} GiB hold {held} ({weights} weights, {kind} cache)"
+    )
 
 
 class SettingsScreen(Screen):
@@ -39,6 +78,7 @@ class SettingsScreen(Screen):
                     yield Label(opt.label, classes="label")
                     yield self.editor(f.name, opt, value)
                     yield Label(opt.help, classes="help")
+            yield Label("", id="plan", classes="-local")
             with Horizontal(classes="buttons"):
                 yield Button("Save (Ctrl+S)", variant="primary", id="save")
                 yield Button("Cancel (Esc)", id="cancel")
@@ -47,6 +87,15 @@ class SettingsScreen(Screen):
 
     def on_mount(self) -> None:
         self.show_rows_for(self.settings.backend)
+        self.show_plan()
+
+    def show_plan(self) -> None:
+        """What this machine's memory holds of the chosen model with the chosen weights and cache
+        (planner.py: the figures of `xqchat show MODEL --fit`)."""
+        chosen = {name: self.query_one(f"#{name}").value for name in PLANNED}
+        loaded = getattr(self.app, "engine", None)
+        info = loaded.info if loaded is not None else None
+        self.query_one("#plan", Label).update(plan_line(**chosen, loaded=info))
 
     def show_rows_for(self, backend: str) -> None:
         """Only the settings that mean something for `backend`: a server's model has no local
@@ -60,6 +109,8 @@ class SettingsScreen(Screen):
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "backend":
             self.show_rows_for(event.value)
+        if event.select.id in PLANNED:
+            self.show_plan()
 
     @staticmethod
     def editor(name: str, opt, value):

@@ -123,10 +123,10 @@ def size(n: int) -> str:
 
 
 class StatusBar(Horizontal):
-    """model · backend/device · weights · cache · drafter · context gauge · cache memory · decode
-    speed. A segment with nothing to say is hidden."""
+    """model · backend/device · weights · cache · drafter · context gauge · cache memory · what
+    the machine's memory holds · decode speed. A segment with nothing to say is hidden."""
 
-    SEGMENTS = ("model", "engine", "weights", "cache", "drafter", "gauge", "memory", "speed")
+    SEGMENTS = ("model", "engine", "weights", "cache", "drafter", "gauge", "memory", "fit", "speed")
 
     def compose(self) -> ComposeResult:
         for name in self.SEGMENTS:
@@ -177,6 +177,15 @@ class StatusBar(Horizontal):
         if cache_bytes and fp16_kv_bytes > cache_bytes:
             text += f" ({fp16_kv_bytes / cache_bytes:.1f}× smaller than fp16 KV)"
         self._set("memory", text)
+
+    def show_fit(self, used: int, info: ModelInfo) -> None:
+        """Where this machine's memory holds less than the context (planner.py), how much of that
+        the chat uses: memory, not the context, is then what ends it."""
+        fits = info.fits
+        text = ""
+        if fits is not None and fits < info.max_context:
+            text = f"RAM holds {fits:,} tok: {used / fits:.0%} used" if fits else "RAM: too small"
+        self._set("fit", text).set_class(bool(fits) and used >= WARN_AT * fits, "-warning")
 
     def show_speed(self, decode_tok_s: float, accepted_per_step: float | None) -> None:
         text = f"{decode_tok_s:.1f} tok/s"
