@@ -11,6 +11,8 @@ from xqchat.backends.chat import ChatSession, common_prefix
 from xqchat.models import resolve
 
 ARCHS = ["llama", "llama3", "mha", "mistral", "qwen2", "qwen3"]
+# architectures beyond the Llama family proper (issue 28)
+NEW_ARCHS = ["smollm3", "phi3", "phi4", "mistral-window", "gemma3"]
 TOL = 1e-4
 
 
@@ -28,7 +30,7 @@ def hf_logits(model, ids):
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 def test_tiny_logits_match_transformers(tiny_models, backend, arch):
     path = tiny_models[arch]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

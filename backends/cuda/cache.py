@@ -548,7 +548,7 @@ class XQuantCache:
         ):
             store.append(new)
         q = rotate(q, cos[start:end], sin[start:end])
-        if q.shape[2] == 1 and self._fused(q):
+        if q.shape[2] == 1 and mask is None and self._fused(q):
             mixed = self._fused_mixed(layer, q, cos[:end], sin[:end]) @ latents.value_heads
         else:
             mixed = self._mixed(layer, q, cos[:end], sin[:end], mask, step)
