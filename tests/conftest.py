@@ -194,12 +194,16 @@ def tiny_models(tmp_path_factory, default_tokenizer):
     for i, (name, config) in enumerate(tiny_configs().items()):
         torch.manual_seed(i)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # Gemma's norms scale by 1 + w: their weights center on 0, the others' on 1
+        norm_center = 0.0 if config.model_type.startswith("gemma") else 1.0
         with (
             torch.no_grad()
         ):  # HF's init leaves biases at 0 and norms at 1: make every weight count
             for pname, p in model.named_parameters():
                 p.copy_(
-                    1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.08 * torch.randn_like(p)
+                    norm_center + 0.1 * torch.randn_like(p)
+                    if "norm" in pname
+                    else 0.08 * torch.randn_like(p)
                 )
         model.save_pretrained(root / name)
         default_tokenizer.hf.save_pretrained(root / name)
