@@ -271,3 +271,30 @@ def test_a_gguf_reads_its_own_tokenizer_beside_another_models_files(default_file
     tokenizer = load_tokenizer(files)
     assert "WRONG" not in (tokenizer.hf.chat_template or "")
     assert len(tokenizer.hf) == 49152
+
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
+    "else m['role'] %}<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_a_chat_template_ends_turns_with_a_token_generation_stops_at(default_tokenizer, tmp_path):
+    """Gemma's template (from tokenizer_config.json) ends each turn with <end_of_turn>, which the
+    folder names nowhere else: replies stop there."""
+    from xqchat.models.registry import ModelFiles
+    from xqchat.models.tokenizer import load_tokenizer
+
+    hf = default_tokenizer.hf
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = GEMMA_TEMPLATE
+    config["extra_special_tokens"] = ["<start_of_turn>", "<end_of_turn>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer = load_tokenizer(ModelFiles("gemma-like", tmp_path, "safetensors"))
+    end = tokenizer.hf.convert_tokens_to_ids("<end_of_turn>")
+    assert end in tokenizer.stop_tokens and end != tokenizer.hf.unk_token_id
+    text = tokenizer.decode(tokenizer.render([{"role": "user", "content": "Hi"}]))
+    assert text.endswith("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
