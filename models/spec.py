@@ -194,7 +194,10 @@ class ModelSpec:
 
     @classmethod
     def from_gguf(cls, meta: dict, tensor_names: set[str], rope_freqs=None) -> ModelSpec:
-        """`meta`: GGUF key/values; `rope_freqs`: the optional rope_freqs tensor's values."""
+        """`meta`: GGUF key/values; `rope_freqs`: the optional rope_freqs tensor's values (for
+        Phi-3, its rope_factors_short). What llama.cpp fixes in code rather than metadata is
+        fixed here the same way: Gemma 3's pattern of 5 sliding layers to 1 global and local
+        base 10^4, SmolLM3's RoPE-less fourth layers."""
         arch = meta.get("general.architecture", "?")
         if arch not in ARCHITECTURES:
             raise unsupported_architecture(arch)
@@ -202,21 +205,44 @@ class ModelSpec:
         try:
             dim = int(meta[a + "embedding_length"])
             n_heads = int(meta[a + "attention.head_count"])
+            n_layers = int(meta[a + "block_count"])
             head_dim = int(meta.get(a + "attention.key_length", dim // n_heads))
+            max_context = int(meta.get(a + "context_length", 4096))
             scaling = meta.get(a + "rope.scaling.type", "none")
+            if scaling not in ("none", "linear"):
+                raise XQError(
+                    f"unsupported RoPE scaling '{scaling}' (supported: {', '.join(ROPE_TYPES)})"
+                )
+            rotary_dim = int(meta.get(a + "rope.dimension_count", head_dim))
             rope = RopeSpec(
                 theta=float(meta.get(a + "rope.freq_base", 10000.0)),
                 type="linear" if scaling == "linear" else "default",
                 factor=float(meta.get(a + "rope.scaling.factor", 1.0)),
                 freq_divisors=None if rope_freqs is None else tuple(float(x) for x in rope_freqs),
+                attention_factor=float(meta.get(a + "rope.scaling.attn_factor", 1.0)),
+                rotary_dim=rotary_dim if rotary_dim < head_dim else 0,
             )
-            if scaling not in ("none", "linear"):
-                raise XQError(
-                    f"unsupported RoPE scaling '{scaling}' (supported: {', '.join(ROPE_TYPES)})"
+            notes = []
+            original = meta.get(a + "rope.scaling.original_context_length")
+            if arch == "phi3" and original and max_context > int(original):
+                max_context = int(original)  # LongRoPE's short factors: see from_hf_config
+                notes.append(
+                    f"context limited to {max_context} tokens: LongRoPE's scaling for longer "
+                    "contexts (its long factors) is not implemented"
                 )
+            window = int(meta.get(a + "attention.sliding_window", 0))
+            windows = [window] * n_layers if 0 < window < max_context else []
+            local_rope, query_scale, gemma = None, 1.0, arch in GEMMA
+            if gemma and windows:
+                pattern = int(meta.get(a + "attention.sliding_window_pattern", 6))
+                windows = [window if (i + 1) % pattern else 0 for i in range(n_layers)]
+                local_rope = RopeSpec(theta=float(meta.get(a + "rope.freq_base_swa", 10000.0)))
+            if gemma and n_layers == 62:  # Gemma 3 27B scales by dim / heads (as llama.cpp)
+                query_scale = (head_dim / (dim / n_heads)) ** 0.5
+            nope = tuple(range(3, n_layers, 4)) if arch == "smollm3" else ()
             return cls(
                 arch=arch,
-                n_layers=int(meta[a + "block_count"]),
+                n_layers=n_layers,
                 dim=dim,
                 n_heads=n_heads,
                 n_kv_heads=int(meta.get(a + "attention.head_count_kv", n_heads)),
@@ -228,7 +254,14 @@ class ModelSpec:
                 qkv_bias="blk.0.attn_q.bias" in tensor_names,
                 qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
                 tied_embeddings="output.weight" not in tensor_names,
-                max_context=int(meta.get(a + "context_length", 4096)),
+                max_context=max_context,
+                notes=tuple(notes),
+                windows=tuple(windows) if any(windows) else (),
+                local_rope=local_rope,
+                nope_layers=nope,
+                query_scale=query_scale,
+                gemma=gemma,
+                final_softcap=float(meta.get(a + "final_logit_softcapping", 0.0)),
             )
         except KeyError as e:
             raise XQError(f"GGUF metadata lacks the key {e.args[0]!r}") from None

@@ -227,7 +227,8 @@ class GGUFCheckpoint:
         by_name = {t.name: t for t in self.tensor_table}
         floats = ("F32", "F16", "BF16")
         self.quantized = any(t.tensor_type.name not in floats for t in self.tensor_table)
-        rope_freqs = by_name.get("rope_freqs.weight")
+        # Phi-3 stores LongRoPE's factors: the short ones serve (see ModelSpec.from_hf_config)
+        rope_freqs = by_name.get("rope_freqs.weight") or by_name.get("rope_factors_short.weight")
         if rope_freqs is not None:
             rope_freqs = self._values(rope_freqs, self._raw(rope_freqs))
         self.spec = ModelSpec.from_gguf(self.meta, set(by_name), rope_freqs)
@@ -280,7 +281,7 @@ class GGUFCheckpoint:
                     w = qweights.from_gguf(t.tensor_type.name, raw, shape)
                 if w is None:
                     w = self._values(t, raw)
-                if spec.arch == "llama" and kind in ("attn_q", "attn_k"):
+                if spec.arch in ("llama", "smollm3") and kind in ("attn_q", "attn_k"):
                     heads = spec.n_heads if kind == "attn_q" else spec.n_kv_heads
                     rows = _unpermute(np.arange(shape[0]), heads)
                     w = w[rows] if isinstance(w, np.ndarray) else w.take_rows(rows)

@@ -96,8 +96,9 @@ def test_speculation_and_save_load_keep_the_window_exact(tiny_models, backend, t
     for model in (plain, looking):
         session = model.new_session()
         session.prefill(prompt)
-        runs.append([e.token for e in session.generate(cfg)])
-    assert runs[0] == runs[1]
+        runs.append(list(session.generate(cfg)))
+    assert [e.token for e in runs[0]] == [e.token for e in runs[1]]
+    assert runs[1][-1].accepted_per_step > 1  # trees were verified and paths kept
     session.save(tmp_path / "chat.safetensors")
     loaded = looking.new_session()
     loaded.load(tmp_path / "chat.safetensors")
