@@ -118,4 +118,3 @@ class WindowKVCache(KVCache):
     def nbytes(self) -> int:
         rows = self.offset - self.first
         return 2 * rows * self.shape[1] * self.shape[3] * self.keys.element_size()
-

@@ -54,7 +54,10 @@ class WindowKVCache(KVCache):
             held = min(end, self.window)
             return attention(q, self.keys[:, :, :held], self.values[:, :, :held], None)
         old_keys, old_values = self._ordered()
-        keys, values = mx.concatenate([old_keys, k], axis=2), mx.concatenate([old_values, v], axis=2)
+        keys, values = (
+            mx.concatenate([old_keys, k], axis=2),
+            mx.concatenate([old_values, v], axis=2),
+        )
         if not isinstance(mask, str) and mask is not None:
             mask = mask[:, self.first :]
         if isinstance(rope, TreeRope):
