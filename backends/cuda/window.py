@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from ..window import WindowRows
 from . import cpu_kernels
 from .cache import KVCache, attention, rotate
 
 
-class WindowKVCache(KVCache):
+class WindowKVCache(WindowRows, KVCache):
     def __init__(self, window: int, n_kv_heads: int, head_dim: int, dtype, device, scratch):
         super().__init__(n_kv_heads, head_dim, window, dtype, device, scratch)
         self.window = window
@@ -77,24 +78,6 @@ class WindowKVCache(KVCache):
         if keys.dtype != q.dtype:  # attention runs in the activation dtype (fp32 on CPU)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         return attention(q, keys, values, mask)
-
-    def can_trim(self, n_keep: int) -> bool:
-        """Whether the rows the token after the first n_keep needs are all held."""
-        return n_keep <= self.offset and max(0, n_keep - self.window + 1) >= self.first
-
-    def trim(self, n_keep: int) -> None:
-        assert self.can_trim(n_keep), "the session restores a checkpoint first"
-        if n_keep < self.committed:
-            self.committed = n_keep
-            self.pending = None
-        elif self.pending is not None:
-            cut = n_keep - self.committed
-            self.pending = (self.pending[0][:, :, :cut], self.pending[1][:, :, :cut])
-        self.offset = n_keep
-
-    @property
-    def room(self) -> int:
-        return self.window  # a tree's rows wait beside the ring; nothing held changes
 
     def keep(self, start: int, rows: list[int]) -> None:
         if self.pending is None:  # a one-token tree went in as a decode step
