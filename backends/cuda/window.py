@@ -47,8 +47,8 @@ class WindowKVCache(WindowRows, KVCache):
             self.values = torch.empty_like(self.keys)
         n = min(self.window, keys.shape[2])
         slots = self._slots(end - n, end)
-        self.keys[:, :, slots] = keys[:, :, -n:]
-        self.values[:, :, slots] = values[:, :, -n:]
+        self.keys[:, :, slots] = keys[:, :, -n:].to(self.dtype)
+        self.values[:, :, slots] = values[:, :, -n:].to(self.dtype)
         self.first, self.committed, self.offset = max(0, end - self.window), end, end
         self.pending = None
 
