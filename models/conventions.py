@@ -14,8 +14,18 @@ import numpy as np
 from .qweights import Packed
 from .spec import ModelSpec
 
-_MULTIMODAL_TEXT = ("model.language_model.", "language_model.model.")  # transformers 5, 4
-_MULTIMODAL_OTHER = ("vision_tower", "multi_modal_projector", "model.vision_tower")
+# a multimodal Gemma 3's text model under transformers' 5 names and the older ones
+_MULTIMODAL_TEXT = {
+    "model.language_model.": "model.",
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+}
+_MULTIMODAL_OTHER = (
+    "vision_tower",
+    "multi_modal_projector",
+    "model.vision_tower",
+    "model.multi_modal_projector",
+)
 
 
 def fused_parts(spec: ModelSpec, name: str) -> list[tuple[str, int, int]] | None:
@@ -37,9 +47,9 @@ def text_name(name: str) -> str | None:
     vision tower's."""
     if name.startswith(_MULTIMODAL_OTHER):
         return None
-    for prefix in _MULTIMODAL_TEXT:
+    for prefix, text in _MULTIMODAL_TEXT.items():
         if name.startswith(prefix):
-            return "model." + name[len(prefix) :]
+            return text + name[len(prefix) :]
     return name
 
 

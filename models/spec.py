@@ -21,6 +21,18 @@ ARCHITECTURES = {
     "gemma3": dict(qkv_bias=False, qk_norm=True),
 }
 ALIASES = {"gemma3_text": "gemma3"}  # transformers' name of Gemma 3's text-only model
+# what a multimodal Gemma 3's config.json leaves out of its text_config (transformers' defaults)
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    rms_norm_eps=1e-6,
+    query_pre_attn_scalar=256,
+    max_position_embeddings=131_072,
+    sliding_window=4096,
+    rope_theta=1_000_000.0,
+)
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 # Gemma 3 scales its embeddings by sqrt(dim), uses GeGLU, norms each block's attention and FFN
 # outputs too, and counts its RMSNorm weights from 1 (checkpoints store w, the norm uses 1 + w).
@@ -135,7 +147,11 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, cfg: dict) -> ModelSpec:
         if cfg.get("model_type") == "gemma3":  # the multimodal checkpoint: its text model
-            cfg = {**cfg.get("text_config", {}), "model_type": "gemma3_text"}
+            cfg = {
+                **GEMMA3_TEXT_DEFAULTS,
+                **cfg.get("text_config", {}),
+                "model_type": "gemma3_text",
+            }
         arch = ALIASES.get(cfg.get("model_type", "?"), cfg.get("model_type", "?"))
         if arch not in ARCHITECTURES:
             raise unsupported_architecture(arch)
