@@ -4,7 +4,7 @@ exactly what a fresh run gives, in every backend."""
 
 import numpy as np
 import pytest
-from conftest import load_tiny
+from conftest import cli, load_tiny
 
 from xqchat.backends.base import GenerationConfig
 from xqchat.backends.chat import ChatSession
@@ -103,3 +103,8 @@ def test_speculation_and_save_load_keep_the_window_exact(tiny_models, backend, t
     loaded = looking.new_session()
     loaded.load(tmp_path / "chat.safetensors")
     np.testing.assert_array_equal(loaded.logits([11, 12]), session.logits([11, 12]))
+
+
+def test_show_names_the_sliding_window(capsys, tiny_models):
+    code, out, _ = cli(capsys, "show", str(tiny_models["gemma3"]))
+    assert code == 0 and "a 16-token sliding window in 1 of 2 layers" in out
