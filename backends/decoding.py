@@ -144,6 +144,12 @@ class DecodingSession:
             for name, array in cache.state_dict().items()
         }
         arrays["next_logits"] = self._next_logits
+        arrays |= {  # the window layers' checkpoints: a reloaded chat still goes back exactly
+            f"checkpoint.{position}.{i}.{name}": array
+            for position, states in self.checkpoints.items()
+            for i, state in states.items()
+            for name, array in state.items()
+        }
         header = {
             "format": CACHE_FORMAT,
             "model": self._fingerprint(),
@@ -191,6 +197,12 @@ class DecodingSession:
             )
         self.caches, self.tokens = caches, list(header["tokens"])
         self.checkpoints = {}
+        for key, array in arrays.items():
+            if key.startswith("checkpoint."):
+                _, position, i, name = key.split(".")
+                states = self.checkpoints.setdefault(int(position), {})
+                states.setdefault(int(i), {})[name] = array
+        self.checkpoints = dict(sorted(self.checkpoints.items()))  # the oldest first, as taken
         self._next_logits = arrays["next_logits"]
         self._prefilled = (0, len(self.tokens), 0.0)
 

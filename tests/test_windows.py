@@ -103,6 +103,10 @@ def test_speculation_and_save_load_keep_the_window_exact(tiny_models, backend, t
     loaded = looking.new_session()
     loaded.load(tmp_path / "chat.safetensors")
     np.testing.assert_array_equal(loaded.logits([11, 12]), session.logits([11, 12]))
+    # its checkpoints came with it: back to the prompt's end with nothing fed again
+    assert sorted(loaded.checkpoints) == [len(prompt)]
+    loaded.trim(len(prompt) - 1)
+    assert first_event(loaded, prompt[-1:]).prompt_tokens == 1
 
 
 def test_show_names_the_sliding_window(capsys, tiny_models):
