@@ -35,15 +35,13 @@ def test_default_model_is_found_without_importing_its_package(default_files):
     assert resolve("smollm2-135m") == default_files
 
 
+SHAPE = dict(  # the fields every config needs, for specs that are only read
+    num_attention_heads=4, hidden_size=64, num_hidden_layers=1, intermediate_size=8, vocab_size=10
+)
+
+
 def test_rope_settings_read_from_both_config_styles():
-    base = dict(
-        model_type="llama",
-        num_attention_heads=4,
-        hidden_size=64,
-        num_hidden_layers=1,
-        intermediate_size=8,
-        vocab_size=10,
-    )
+    base = dict(SHAPE, model_type="llama")
     old = ModelSpec.from_hf_config(
         {
             **base,
@@ -88,30 +86,14 @@ def test_llama3_inverse_frequencies_match_transformers():
 
 
 def test_mistral_sliding_window_is_kept_per_layer_without_a_context_cap():
-    cfg = dict(
-        model_type="mistral",
-        num_attention_heads=4,
-        hidden_size=64,
-        num_hidden_layers=1,
-        intermediate_size=8,
-        vocab_size=10,
-        max_position_embeddings=32768,
-        sliding_window=4096,
-    )
+    cfg = dict(SHAPE, model_type="mistral", max_position_embeddings=32768, sliding_window=4096)
     spec = ModelSpec.from_hf_config(cfg)
     assert spec.max_context == 32768 and spec.windows == (4096,) and not spec.notes
     assert ModelSpec.from_hf_config({**cfg, "sliding_window": None}).windows == ()
 
 
 def test_layer_kinds_read_from_each_config_style():
-    base = dict(
-        num_attention_heads=4,
-        hidden_size=64,
-        num_hidden_layers=6,
-        intermediate_size=8,
-        vocab_size=10,
-        max_position_embeddings=8192,
-    )
+    base = dict(SHAPE, num_hidden_layers=6, max_position_embeddings=8192)
     # Gemma 3 before transformers 5: a pattern, a local RoPE base, linear scaling of the global
     old = ModelSpec.from_hf_config(
         {
