@@ -483,6 +483,12 @@ def show_command(
         click.echo(json.dumps(info, indent=2))
         return
     s = info["spec"]
+    sliding = [w for w in s["windows"] if w]
+    context = f"{s['max_context']} tokens, RoPE {s['rope_type']} theta {s['rope_theta']:g}"
+    if sliding:
+        context += (
+            f", a {max(sliding)}-token sliding window in {len(sliding)} of {s['n_layers']} layers"
+        )
     lines = [
         ("name", info["name"]),
         ("path", info["path"]),
@@ -492,7 +498,7 @@ def show_command(
             f"{s['n_kv_heads']} KV heads of {s['head_dim']}, FFN {s['hidden_dim']}, "
             f"vocab {s['vocab_size']}",
         ),
-        ("context", f"{s['max_context']} tokens, RoPE {s['rope_type']} theta {s['rope_theta']:g}"),
+        ("context", context),
         ("parameters", format_count(info["parameters"])),
         ("format", info["format"]),
         ("chat template", "yes" if info["chat_template"] else "no: bench ppl works, chat does not"),

@@ -86,6 +86,7 @@ class CacheMemory:
     fp16_kv_bytes: int  # what an fp16 K/V cache would hold for the same tokens
     reserved_bytes: int  # allocated, including room not yet filled
     factor_bytes: int = 0  # XQuant's encode/rebuild matrices: per model, not per token
+    checkpoint_bytes: int = 0  # sliding-window layers' states kept for trim (DecodingSession)
 
 
 @dataclass(frozen=True)

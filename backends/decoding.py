@@ -22,6 +22,9 @@ from .drafter import accept_greedy, accept_sampled, build_tree, lookup, processe
 CACHE_FORMAT = "xqchat-cache/2"
 
 PREFILL_CHUNK = 512  # bounds attention's transient memory on long prompts
+# States of the sliding-window layers kept for trim (see `trim`): where the last two prompts
+# started and ended, the points a chat's edit or regenerate goes back to.
+CHECKPOINTS = 4
 
 
 class DecodingSession:
@@ -35,6 +38,9 @@ class DecodingSession:
         self._next_hidden = None  # (dim,) the final hidden state of the last token held
         self._path = None  # the last speculative step: (start, logits, hidden, accepted path)
         self._prefilled = (0, 0, 0.0)  # (tokens fed, tokens reused, seconds) of the last prefill
+        # position -> {layer: state} of the caches that hold only a window (WindowKVCache)
+        self.checkpoints: dict[int, dict] = {}
+        self._refilled = (0, 0.0)  # (tokens, seconds) the last trim fed again (see `trim`)
         # Told (tokens done, tokens to do) before each chunk of a prefill and once at its end, on
         # the thread that runs it: a front end shows progress through a long prompt with it.
         self.on_prefill: Callable[[int, int], None] | None = None
@@ -60,21 +66,72 @@ class DecodingSession:
 
     # -- shared --------------------------------------------------------------------------------
     def prefill(self, tokens: list[int]) -> None:
-        reused = len(self.tokens)
+        """Feed a prompt (or its new part). The tokens a trim had to feed again count as fed."""
+        refilled, refill_s = self._refilled
+        reused = len(self.tokens) - refilled
         start = time.perf_counter()
+        self._checkpoint()  # where this turn starts: an edit of it comes back here
+        self._feed(tokens)
+        self._checkpoint()  # where its prompt ends: a regenerate comes back here
+        seconds = time.perf_counter() - start + refill_s
+        self._prefilled = (len(tokens) + refilled, reused, seconds)
+        self._refilled = (0, 0.0)
+
+    def _feed(self, tokens: list[int]) -> None:
         for i in range(0, len(tokens), PREFILL_CHUNK):
             if self.on_prefill is not None:
                 self.on_prefill(i, len(tokens))
             self._forward(tokens[i : i + PREFILL_CHUNK])
         if self.on_prefill is not None:
             self.on_prefill(len(tokens), len(tokens))
-        self._prefilled = (len(tokens), reused, time.perf_counter() - start)
+
+    def _windowed(self) -> list[int]:
+        """The layers whose cache holds only a window of rows."""
+        return [i for i, cache in enumerate(self.caches) if hasattr(cache, "can_trim")]
+
+    def _checkpoint(self) -> None:
+        windowed, n = self._windowed(), len(self.tokens)
+        if windowed and n and n not in self.checkpoints:
+            self.checkpoints[n] = {i: self.caches[i].state_dict() for i in windowed}
+            while len(self.checkpoints) > CHECKPOINTS:
+                del self.checkpoints[next(iter(self.checkpoints))]  # the oldest taken
 
     def trim(self, n_keep: int) -> None:
+        """Hold only the first n_keep tokens. A sliding-window layer may no longer hold the rows
+        the next token needs: then the window layers go back to the newest checkpoint that can
+        serve, and the tokens after it are fed again (counted as prefilled by the next
+        `prefill`): exact, as a fresh run's state is."""
+        target = min(n_keep, len(self.tokens))
+        windowed = self._windowed()
+        start = target
+        if not all(self.caches[i].can_trim(target) for i in windowed):
+            start = self._restore(target, windowed)
         for cache in self.caches:
-            cache.trim(n_keep)
-        del self.tokens[n_keep:]
+            cache.trim(start)
+        refill = self.tokens[start:target]
+        del self.tokens[start:]
+        self.checkpoints = {p: s for p, s in self.checkpoints.items() if p <= start}
         self._next_logits = self._next_hidden = None
+        began = time.perf_counter()
+        for i in range(0, len(refill), PREFILL_CHUNK):
+            self._forward(refill[i : i + PREFILL_CHUNK])
+        self._refilled = (len(refill), time.perf_counter() - began if refill else 0.0)
+
+    def _restore(self, target: int, windowed: list[int]) -> int:
+        """Put the window layers back to the newest checkpoint from which `target` tokens are
+        reached (trimming back, or feeding the tokens after it); return its position, 0 (the
+        window layers emptied) when none serves."""
+        for position in sorted(self.checkpoints, reverse=True):
+            for i, state in self.checkpoints[position].items():
+                self.caches[i].load_state_dict(state)
+            if position <= target:
+                return position
+            if all(self.caches[i].can_trim(target) for i in windowed):
+                return target
+        fresh = self._new_caches()
+        for i in windowed:
+            self.caches[i] = fresh[i]
+        return 0
 
     def save(self, path) -> None:
         """Write what the caches hold (and the tokens they hold) to `path`, a safetensors file,
@@ -87,6 +144,12 @@ class DecodingSession:
             for name, array in cache.state_dict().items()
         }
         arrays["next_logits"] = self._next_logits
+        arrays |= {  # the window layers' checkpoints: a reloaded chat still goes back exactly
+            f"checkpoint.{position}.{i}.{name}": array
+            for position, states in self.checkpoints.items()
+            for i, state in states.items()
+            for name, array in state.items()
+        }
         header = {
             "format": CACHE_FORMAT,
             "model": self._fingerprint(),
@@ -133,12 +196,21 @@ class DecodingSession:
                 {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             )
         self.caches, self.tokens = caches, list(header["tokens"])
+        self.checkpoints = {}
+        for key, array in arrays.items():
+            if key.startswith("checkpoint."):
+                _, position, i, name = key.split(".")
+                states = self.checkpoints.setdefault(int(position), {})
+                states.setdefault(int(i), {})[name] = array
+        self.checkpoints = dict(sorted(self.checkpoints.items()))  # the oldest first, as taken
         self._next_logits = arrays["next_logits"]
         self._prefilled = (0, len(self.tokens), 0.0)
 
     def _fingerprint(self) -> dict:
         spec = dataclasses.asdict(self.spec)
         spec.pop("notes")
+        # as the file's JSON header holds it (tuples, such as the windows, come back as lists)
+        spec = json.loads(json.dumps(spec))
         return {"backend": self.model.backend, "dtype": self.model.dtype, "spec": spec}
 
     def _digest(self, arrays: dict) -> str:
@@ -158,6 +230,12 @@ class DecodingSession:
             fp16_kv_bytes=self.spec.fp16_kv_bytes(n),
             reserved_bytes=sum(c.reserved_bytes for c in self.caches),
             factor_bytes=sum(getattr(c, "factor_nbytes", 0) for c in self.caches),
+            checkpoint_bytes=sum(
+                a.nbytes
+                for states in self.checkpoints.values()
+                for state in states.values()
+                for a in state.values()
+            ),
         )
 
     def generate(

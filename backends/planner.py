@@ -56,7 +56,8 @@ def weight_bytes(spec: ModelSpec, weights: str) -> int:
     if not spec.tied_embeddings:
         table = per_matrix if weights in ("q4", "q8") else lambda n, k: 2 * n * k
         total += table(spec.vocab_size, spec.dim)
-    norms = spec.n_layers * (2 * spec.dim + 2 * spec.head_dim * spec.qk_norm) + spec.dim
+    block_norms = 4 if spec.gemma else 2  # Gemma norms attention's and the FFN's outputs too
+    norms = spec.n_layers * (block_norms * spec.dim + 2 * spec.head_dim * spec.qk_norm) + spec.dim
     biases = spec.n_layers * (spec.n_heads * spec.head_dim + 2 * spec.kv_dim) * spec.qkv_bias
     return total + 4 * norms + (2 if weights == "bf16" else 4) * biases
 
@@ -93,8 +94,9 @@ def cache_bytes(spec: ModelSpec, cache: CacheSpec, tokens: int, exact_bytes: int
     """The cache's bytes after `tokens` tokens (Session.memory().cache_bytes), exact rows in
     `exact_bytes` per value (bf16 on a CPU, float32 with fp32 weights). XQuant's rebuild matrices
     are held once per model and are not counted here (`factor_bytes`)."""
-    if cache.kind == "kv":
-        return spec.n_layers * 2 * spec.kv_dim * exact_bytes * tokens
+    if cache.kind == "kv":  # a sliding-window layer holds only its window
+        rows = sum(min(tokens, spec.window(i) or tokens) for i in range(spec.n_layers))
+        return rows * 2 * spec.kv_dim * exact_bytes
     total = 0
     for layer in range(spec.n_layers):
         layer_cache = cache

@@ -17,6 +17,8 @@ def hf_config(spec: ModelSpec):
 
     if spec.rope.type != "default" or spec.rope.freq_divisors is not None:
         raise XQError("the baselines support only plain RoPE")
+    if spec.arch not in ("llama", "mistral", "qwen2", "qwen3") or spec.windows:
+        raise XQError(f"the baselines support only the Llama family without windows ({spec.arch})")
     return AutoConfig.for_model(
         spec.arch,
         hidden_size=spec.dim,

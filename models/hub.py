@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import XQError
 from .paths import derived_dir, hub_cache
 from .registry import BUILTIN, DEFAULT_MODEL, ModelFiles
-from .spec import ARCHITECTURES
+from .spec import runnable_architecture
 
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"{_PART}/{_PART}")
@@ -179,7 +179,7 @@ def installed_models() -> list[InstalledModel]:
 def _runnable(config: Path) -> bool:
     # The hub cache is shared with every other tool: leave out models of other architectures.
     try:
-        return json.loads(config.read_text()).get("model_type") in ARCHITECTURES
+        return runnable_architecture(json.loads(config.read_text()).get("model_type"))
     except (OSError, ValueError, AttributeError):
         return True  # let `show` and `run` say what is wrong with it
 

@@ -31,7 +31,7 @@ from .hub import (
 )
 from .paths import hub_cache
 from .registry import PICKLE_REASON, PICKLE_SUFFIXES, ModelFiles
-from .spec import ARCHITECTURES, unsupported_architecture
+from .spec import runnable_architecture, unsupported_architecture
 
 INDEX = "model.safetensors.index.json"
 ENGINE_FILES = {
@@ -191,7 +191,7 @@ def _check_architecture(name: HubName, info) -> None:
     # downloading gigabytes. The spec check after the download is the final word.
     described = (info.gguf or {}) if name.gguf else (info.config or {})
     arch = described.get("architecture" if name.gguf else "model_type")
-    if arch and arch not in ARCHITECTURES:
+    if arch and not runnable_architecture(arch):
         raise unsupported_architecture(arch)
 
 

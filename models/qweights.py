@@ -64,6 +64,12 @@ class Packed:
             None if self.min is None else self.min[rows],
         )
 
+    def scale_rows(self, factors: np.ndarray) -> Packed:
+        """The matrix with each row multiplied by its factor (its scales and mins are)."""
+        f = factors[:, None]
+        low = None if self.min is None else (self.min * f).astype(self.min.dtype)
+        return Packed(self.bits, self.codes, (self.scale * f).astype(self.scale.dtype), low)
+
     def dequantize(self) -> np.ndarray:
         """The float32 matrix the codes stand for."""
         n, k = self.shape

@@ -97,6 +97,11 @@ class StreamingDetokenizer:
         return piece
 
 
+# What chat templates end a turn with (Gemma, Phi-3, ChatML as in SmolLM, Llama 3): a GGUF names
+# only its end-of-text token, and a folder may lack generation_config.json, which lists these.
+END_OF_TURN = ("<end_of_turn>", "<|end|>", "<|im_end|>", "<|eot_id|>")
+
+
 def _stop_tokens(hf, folder: Path) -> set[int]:
     stops = set()
     if hf.eos_token_id is not None:
@@ -105,6 +110,11 @@ def _stop_tokens(hf, folder: Path) -> set[int]:
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         stops.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    template = hf.chat_template if isinstance(hf.chat_template, str) else ""
+    for marker in END_OF_TURN:
+        ids = hf.encode(marker, add_special_tokens=False) if marker in template else []
+        if len(ids) == 1:
+            stops.add(ids[0])
     return stops
 
 

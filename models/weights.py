@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import qweights
+from .conventions import canonical, canonical_shapes
 from .errors import XQError
 from .gguf_header import read_header
 from .qweights import Packed
@@ -85,7 +86,7 @@ class SafetensorsCheckpoint:
             if info["dtype"] == "U32":
                 shape = (*shape[:-1], shape[-1] * 32 // self.bits)
             shapes[name] = shape
-        return shapes
+        return canonical_shapes(self.spec, shapes)
 
     def dtypes(self) -> dict[str, str]:
         """Every tensor's stored type ("BF16", "F16", "F32", or "Q4" for MLX's 4-bit), from the
@@ -108,8 +109,12 @@ class SafetensorsCheckpoint:
                 yield name, _bf16_to_f32(array) if info["dtype"] == "BF16" else array
 
     def tensors(self, packed: bool = False) -> Iterator[tuple[str, np.ndarray | Packed]]:
-        """(HF name, array), memory-mapped where stored as they are. An MLX-quantized matrix
-        comes as a qweights.Packed with `packed` (qweights.from_mlx), else dequantized."""
+        """(HF name, array), memory-mapped where stored as they are, in the one convention of
+        conventions.py. An MLX-quantized matrix comes as a qweights.Packed with `packed`
+        (qweights.from_mlx), else dequantized."""
+        return canonical(self.spec, self._stored(packed), norms_from_one=True)
+
+    def _stored(self, packed: bool) -> Iterator[tuple[str, np.ndarray | Packed]]:
         if not self.quantized:
             yield from self._arrays()
             return
@@ -178,7 +183,23 @@ _GGUF_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Phi-3: fused, split by conventions.canonical
+    "attn_qkv": "self_attn.qkv_proj",
+    # Gemma 3's extra norms
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
+# where an architecture names a tensor otherwise: Gemma's post_attention_layernorm follows
+# attention (llama.cpp's post_attention_norm) and its FFN has its own pre-norm; Phi-3's ffn_up
+# holds gate and up
+_GGUF_ARCH_NAMES = {
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm"},
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},
+}
+
+
+# RoPE's frequency tables some files store: read into the spec, not weights
+_GGUF_ROPE_TABLES = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -206,7 +227,8 @@ class GGUFCheckpoint:
         by_name = {t.name: t for t in self.tensor_table}
         floats = ("F32", "F16", "BF16")
         self.quantized = any(t.tensor_type.name not in floats for t in self.tensor_table)
-        rope_freqs = by_name.get("rope_freqs.weight")
+        # Phi-3 stores LongRoPE's factors: the short ones serve (see ModelSpec.from_hf_config)
+        rope_freqs = by_name.get("rope_freqs.weight") or by_name.get("rope_factors_short.weight")
         if rope_freqs is not None:
             rope_freqs = self._values(rope_freqs, self._raw(rope_freqs))
         self.spec = ModelSpec.from_gguf(self.meta, set(by_name), rope_freqs)
@@ -227,23 +249,28 @@ class GGUFCheckpoint:
 
     def _named(self):
         """(HF name, GGUF kind, tensor) for every weight tensor."""
+        names = _GGUF_NAMES | _GGUF_ARCH_NAMES.get(self.spec.arch, {})
         for t in self.tensor_table:
-            if t.name == "rope_freqs.weight":
+            if t.name in _GGUF_ROPE_TABLES:
                 continue
             parts = t.name.split(".")
             if parts[0] == "blk":
-                yield f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}", parts[2], t
+                yield f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}", parts[2], t
             else:
-                yield f"{_GGUF_NAMES[parts[0]]}.{parts[1]}", parts[0], t
+                yield f"{names[parts[0]]}.{parts[1]}", parts[0], t
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape in transformers' order (GGUF lists dimensions innermost first)."""
-        return {hf: tuple(reversed(t.shape)) for hf, _, t in self._named()}
+        shapes = {hf: tuple(reversed(t.shape)) for hf, _, t in self._named()}
+        return canonical_shapes(self.spec, shapes)
 
     def tensors(self, packed: bool = False) -> Iterator[tuple[str, np.ndarray | Packed]]:
         """(HF name, float32 array), or with `packed` a qweights.Packed for each matrix whose type
         maps. Each tensor's bytes are read from the file as it comes, and dropped after, so
         loading never holds the file's pages and the engine's copy at once."""
+        return canonical(self.spec, self._stored(packed), norms_from_one=False)
+
+    def _stored(self, packed: bool) -> Iterator[tuple[str, np.ndarray | Packed]]:
         spec = self.spec
         with open(self.path, "rb") as f:
             for hf, kind, t in self._named():
@@ -254,7 +281,7 @@ class GGUFCheckpoint:
                     w = qweights.from_gguf(t.tensor_type.name, raw, shape)
                 if w is None:
                     w = self._values(t, raw)
-                if spec.arch == "llama" and kind in ("attn_q", "attn_k"):
+                if spec.arch in ("llama", "smollm3") and kind in ("attn_q", "attn_k"):
                     heads = spec.n_heads if kind == "attn_q" else spec.n_kv_heads
                     rows = _unpermute(np.arange(shape[0]), heads)
                     w = w[rows] if isinstance(w, np.ndarray) else w.take_rows(rows)
@@ -292,7 +319,12 @@ def engine_layout(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         )
         layout[ours + "feed_forward.w2.weight"] = (hf + "mlp.down_proj.weight",)
         layout[ours + "attention_norm.weight"] = (hf + "input_layernorm.weight",)
-        layout[ours + "ffn_norm.weight"] = (hf + "post_attention_layernorm.weight",)
+        if spec.gemma:  # norms after attention and the FFN too, and a pre-FFN norm of its own
+            layout[ours + "post_attention_norm.weight"] = (hf + "post_attention_layernorm.weight",)
+            layout[ours + "ffn_norm.weight"] = (hf + "pre_feedforward_layernorm.weight",)
+            layout[ours + "post_ffn_norm.weight"] = (hf + "post_feedforward_layernorm.weight",)
+        else:
+            layout[ours + "ffn_norm.weight"] = (hf + "post_attention_layernorm.weight",)
     return layout
 
 
@@ -317,6 +349,8 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         "norm.weight": (d,),
         "input_layernorm.weight": (d,),
         "post_attention_layernorm.weight": (d,),
+        "pre_feedforward_layernorm.weight": (d,),
+        "post_feedforward_layernorm.weight": (d,),
     }
     names = [name for sources in engine_layout(spec).values() for name in sources]
     return {name: by_module[".".join(name.split(".")[-2:])] for name in names}

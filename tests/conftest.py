@@ -86,8 +86,28 @@ def load_tiny(tiny_models, name, backend, **options):
     )
 
 
+def longrope(rotary_dim: int) -> dict:
+    """Phi-3's LongRoPE with distinct short and long factors (the engine uses the short ones)."""
+    half = rotary_dim // 2
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.25 * i for i in range(half)],
+        "long_factor": [2.0 + 0.5 * i for i in range(half)],
+        "original_max_position_embeddings": 128,
+    }
+
+
 def tiny_configs():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        SmolLM3Config,
+    )
 
     return {
         "llama": LlamaConfig(
@@ -111,6 +131,34 @@ def tiny_configs():
         # K and V together narrower than X (32 + 32 < 128): XQuant caches SVD latents, not X
         "gqa-qwen2": Qwen2Config(**WIDE, tie_word_embeddings=True),
         "gqa-qwen3": Qwen3Config(**WIDE, head_dim=16, tie_word_embeddings=True),
+        "smollm3": SmolLM3Config(
+            **TINY, no_rope_layers=[1, 0], pad_token_id=0
+        ),  # layer 1 without RoPE
+        "phi3": Phi3Config(
+            **TINY, original_max_position_embeddings=128, rope_parameters=longrope(16)
+        ),
+        # Phi-4-mini: 3/4 of each head rotates (here 1/2: 8 of 16 dims)
+        "phi4": Phi3Config(
+            **TINY,
+            original_max_position_embeddings=128,
+            partial_rotary_factor=0.5,
+            rope_parameters={**longrope(8), "partial_rotary_factor": 0.5},
+            tie_word_embeddings=True,
+        ),
+        "mistral-window": MistralConfig(**TINY, sliding_window=16),
+        # a sliding layer (window 16, base 10^4) and a global one (base 10^6, linear scaling)
+        "gemma3": Gemma3TextConfig(
+            **TINY,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            final_logit_softcapping=30.0,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            },
+        ),
     }
 
 
@@ -146,12 +194,16 @@ def tiny_models(tmp_path_factory, default_tokenizer):
     for i, (name, config) in enumerate(tiny_configs().items()):
         torch.manual_seed(i)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # Gemma's norms scale by 1 + w: their weights center on 0, the others' on 1
+        norm_center = 0.0 if config.model_type.startswith("gemma") else 1.0
         with (
             torch.no_grad()
         ):  # HF's init leaves biases at 0 and norms at 1: make every weight count
             for pname, p in model.named_parameters():
                 p.copy_(
-                    1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.08 * torch.randn_like(p)
+                    norm_center + 0.1 * torch.randn_like(p)
+                    if "norm" in pname
+                    else 0.08 * torch.randn_like(p)
                 )
         model.save_pretrained(root / name)
         default_tokenizer.hf.save_pretrained(root / name)

@@ -593,3 +593,24 @@ def test_scratch_buffers_keep_their_size_when_dtypes_alternate():
     }
     assert scratch("rows", (300, 8), torch.float32, "cpu").shape == (300, 8)
     assert scratch.buffers["rows", torch.float32].numel() == 2400  # grown: max(asked, twice)
+
+
+@pytest.mark.parametrize("arch", ["smollm3", "phi4", "mistral-window", "gemma3"])
+def test_every_kind_runs_the_new_architectures(tiny_models, backend, arch, monkeypatch):
+    """Sliding windows (16), layers without RoPE, partial RoPE, Gemma's query scale: with
+    everything held exact every kind equals K/V; at 8 bits each stays close."""
+    from xqchat.backends.cuda import cache as caches
+
+    monkeypatch.setattr(caches, "INT8_KEYS_BITS", 0)  # keys rebuilt in float (see above)
+    model = load_tiny(tiny_models, arch, backend)
+    ids = list(range(700, 800))
+    exact = model.new_session().logits(ids)
+    scale = np.abs(exact).max()
+    for kind in ("kv-quant", "xquant", "xquant-cl"):
+        for residual, bits, tol in [(128, 4, 1e-5), (16, 8, 2e-2)]:
+            session = model.new_session(
+                CacheSpec(kind=kind, bits=bits, group=32, residual=residual)
+            )
+            got = [session.logits(ids[:60]), *(session.logits([t]) for t in ids[60:64])]
+            got = np.concatenate([*got, session.logits(ids[64:])])
+            assert np.abs(got - exact).max() <= tol * scale, (kind, residual)

@@ -1,6 +1,8 @@
 """One set of expectations for every backend on this machine (the `backend` fixture): logits
 against transformers, greedy generation, prefix reuse, trim, byte accounting, sampling."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,8 @@ from xqchat.backends.chat import ChatSession, common_prefix
 from xqchat.models import resolve
 
 ARCHS = ["llama", "llama3", "mha", "mistral", "qwen2", "qwen3"]
+# architectures beyond the Llama family proper (issue 28)
+NEW_ARCHS = ["smollm3", "phi3", "phi4", "mistral-window", "gemma3"]
 TOL = 1e-4
 
 
@@ -28,17 +32,41 @@ def hf_logits(model, ids):
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_logits_match_transformers(tiny_models, backend, arch):
-    path = tiny_models[arch]
+@functools.cache
+def tiny_pair(path, backend):
+    """transformers' model and ours (fp32) of one tiny model, loaded once for this module."""
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = load_model(
         resolve(str(path)), EngineOptions(backend=backend, weights="fp32", device="cpu")
     )
+    return hf, ours
+
+
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
+def test_tiny_logits_match_transformers(tiny_models, backend, arch):
+    hf, ours = tiny_pair(tiny_models[arch], backend)
     ids = torch.randint(0, 49152, (1, 90), generator=torch.Generator().manual_seed(7))[0].tolist()
     # prefill 40, five single-token decodes, a 20-token append, then 25 more in one piece
     got = pieces(ours.new_session(), ids, [40, 1, 1, 1, 1, 1, 20, 25])
     assert np.abs(got - hf_logits(hf, ids)).max() <= TOL
+
+
+def hf_greedy(model, prompt, n):
+    """transformers' greedy tokens, each from a full forward of everything before it (no cache:
+    generate's cache machinery costs seconds a token on a tiny model here)."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_tiny_greedy_tokens_match_transformers(tiny_models, backend, arch):
+    """48 greedy tokens past the sliding window (16) from a 20-token prompt, as transformers'."""
+    hf, ours = tiny_pair(tiny_models[arch], backend)
+    prompt = list(range(2000, 2020))
+    assert greedy(ours.new_session(), prompt, 48) == hf_greedy(hf, prompt, 48)
 
 
 def test_spec_features_are_exercised(tiny_models):

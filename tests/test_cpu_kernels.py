@@ -11,7 +11,7 @@ from test_conformance import pieces
 from xqchat.backends import int8
 from xqchat.backends.base import CacheSpec, EngineOptions, load_model
 from xqchat.backends.cuda import cpu_kernels, cpu_paths, quant
-from xqchat.backends.cuda import model as cuda_model
+from xqchat.backends.cuda import layers as cuda_layers
 from xqchat.backends.cuda.cache import attention, rotate
 from xqchat.backends.cuda.int8 import Int8Linear
 from xqchat.models import resolve
@@ -388,7 +388,7 @@ def test_bf16_decoding_with_and_without_the_attention_pass(tiny_models, monkeypa
     monkeypatch.setattr(cpu_kernels, "attend_bf16", lambda *a: calls.append(a[3]) or run(*a))
     monkeypatch.setenv("XQCHAT_BF16_PATH", "torch")  # matmuls the same way in both runs
     # and norms: the C pass's last-bit differences would change the bf16 matmuls' inputs
-    monkeypatch.setattr(cuda_model, "few_cpu_rows", lambda x: False)
+    monkeypatch.setattr(cuda_layers, "few_cpu_rows", lambda x: False)
     engine = load_model(
         resolve(str(tiny_models["gqa-qwen2"])), EngineOptions(backend="torch", weights="bf16")
     )

@@ -261,13 +261,13 @@ REFUSALS = {
             "tokenizer.json": "{}",
         },
         {},
-        ["unsupported architecture 'gpt2'", "llama, mistral, qwen2, qwen3"],
+        ["unsupported architecture 'gpt2'", "gemma3, llama, mistral, phi3, qwen2, qwen3, smollm3"],
     ),
     "gguf architecture": Refusal(
-        "tiny/phi-gguf:phi.gguf",
-        {"phi.gguf": b"GGUF"},
-        {"gguf": {"architecture": "phi3"}},
-        ["unsupported architecture 'phi3'"],
+        "tiny/falcon-gguf:falcon.gguf",
+        {"falcon.gguf": b"GGUF"},
+        {"gguf": {"architecture": "falcon"}},
+        ["unsupported architecture 'falcon'"],
     ),
     "gated": Refusal(
         "tiny/gated",

@@ -26,8 +26,20 @@ def test_cache_bytes_equal_what_the_caches_hold(tiny_models, backend, arch, cach
         assert got == planner.cache_bytes(model.spec, cache, held, exact_bytes), held
 
 
+def test_a_window_layers_kv_bytes_stop_at_its_window(tiny_models, backend):
+    model = load_model(resolve(str(tiny_models["gemma3"])), EngineOptions(backend=backend))
+    exact_bytes = 2 if backend == "torch" else 4
+    session, held = model.new_session(), 0
+    for piece in (3, 30, 1, 1):  # the window (16) fills, then decode steps
+        session.prefill(list(range(500 + held, 500 + held + piece)))
+        held += piece
+        got = session.memory().cache_bytes
+        assert got == planner.cache_bytes(model.spec, CacheSpec(), held, exact_bytes), held
+    assert got == (16 + held) * 2 * model.spec.kv_dim * exact_bytes
+
+
 @pytest.mark.parametrize("weights", planner.WEIGHTS)
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # a tied table, and an untied head
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])  # tied, untied, Gemma's norms
 def test_weight_bytes_equal_what_the_engine_holds(tiny_models, arch, weights):
     files = resolve(str(tiny_models[arch]))
     model = load_model(files, EngineOptions(backend="torch", weights=weights, int8_threshold=6))

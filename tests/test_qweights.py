@@ -422,3 +422,25 @@ def test_an_untied_model_keeps_its_head_apart_from_its_table(tiny_models, backen
         load_model(files, EngineOptions(backend=backend, weights=weights)).new_session().logits(ids)
     )
     assert np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact**2)) < limit
+
+
+@pytest.mark.parametrize("arch", ["phi4", "gemma3"])
+def test_every_weights_choice_loads_the_new_architectures(tiny_models, backend, arch):
+    """Phi-3's split fused matrices, the reordered partially rotating rows with LongRoPE's factor
+    folded in, Gemma's norms and its window layer's ring: in q8, int8, bf16 and the MHA form."""
+    files = resolve(str(tiny_models[arch]))
+    ids = list(range(600, 680))
+
+    def run(**options):
+        model = load_model(files, EngineOptions(backend=backend, **options))
+        return pieces(model.new_session(), ids, [60, 1, 1, 1, 17])
+
+    exact = run(weights="fp32")
+    assert np.abs(run(weights="fp32", mha=True) - exact).max() <= 1e-5 * np.abs(exact).max()
+    for options in [
+        dict(weights="q8"),
+        dict(weights="int8", int8_threshold=0.0),
+        dict(weights="bf16"),
+    ]:
+        got = run(**options)
+        assert np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact**2)) < 0.05, options

@@ -555,7 +555,7 @@ class XQuantCache:
         ):
             store.append(new)
         q = rotate(q, cos[start:end], sin[start:end])
-        if q.shape[2] == 1 and self._fused(q):
+        if q.shape[2] == 1 and mask is None and self._fused(q):
             mixed = self._fused_mixed(layer, q, cos[:end], sin[:end]) @ latents.value_heads
         else:
             mixed = self._mixed(layer, q, cos[:end], sin[:end], mask, step)
@@ -715,11 +715,15 @@ BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant an
 
 def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, device, scratch, latents) -> list:
     """One cache per layer. `latents(group, cross_layer)` gives every layer's Latents."""
+    from .window import WindowKVCache  # it builds on KVCache
+
     n = spec.n_layers
-    if cache.kind == "kv":
+    if cache.kind == "kv":  # a sliding-window layer holds only its window
         return [
-            KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype, device, scratch)
-            for _ in range(n)
+            WindowKVCache(spec.window(i), spec.n_kv_heads, spec.head_dim, dtype, device, scratch)
+            if spec.window(i)
+            else KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype, device, scratch)
+            for i in range(n)
         ]
     if cache.kind == "kv-quant":
         return [

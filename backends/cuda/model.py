@@ -1,7 +1,10 @@
-"""Llama-family decoder in PyTorch: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm).
+"""Llama-family decoder in PyTorch: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3
+(q/k norm), SmolLM3 (no RoPE in every fourth layer), Phi-3/Phi-4-mini (checkpoints normalised at
+load: models/conventions.py), Gemma 3 (scaled embeddings, GeGLU, norms after attention and the
+FFN, per-layer RoPE bases, sliding-window layers, logit soft-capping).
 
-In the spirit of gpt-fast's model.py; transformers' modeling_llama/qwen2/qwen3 are the numerical
-oracle the tests compare against. K/V (`wkv`) and gate/up (`w13`) are each one matmul; a cache
+In the spirit of gpt-fast's model.py; transformers' modeling files are the numerical oracle the
+tests compare against. K/V (`wkv`) and gate/up (`w13`) are each one matmul; a cache
 that holds X rebuilds K and V with `wkv` alone.
 
 Two dtypes: the weights' (fp32, bf16, fp16) and the activations'. On a GPU they are the same. On a
@@ -31,122 +34,15 @@ from xqchat.models.weights import to_engine_layout
 from .. import int8
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
 from ..latents import layer_latents
-from . import cpu_kernels, cpu_paths
+from . import cpu_paths
 from .cache import Latents, Scratch, new_caches
 from .int8 import Int8Embedding, Int8Linear
+from .layers import Linear, RMSNorm, Rope, window_mask
 from .qlinear import QEmbedding, QLinear
 from .session import EngineSession
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED = ("int8", "q4", "q8")  # weights held as codes; the rest of the model in bf16
-
-
-class Linear(nn.Linear):
-    """Casts its input to the weight dtype. A bf16 weight on a CPU takes the path cpu_paths.py
-    chose there (`use`): oneDNN's blocked layout, where its matrix-vector product runs ~2x faster
-    than PyTorch's plain bf16 one (all of SmolLM2-135M's layer matmuls: 11 ms vs 24 ms per token)
-    and prompt-sized products are fast too; or a plain weight with decode's rows through the C
-    pass `bf16_linear` and a prompt's chunks through a float32 copy of the weight."""
-
-    packed = False
-    path: str | None = None  # cpu_paths.BF16_PATHS, for a bf16 weight on a CPU
-    prompt: str | None = None  # cpu_paths.CpuPaths.bf16_prompt
-    _product = None  # the C pass bound to this weight (cpu_kernels.Bf16Product)
-
-    def use(self, path: str, prompt: str) -> None:
-        if path == "c-pass" and self.in_features % 16:  # the pass reads whole vectors of 16
-            path = "torch"
-        self.path, self.prompt = path, prompt
-        if path == "onednn-packed":
-            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-            del self.weight
-            self.register_buffer("weight", packed)
-            self.packed = True
-
-    def dense_weight(self) -> torch.Tensor:
-        """The (out, in) weight as a plain tensor; a packed one is read back through the identity
-        (exact: each output is one weight times 1, summed with zeros)."""
-        if not self.packed:
-            return self.weight.detach()
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return torch.ops.mkldnn._linear_pointwise(eye, self.weight, None, "none", [], "").T
-
-    def forward(self, x):
-        if self.packed:
-            x = x.to(self.weight.dtype)
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        rows = x.numel() // self.in_features
-        if (
-            self.path == "c-pass"
-            and rows <= cpu_kernels.LINEAR_ROWS
-            and cpu_kernels.library() is not None  # the tests take it away after loading
-        ):
-            if self._product is None or self._product.held[0] is not self.weight:
-                self._product = cpu_kernels.Bf16Product(self.weight, self.bias)
-            y = self._product(x.reshape(rows, self.in_features))
-            return y.view(*x.shape[:-1], self.out_features)
-        if self.prompt == "float32 copy" and rows > cpu_kernels.LINEAR_ROWS:
-            return float32_copy_linear(x.float(), self.weight, self.bias)
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-
-
-def float32_copy_linear(x, weight, bias, block: int = 8192):
-    """x @ weightᵀ + bias in float32 from a bf16 weight, converted a block of output rows at a
-    time, so the float32 copy stays bounded for a large vocabulary's head."""
-    bias = None if bias is None else bias.float()
-    if weight.shape[0] <= block:
-        return F.linear(x, weight.float(), bias)
-    return torch.cat(
-        [
-            F.linear(
-                x, weight[a : a + block].float(), None if bias is None else bias[a : a + block]
-            )
-            for a in range(0, weight.shape[0], block)
-        ],
-        dim=-1,
-    )
-
-
-def few_cpu_rows(x: torch.Tensor) -> bool:
-    """A decode step's or a drafter tree's float32 rows on a CPU: the elementwise steps take one
-    C call each (cpu_step.c) where PyTorch would dispatch several kernels."""
-    return (
-        x.dtype == torch.float32 and not x.is_cuda
-        and x.numel() <= cpu_kernels.LINEAR_ROWS * x.shape[-1]
-        and cpu_kernels.library() is not None
-    )  # fmt: skip
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        if few_cpu_rows(x):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-
-
-class Rope(nn.Module):
-    """Rotate-half RoPE with a cos/sin table grown on demand (positions are absolute)."""
-
-    def __init__(self, spec: ModelSpec):
-        super().__init__()
-        inv_freq = torch.from_numpy(spec.rope.inv_freq(spec.head_dim)).float()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.cos = self.sin = None
-
-    def table(self, end: int, dtype):
-        """cos, sin (end, D); sin's first half is negated so that rotate_half(x) * sin
-        becomes x.roll(D/2) * sin: one kernel instead of two slices, a negation and a cat."""
-        if self.cos is None or self.cos.shape[0] < end or self.cos.dtype != dtype:
-            n = max(end, 2 * (0 if self.cos is None else self.cos.shape[0]), 1024)
-            freqs = torch.outer(torch.arange(n, device=self.inv_freq.device).float(), self.inv_freq)
-            self.cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1).to(dtype)
-            self.sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(dtype)
-        return self.cos, self.sin
 
 
 class Attention(nn.Module):
@@ -161,7 +57,7 @@ class Attention(nn.Module):
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps)
-        self.qk_norm = spec.qk_norm
+        self.qk_norm, self.query_scale = spec.qk_norm, spec.query_scale
 
     def forward(self, x, cos, sin, cache, mask, step):
         """cos, sin: RoPE tables for every position up to the last new token; the cache rotates.
@@ -170,6 +66,8 @@ class Attention(nn.Module):
         q = self.wq(x).to(x.dtype).view(b, t, self.n_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
+        if self.query_scale != 1.0:  # Gemma's query_pre_attn_scalar, in place of sqrt(head_dim)
+            q = q * self.query_scale
         # the cache computes K and V from x if it keeps them (XQuant keeps x instead)
         out = cache.attend(self, x, q.transpose(1, 2), cos, sin, mask, step)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
@@ -203,13 +101,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.hidden_dim = spec.hidden_dim
+        self.hidden_dim, self.gelu = spec.hidden_dim, spec.gemma  # Gemma: GeGLU
         self.w13 = Linear(spec.dim, 2 * spec.hidden_dim, bias=False)  # gate and up, fused
         self.w2 = Linear(spec.hidden_dim, spec.dim, bias=False)
 
     def forward(self, x):
         gate, up = self.w13(x).split(self.hidden_dim, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.w2(gate * up)
 
 
 class Block(nn.Module):
@@ -219,10 +118,24 @@ class Block(nn.Module):
         self.attention = Attention(spec)
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.feed_forward = FeedForward(spec)
+        if spec.gemma:  # Gemma norms what attention and the FFN add to the residual, too
+            self.post_attention_norm = RMSNorm(spec.dim, spec.norm_eps)
+            self.post_ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.gemma = spec.gemma
 
     def forward(self, x, cos, sin, cache, mask, step):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, mask, step)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attended = self.attention(self.attention_norm(x), cos, sin, cache, mask, step)
+        h = x + (self.post_attention_norm(attended) if self.gemma else attended)
+        fed = self.feed_forward(self.ffn_norm(h))
+        return h + (self.post_ffn_norm(fed) if self.gemma else fed)
+
+
+def layer_ropes(spec: ModelSpec) -> tuple[nn.ModuleList, list[int]]:
+    """One Rope per distinct RoPE among the layers (Gemma's local and global, SmolLM3's none),
+    and each layer's index into them."""
+    kinds = list(dict.fromkeys(spec.layer_rope(i) for i in range(spec.n_layers)))
+    ropes = nn.ModuleList(Rope(kind, spec.head_dim) for kind in kinds)
+    return ropes, [kinds.index(spec.layer_rope(i)) for i in range(spec.n_layers)]
 
 
 class Transformer(nn.Module):
@@ -232,7 +145,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, spec.dim)
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
-        self.rope = Rope(spec)
+        self.ropes, self.layer_rope = layer_ropes(spec)
         if not spec.tied_embeddings:
             self.lm_head = Linear(spec.dim, spec.vocab_size, bias=False)
         self.scratch = Scratch()
@@ -247,27 +160,43 @@ class Transformer(nn.Module):
         start = caches[0].offset
         end = start + tokens.shape[1]
         x = self.embed(tokens).to(self.norm.weight.dtype)
-        mask = None
+        if self.spec.gemma:  # Gemma scales its embeddings, by sqrt(dim) rounded to their dtype
+            x = x * torch.tensor(self.spec.dim**0.5, dtype=self.embed.weight.dtype).to(x.dtype)
+        mask, positions, rows = None, None, None
         if tree is not None:
             positions, tree_mask = tree
-            cos, sin = self.rope.table(int(positions.max()) + 1, x.dtype)
+            last = int(positions.max())
             # caches index the tables by row: row i of the cache is at position rows[i]
             rows = torch.cat([torch.arange(start, device=x.device), positions])
-            cos, sin = cos[rows], sin[rows]
             past = torch.ones(len(positions), start, dtype=torch.bool, device=x.device)
             mask = torch.cat([past, tree_mask], dim=1)
         else:
-            cos, sin = self.rope.table(end, x.dtype)
+            last = end - 1
             if (
                 start > 0 and tokens.shape[1] > 1
             ):  # new tokens see the cache and each other causally
                 mask = torch.ones(end - start, end, dtype=torch.bool, device=x.device).tril(start)
+        tables = [rope.table(last + 1, x.dtype) for rope in self.ropes]
+        if rows is not None:
+            tables = [(cos[rows], sin[rows]) for cos, sin in tables]
+        masks = {0: mask}  # by window; a window the newest token does not pass changes nothing
+        for window in set(self.spec.windows) - {0}:
+            narrow = last >= window
+            masks[window] = (
+                window_mask(mask, start, end, window, x.device, positions) if narrow else mask
+            )
         step = tree is not None or tokens.shape[1] == 1
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, cache, mask, step)
+        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
+            cos, sin = tables[self.layer_rope[i]]
+            x = layer(x, cos, sin, cache, masks[self.spec.window(i)], step)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._logits(hidden)
+        cap = self.spec.final_softcap
+        return logits if not cap else cap * torch.tanh(logits / cap)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.spec.tied_embeddings:
             return self.lm_head(hidden)
         if isinstance(self.embed, (Int8Embedding, QEmbedding)):  # the table is the head
@@ -425,9 +354,8 @@ class Engine(EngineBase):
 
     def weight_bytes(self) -> int:
         tensors = [*self.module.parameters(), *self.module.buffers()]
-        return sum(
-            t.numel() * t.element_size() for t in tensors if t is not self.module.rope.inv_freq
-        )
+        frequencies = {id(rope.inv_freq) for rope in self.module.ropes}
+        return sum(t.numel() * t.element_size() for t in tensors if id(t) not in frequencies)
 
 
 def load(files: ModelFiles, opts: EngineOptions) -> Engine:
@@ -486,7 +414,7 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         raise XQError(
             f"the checkpoint does not match its config: {str(e).splitlines()[1].strip()}"
         ) from None
-    module.rope = Rope(spec).to(device)  # its table was built on the meta device
+    module.ropes = layer_ropes(spec)[0].to(device)  # their tables were built on the meta device
     module.kv_dtype = torch_dtype
     module.derived = derived / "xquant"  # SVD factors, kept with the model
     module.eval().requires_grad_(False)

@@ -570,9 +570,16 @@ BASE_LAYERS, BASE_BITS = 3, 4  # XQuant-CL: the first layers are plain xquant an
 
 def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, latents) -> list:
     """One cache per layer. `latents(group, cross_layer)` gives every layer's Latents."""
+    from .window import WindowKVCache  # it builds on KVCache
+
     n = spec.n_layers
-    if cache.kind == "kv":
-        return [KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype) for _ in range(n)]
+    if cache.kind == "kv":  # a sliding-window layer holds only its window
+        return [
+            WindowKVCache(spec.window(i), spec.n_kv_heads, spec.head_dim, dtype)
+            if spec.window(i)
+            else KVCache(spec.n_kv_heads, spec.head_dim, spec.max_context, dtype)
+            for i in range(n)
+        ]
     if cache.kind == "kv-quant":
         return [QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype) for _ in range(n)]
     layers = latents(cache.group, cross_layer=cache.kind == "xquant-cl")

@@ -55,6 +55,12 @@ def swiglu(gate_up: mx.array) -> mx.array:
     return swiglu_metal(gate_up) if METAL else swiglu_reference(gate_up)
 
 
+def geglu(gate_up: mx.array) -> mx.array:
+    """Gemma's GeGLU over the fused gate/up projection: gelu (tanh approximation)(gate) * up."""
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    return nn.gelu_approx(gate) * up
+
+
 # Decode scores with RoPE applied to each key as it is read: q (H, D) rotated, keys (H_kv, S, D)
 # before RoPE (as XQuant rebuilds them) -> scores (H, S). No rotated copy of K is written. One
 # thread per (head, token); key t sits at position first + t (a span of a longer cache), and its

@@ -1,4 +1,5 @@
-"""Llama-family decoder in MLX: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm).
+"""Llama-family decoder in MLX: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3
+(q/k norm), SmolLM3, Phi-3/Phi-4-mini and Gemma 3 (see backends/cuda/model.py).
 
 The mirror of backends/cuda/model.py, in the spirit of mlx-lm's models/llama.py, using MLX's
 fused kernels (mx.fast.rms_norm, mx.fast.rope, mx.fast.scaled_dot_product_attention).
@@ -27,103 +28,16 @@ from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
 from ..latents import layer_latents
 from .cache import Latents, new_caches
 from .int8 import Int8Embedding, Int8Linear
-from .kernels import swiglu
+from .kernels import geglu, swiglu
+from .layers import Embedding, Linear, RMSNorm, Rope, TreeRope, window_mask
 from .qlinear import QEmbedding, QLinear
 from .session import ENGINE, EngineSession
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 
 
-class Linear(nn.Module):
-    def __init__(self, d_in: int, d_out: int, bias: bool = False):
-        super().__init__()
-        self.weight = mx.zeros((d_in, d_out))  # (in, out): see the module docstring
-        if bias:
-            self.bias = mx.zeros((d_out,))
-
-    def __call__(self, x):
-        y = x @ self.weight
-        return y + self.bias if "bias" in self else y
-
-    def dense_weight(self) -> mx.array:  # (in, out), as Int8Linear's
-        return self.weight
-
-
-class Embedding(nn.Module):
-    def __init__(self, vocab_size: int, dim: int):
-        super().__init__()
-        self.weight = mx.zeros((dim, vocab_size))  # transposed: the tied head's (in, out)
-
-    def __call__(self, tokens):
-        return self.weight.T[tokens]
-
-    def as_linear(self, x):
-        return x @ self.weight
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dim,))
-        self.eps = eps
-
-    def __call__(self, x):
-        return mx.fast.rms_norm(x, self.weight, self.eps)
-
-
-class Rope(nn.Module):
-    """Rotate-half RoPE at absolute positions; the frequencies come from the spec (llama3 scaling,
-    GGUF rope_freqs) and go to mx.fast.rope as periods."""
-
-    def __init__(self, spec: ModelSpec):
-        super().__init__()
-        self.dims = spec.head_dim
-        self._periods = mx.array(1.0 / spec.rope.inv_freq(spec.head_dim), dtype=mx.float32)
-        self._inv_freq = mx.array(spec.rope.inv_freq(spec.head_dim), dtype=mx.float32)
-
-    @property
-    def inv_freq(self) -> mx.array:  # (D/2,): the angle of position p is p * inv_freq
-        return self._inv_freq
-
-    def __call__(self, x, offset: int):  # x: (B, H, T, D)
-        return mx.fast.rope(
-            x,
-            self.dims,
-            traditional=False,
-            base=None,
-            scale=1.0,
-            offset=offset,
-            freqs=self._periods,
-        )
-
-
-class TreeRope:
-    """RoPE for a drafter's tree: cache rows from `start` on are at `positions` (start + depth),
-    the rows before at their index. Caches call it as they call Rope, with a row offset."""
-
-    def __init__(self, rope: Rope, start: int, positions: mx.array):
-        self.rope, self.start = rope, start
-        self.positions = positions.astype(mx.float32)
-
-    def __call__(self, x, offset: int):  # x: (B, H, T, D), rows offset .. offset + T
-        split = max(0, min(self.start - offset, x.shape[2]))
-        parts = [self.rope(x[:, :, :split], offset)] if split else []
-        if split < x.shape[2]:
-            first = offset + split - self.start
-            positions = self.positions[first : first + x.shape[2] - split]
-            parts.append(self._rotate(x[:, :, split:], positions))
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
-
-    def _rotate(self, x, positions):  # rotate-half RoPE at explicit positions
-        angles = positions[:, None] / self.rope._periods[None, :]  # (T, D/2)
-        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         q_dim = spec.n_heads * spec.head_dim
@@ -134,15 +48,18 @@ class Attention(nn.Module):
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps)
-        self.qk_norm = spec.qk_norm
-        self.rope = Rope(spec)
+        self.qk_norm, self.query_scale = spec.qk_norm, spec.query_scale
+        self.rope = Rope(spec.layer_rope(layer), spec.head_dim)
 
-    def __call__(self, x, cache, mask, tree_rope=None):
+    def __call__(self, x, cache, mask, tree=None):
+        """`tree`: (start, positions) of a drafter's tree, else None."""
         b, t, _ = x.shape
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
-        rope = self.rope if tree_rope is None else tree_rope
+        if self.query_scale != 1.0:  # Gemma's query_pre_attn_scalar, in place of sqrt(head_dim)
+            q = q * self.query_scale
+        rope = self.rope if tree is None else TreeRope(self.rope, *tree)
         # the cache computes K and V from x if it keeps them (XQuant keeps x instead)
         out = cache.attend(self, x, q.transpose(0, 2, 1, 3), rope, mask)
         return self.wo(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
@@ -179,22 +96,29 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = Linear(spec.dim, 2 * spec.hidden_dim)  # gate and up, fused
         self.w2 = Linear(spec.hidden_dim, spec.dim)
+        self.gelu = spec.gemma  # Gemma: GeGLU
 
     def __call__(self, x):
-        return self.w2(swiglu(self.w13(x)))
+        return self.w2((geglu if self.gelu else swiglu)(self.w13(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
-        self.attention = Attention(spec)
+        self.attention = Attention(spec, layer)
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.feed_forward = FeedForward(spec)
+        if spec.gemma:  # Gemma norms what attention and the FFN add to the residual, too
+            self.post_attention_norm = RMSNorm(spec.dim, spec.norm_eps)
+            self.post_ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.gemma = spec.gemma
 
-    def __call__(self, x, cache, mask, tree_rope=None):
-        h = x + self.attention(self.attention_norm(x), cache, mask, tree_rope)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def __call__(self, x, cache, mask, tree=None):
+        attended = self.attention(self.attention_norm(x), cache, mask, tree)
+        h = x + (self.post_attention_norm(attended) if self.gemma else attended)
+        fed = self.feed_forward(self.ffn_norm(h))
+        return h + (self.post_ffn_norm(fed) if self.gemma else fed)
 
 
 class Transformer(nn.Module):
@@ -202,7 +126,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.spec = spec
         self.embed = Embedding(spec.vocab_size, spec.dim)
-        self.layers = [Block(spec) for _ in range(spec.n_layers)]
+        self.layers = [Block(spec, i) for i in range(spec.n_layers)]
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
         if not spec.tied_embeddings:
             self.lm_head = Linear(spec.dim, spec.vocab_size)
@@ -215,23 +139,30 @@ class Transformer(nn.Module):
         With `tree` = (positions (T,), mask (T, T) bool), the new tokens are a drafter's tree:
         each sits at its own position and sees the cache and the new tokens its mask allows."""
         x = self.embed(tokens)
+        if self.spec.gemma:  # Gemma scales its embeddings, by sqrt(dim) rounded to their dtype
+            x = x * mx.array(self.spec.dim**0.5, dtype=x.dtype)
         # new tokens see the whole cache and each other causally (MLX aligns "causal" bottom-right)
         mask = "causal" if tokens.shape[1] > 1 else None
-        tree_rope = None
+        start = caches[0].offset
+        end, last, positions = start + tokens.shape[1], start + tokens.shape[1] - 1, None
         if tree is not None:
             positions, tree_mask = tree
-            start = caches[0].offset
             past = mx.ones((tree_mask.shape[0], start), dtype=mx.bool_)
             mask = mx.concatenate([past, tree_mask], axis=1)
-            tree_rope = TreeRope(self.layers[0].attention.rope, start, positions)
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cache, mask, tree_rope)
+            last = int(positions.max())
+            tree = (start, positions)
+        masks = {0: mask}  # by window; a window the newest token does not pass changes nothing
+        for window in set(self.spec.windows) - {0}:
+            narrow = last >= window
+            masks[window] = window_mask(mask, start, end, window, positions) if narrow else mask
+        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
+            x = layer(x, cache, masks[self.spec.window(i)], tree)
         return self.norm(x)
 
     def logits(self, hidden: mx.array) -> mx.array:
-        if self.spec.tied_embeddings:
-            return self.embed.as_linear(hidden)
-        return self.lm_head(hidden)
+        logits = self.embed.as_linear(hidden) if self.spec.tied_embeddings else self.lm_head(hidden)
+        cap = self.spec.final_softcap
+        return logits if not cap else cap * mx.tanh(logits / cap)
 
     def new_caches(self, cache: CacheSpec) -> list:
         return new_caches(cache, self.spec, self.kv_dtype, self.latents)

@@ -8,7 +8,7 @@ import time
 import mlx.core as mx
 
 from ..base import GenerationConfig
-from .model import Embedding, Linear
+from .layers import Embedding, Linear
 from .session import ENGINE
 
 

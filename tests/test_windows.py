@@ -1,0 +1,114 @@
+"""Sliding-window layers (tiny Gemma 3: a window of 16 in layer 0, layer 1 global): the window
+layer's K/V cache holds only its window, and trim, prefix reuse, speculation and save/load stay
+exactly what a fresh run gives, in every backend."""
+
+import numpy as np
+import pytest
+from conftest import cli, load_tiny
+
+from xqchat.backends.base import GenerationConfig
+from xqchat.backends.chat import ChatSession
+
+WINDOW = 16
+IDS = list(range(3000, 3090))
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny_models, backend):
+    return load_tiny(tiny_models, "gemma3", backend)
+
+
+def row_bytes(model) -> int:
+    return 2 * model.spec.kv_dim * 4  # K and V of one token, fp32
+
+
+def test_a_window_layer_holds_only_its_window(gemma):
+    session = gemma.new_session()
+    session.prefill(IDS[:40])
+    window, full = session.caches
+    assert window.nbytes == WINDOW * row_bytes(gemma)  # the newest 16 rows of the 40
+    for n, token in enumerate(IDS[40:70], start=41):
+        session.logits([token])
+        assert window.nbytes == WINDOW * row_bytes(gemma)  # never past the window
+        assert full.nbytes == n * row_bytes(gemma)
+
+
+def fresh_logits(model, ids, split):
+    session = model.new_session()
+    return np.concatenate([session.logits(ids[:split]), session.logits(ids[split:])])
+
+
+def first_event(session, prompt):
+    session.prefill(prompt)
+    return next(iter(session.generate(GenerationConfig(max_tokens=1))))
+
+
+@pytest.mark.parametrize("keep", [59, 35, 10])
+def test_trim_across_the_window_boundary_is_exact(gemma, keep):
+    """Checkpoints at 30 and 60 (the two prefills' ends): 59 is one token back from 60, 35 needs
+    the checkpoint at 30 and 5 tokens fed again, 10 needs a checkpoint there is none of (all
+    fed again); each is counted in the next prefill's tokens."""
+    session = gemma.new_session()
+    session.prefill(IDS[:30])
+    session.prefill(IDS[30:60])
+    session.logits(IDS[60:80])
+    session.trim(keep)
+    assert session.tokens == IDS[:keep] and session.caches[0].offset == keep
+    refilled = {59: 0, 35: 5, 10: 10}[keep]
+    event = first_event(session, IDS[keep : keep + 3])
+    assert (event.prompt_tokens, event.cached_tokens) == (3 + refilled, keep - refilled)
+    got = session.logits(IDS[keep + 3 : keep + 10])
+    expected = fresh_logits(gemma, IDS[: keep + 10], keep)[keep + 3 :]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_a_chat_past_the_window_prefills_only_new_tokens(gemma, default_tokenizer):
+    """Four turns on a model whose window (16) is smaller than the chat: each turn after the
+    first prefills only what the cache does not hold, and replies as a fresh run on the whole
+    conversation does."""
+    chat = ChatSession(gemma, default_tokenizer, system="Be brief.")
+    cfg = GenerationConfig(max_tokens=12)
+    for turn, text in enumerate(["Hi there", "Name a colour.", "And a fruit?", "Thanks!"]):
+        events = list(chat.send(text, cfg))
+        prompt = default_tokenizer.render(chat.messages[:-1])
+        last = events[-1]
+        assert last.prompt_tokens + last.cached_tokens == len(prompt)
+        if turn:
+            assert last.cached_tokens > WINDOW  # the conversation so far, past the window, was kept
+        fresh = gemma.new_session()
+        fresh.prefill(prompt)
+        assert [e.token for e in events] == [e.token for e in fresh.generate(cfg)]
+    # the window layer's state at the last prompts' starts and ends: 16 rows each, counted
+    states = [s for states in chat.session.checkpoints.values() for s in states.values()]
+    assert len(states) == 4 and all(s["keys"].shape[2] == WINDOW for s in states)
+    rows = len(states) * WINDOW * row_bytes(gemma)
+    assert rows < chat.session.memory().checkpoint_bytes <= rows + 8 * len(states)
+
+
+def test_speculation_and_save_load_keep_the_window_exact(tiny_models, backend, tmp_path):
+    """Prompt lookup's trees are verified beside the ring and only their accepted path joins
+    it: the tokens are a plain run's; a saved window session loads to the same next logits."""
+    plain = load_tiny(tiny_models, "gemma3", backend)
+    looking = load_tiny(tiny_models, "gemma3", backend, drafter="lookup")
+    prompt = [5, 6, 7, 8, 9] * 6
+    cfg = GenerationConfig(max_tokens=40)
+    runs = []
+    for model in (plain, looking):
+        session = model.new_session()
+        session.prefill(prompt)
+        runs.append(list(session.generate(cfg)))
+    assert [e.token for e in runs[0]] == [e.token for e in runs[1]]
+    assert runs[1][-1].accepted_per_step > 1  # trees were verified and paths kept
+    session.save(tmp_path / "chat.safetensors")
+    loaded = looking.new_session()
+    loaded.load(tmp_path / "chat.safetensors")
+    np.testing.assert_array_equal(loaded.logits([11, 12]), session.logits([11, 12]))
+    # its checkpoints came with it: back to the prompt's end with nothing fed again
+    assert sorted(loaded.checkpoints) == [len(prompt)]
+    loaded.trim(len(prompt) - 1)
+    assert first_event(loaded, prompt[-1:]).prompt_tokens == 1
+
+
+def test_show_names_the_sliding_window(capsys, tiny_models):
+    code, out, _ = cli(capsys, "show", str(tiny_models["gemma3"]))
+    assert code == 0 and "a 16-token sliding window in 1 of 2 layers" in out
