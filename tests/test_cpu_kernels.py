@@ -467,3 +467,18 @@ def test_rope_into_a_bf16_cache_equals_the_torch_ops_bit_for_bit(m, heads, kv_he
     got = cpu_kernels.rope_append_bf16(q, k, v, cos, sin, keys, values, 3)
     assert torch.equal(got, rotate(q.transpose(1, 2), cos, sin))
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+
+
+@needs_c
+@pytest.mark.parametrize("m", [2, 8, 16])
+def test_a_row_attends_the_same_alone_and_in_a_tree(m):
+    """Each of m new causal rows equals, bit for bit, the same row as a decode step of its own
+    (its part then shorter by the masked rows): the q4/q8 pass quantizes attention's output, so a
+    last-bit difference could make greedy speculation choose another token."""
+    g = torch.Generator().manual_seed(m)
+    q = torch.randn(1, 9, m, 64, generator=g)
+    keys, values = (torch.randn(1, 3, 300, 64, generator=g).bfloat16() for _ in range(2))
+    together = cpu_kernels.attend_bf16(q, keys, values, 40 + m, torch.ones(m, m).tril().bool())
+    for r in range(m):
+        alone = cpu_kernels.attend_bf16(q[:, :, r : r + 1].contiguous(), keys, values, 41 + r)
+        assert torch.equal(alone[:, :, 0], together[:, :, r])
