@@ -251,6 +251,12 @@ def speed(
     if engine.drafter is not None:
         result["beam_width"], result["beam_length"] = engine.beams
         result["lookup"] = engine.lookup
+        result["tree"] = opts.tree
+    if engine.speculation is not None:  # what it measured and chose last
+        policy = engine.speculation
+        result["tree_chosen"] = str(policy.best)
+        if policy.estimate is not None:
+            result["best_tree_tok_s"], result["plain_tok_s"] = policy.estimate
     if profile:
         status("profiling decode steps …")
         result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))

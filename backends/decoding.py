@@ -212,7 +212,7 @@ class DecodingSession:
                     cache_bytes=mem.cache_bytes,
                     fp16_kv_bytes=mem.fp16_kv_bytes,
                     accepted_per_step=decided / steps if speculate and steps else None,
-                    speculation=policy.estimate() if policy is not None else None,
+                    speculation=policy.estimate if policy is not None else None,
                     finish_reason=finish,
                 )
                 if finish:
@@ -248,24 +248,39 @@ class DecodingSession:
         # a tree must fit where nothing held would be flushed (see TokenStore.room) and in context
         room = min(min(c.room for c in self.caches), self.spec.max_context - len(self.tokens) - 1)
         began = drafted = clock()
-        beams = [[token]]
-        drafter = self.model.drafter
-        if room >= 2 and self._next_hidden is not None:  # (no hidden state: a cache just loaded)
-            if shape.drafts:
-                beams = [*drafter.draft(self._next_hidden, token, shape.width, shape.length)]
-                drafted = clock()
-            drafter_beams = len(beams)
-            found = lookup([*self.tokens, token], shape.lookup) if shape.lookup else []
-            if found:  # one more beam: what followed these tokens before
-                beams.append([token, *found])
-        if len(beams) == 1 and len(beams[0]) == 1:  # nothing to verify: a plain step
-            self._path = None
-            self._forward([token])
-            next_token = self._choose(cfg)
+        if room < 2 or shape.plain or self._next_hidden is None:  # (None: a cache just loaded)
+            decided = [self._plain_forward(token, cfg)]
             if policy:
                 policy.record_plain(clock() - began)
-            return [next_token]
+            return decided
+        beams = [[token]]
+        if shape.drafts:
+            beams = [*self.model.drafter.draft(self._next_hidden, token, *shape.drafter)]
+            drafted = clock()
+        drafter_beams = len(beams)
+        found = lookup([*self.tokens, token], shape.lookup) if shape.lookup else []
+        if found:  # one more beam: what followed these tokens before
+            beams.append([token, *found])
         tree = build_tree(beams).prune(room)
+        if len(tree) == 1:  # lookup found nothing and no drafter: a plain step
+            decided, path = [self._plain_forward(token, cfg)], [0]
+        else:
+            decided, path = self._verify_tree(tree, cfg)
+        if policy:
+            seconds = clock() - drafted
+            policy.record_tree(
+                shape, tree.beam_nodes, drafter_beams, path, drafted - began, seconds
+            )
+        return decided
+
+    def _plain_forward(self, token: int, cfg: GenerationConfig) -> int:
+        self._path = None
+        self._forward([token])
+        return self._choose(cfg)
+
+    def _verify_tree(self, tree, cfg: GenerationConfig) -> tuple[list[int], list[int]]:
+        """Verify `tree` in one target forward and keep its accepted path in the cache. Returns
+        the tokens decided (the accepted drafts and the next token) and the path's nodes."""
         start = len(self.tokens)
         logits, hidden = self._verify(tree, start)
         if cfg.temperature <= 0:
@@ -283,11 +298,7 @@ class DecodingSession:
         self.tokens.extend(tree.tokens[path].tolist())
         self._path = (start, logits, hidden, path)
         self._next_logits, self._next_hidden = logits[path[-1]], hidden[path[-1]]
-        if policy:
-            policy.record_tree(
-                shape, tree.beam_nodes, drafter_beams, path, drafted - began, clock() - drafted
-            )
-        return [*tree.tokens[path[1:]].tolist(), next_token]
+        return [*tree.tokens[path[1:]].tolist(), next_token], path
 
     def _rewind(self, i: int) -> None:
         """Generation ended at the i-th token the last step decided, before the last one: hold

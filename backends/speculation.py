@@ -47,6 +47,10 @@ class Shape:
         return self.width > 0 and self.length > 1
 
     @property
+    def drafter(self) -> tuple[int, int]:
+        return self.width, self.length
+
+    @property
     def plain(self) -> bool:
         return not self.drafts and self.lookup == 0
 
@@ -106,6 +110,8 @@ class SpeculationPolicy:
         self.steps = 0
         self.best = self.largest  # optimistic until measured
         self.explored_plain = False  # the last exploration step was plain: the tree is next
+        # (tokens/s of the best tree, of plain decoding) as measured so far, once both are known
+        self.estimate: tuple[float, float] | None = None
 
     # -- what the session asks -----------------------------------------------------------------
     def choose(self) -> Shape:
@@ -137,12 +143,14 @@ class SpeculationPolicy:
     ) -> None:
         """A verified tree of `shape`: `beam_nodes` (M, L) its beams' nodes (-1 past a beam's end
         or where it was pruned), the first `drafter_beams` the drafter's best first, then lookup's
-        if it found one; `accepted` the nodes of the accepted path, root first."""
+        if it found one; `accepted` the nodes of the accepted path, root first. A tree of one row
+        (no drafter, and lookup found nothing) was verified as a plain step, and counts as one."""
         if shape.drafts:
             draft = self.draft_s.setdefault(shape.width, Average())
             draft.add(draft_seconds / (shape.length - 1))
         rows = int((np.unique(beam_nodes[beam_nodes >= 0])).size)
-        self.tree_s.setdefault(rows, Average()).add(tree_seconds)
+        cost = self.plain_s if rows == 1 else self.tree_s.setdefault(rows, Average())
+        cost.add(tree_seconds)
         right = np.isin(beam_nodes, accepted) & (beam_nodes >= 0)
         lead = np.cumprod(right, axis=1).sum(axis=1)  # (M,) each beam's accepted prefix, root on
         if len(beam_nodes) > drafter_beams:  # lookup's beam: a chain from the root
@@ -165,43 +173,31 @@ class SpeculationPolicy:
                 self.decided[s].add(max(ahead, min(looked_right, k + 1)))
         self._decide()
 
-    # -- what the status bar shows -------------------------------------------------------------
-    def estimate(self) -> tuple[float, float] | None:
-        """(tokens/s of the best tree, tokens/s of plain decoding) as measured so far, or None
-        before both are known."""
-        trees = [s for s in self.shapes if not s.plain]
-        rates = [r for s in trees if (r := self.rate(s)) is not None]
-        plain = self.rate(PLAIN)
-        return (max(rates), plain) if rates and plain is not None else None
-
-    def rate(self, shape: Shape) -> float | None:
-        """Expected tokens per second of `shape`, or None while its cost or yield is unknown."""
+    def rates(self) -> dict[Shape, float]:
+        """Expected tokens per second of each shape whose cost and yield are known."""
         if self.plain_s.count == 0:
-            return None
-        if shape.plain:
-            return 1 / self.plain_s.value
-        if self.rows[shape].count == 0:
-            return None
-        draft = 0.0
-        if shape.drafts:
-            per_step = self.draft_s.get(shape.width) or self.draft_s.get(self.largest.width)
-            if per_step is None:
-                return None
-            draft = per_step.value * (shape.length - 1)
-        return self.decided[shape].value / (draft + self._tree_cost(self.rows[shape].value))
-
-    def _tree_cost(self, rows: float) -> float:
-        """Seconds of a tree of `rows` rows (a mean: fractional), interpolated between the row
-        counts measured; one row is a plain step (nothing drafted, nothing found)."""
+            return {}
+        rates = {PLAIN: 1 / self.plain_s.value}
+        # a tree's seconds by its rows, interpolated between the row counts measured (a mean of
+        # rows is fractional); one row is a plain step (nothing drafted, nothing found)
         known = {1: self.plain_s.value} | {n: a.value for n, a in self.tree_s.items() if n > 1}
         xs = sorted(known)
-        return float(np.interp(rows, xs, [known[x] for x in xs]))
+        ys = [known[x] for x in xs]
+        for shape in self.shapes:
+            per_step = self.draft_s.get(shape.width) or self.draft_s.get(self.largest.width)
+            if shape.plain or not self.rows[shape].count or (shape.drafts and per_step is None):
+                continue
+            draft = per_step.value * (shape.length - 1) if shape.drafts else 0.0
+            seconds = draft + float(np.interp(self.rows[shape].value, xs, ys))
+            rates[shape] = self.decided[shape].value / seconds
+        return rates
 
     def _decide(self) -> None:
-        rated = [(r, s) for s in self.shapes if (r := self.rate(s)) is not None]
-        if not rated or self.rows[self.largest].count == 0:
+        rates = self.rates()
+        if len(rates) < 2:  # plain's and a tree's cost are both needed
             return
-        best = max(rated, key=lambda pair: pair[0])[1]
+        best = max(rates, key=rates.get)
+        self.estimate = (max(r for s, r in rates.items() if not s.plain), rates[PLAIN])
         if best != self.best:
             self.best, self.explore_every = best, self.base_interval
         elif self.steps % self.explore_every == 0 and self.best.plain:

@@ -73,7 +73,7 @@ def test_trees_that_cost_more_than_they_yield_settle_on_plain_decoding():
     late = chosen[100:]
     trees = sum(not s.plain for s in late)
     assert 1 <= trees <= len(late) // 60  # still explored, ever more rarely
-    fast, slow = policy.estimate()
+    fast, slow = policy.estimate
     assert fast < slow == 1.0
 
 
@@ -84,7 +84,7 @@ def test_cheap_trees_with_high_acceptance_keep_the_largest_tree():
     assert policy.best == LARGEST
     assert sum(s == LARGEST for s in chosen[20:]) >= 0.9 * 180
     assert sum(s.plain for s in chosen[20:]) >= 1  # plain's cost is still checked now and then
-    fast, slow = policy.estimate()
+    fast, slow = policy.estimate
     assert fast > 3 * slow
 
 
