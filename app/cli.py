@@ -51,7 +51,7 @@ Examples:
   echo "Summarise: ..." | xqchat run - --max-tokens 200
   xqchat run --temperature 0.7 --top-p 0.9 --seed 1 "Write a haiku"
   xqchat run --json "Hi"          # stats object instead of streamed text
-  xqchat run --drafter auto "Hi"  # speculative decoding: same text, fewer model steps
+  xqchat run --drafter none "Hi"  # no speculation (on by default: same text, fewer steps)
   xqchat run --overflow sink-window - < long.txt  # too long: keep its start and its end
 
 \b
@@ -90,7 +90,7 @@ Examples:
   xqchat chat
   xqchat chat --cache kv-quant --bits 4
   xqchat chat --cache xquant --mha --overflow drop-oldest
-  xqchat chat --drafter auto
+  xqchat chat --drafter none --tree fixed  # speculation off (or: always the whole tree)
 """
 )
 @model_options

@@ -230,15 +230,14 @@ def check_device(backend: str, device: str) -> None:
 
 
 def check_drafter(option: str, checked: Preflight) -> None:
-    """auto: a drafter exists for the model; a folder: its config reads, its weights file is a
-    safetensors file, and it was trained for this model (each XQError: exit 1)."""
+    """A folder: its config reads, its weights file is a safetensors file, and it was trained for
+    this model (each XQError: exit 1). auto needs no check: the drafter next to the model or
+    shipped for it was made for it, and without one prompt lookup's beam serves any model."""
     from xqchat.backends.drafter import WEIGHTS, DrafterConfig, drafter_folder
 
-    if option in ("none", "lookup"):
+    if option in ("none", "lookup", "auto"):
         return
     folder = drafter_folder(option, checked.files)
-    if option == "auto":
-        return  # found next to the model or shipped for it: made for this model
     config = DrafterConfig.read(folder)
     try:
         from safetensors import safe_open

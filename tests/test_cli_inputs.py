@@ -136,7 +136,6 @@ BAD_VALUES = [
     (("run", "--drafter", "@garbled", "hi"), 1, "{garbled}/drafter.safetensors is truncated or not a safetensors file; train the drafter again"),
     (("run", "--drafter", "@badconfig", "hi"), 1, "{badconfig}/drafter.json is not a drafter config"),
     (("run", "-m", "@tiny", "--drafter", "@other", "hi"), 1, "the drafter at {other} was trained for another model (qwen3, 28 layers, 1024-dim); train one for this model with `xqchat train-drafter`"),
-    (("run", "-m", "@tiny", "--drafter", "auto", "hi"), 1, "no drafter for llama: train one with `xqchat train-drafter -m llama`, or run without --drafter"),
     (("run", "--drafter", "lookup", "--lookup", "0", "hi"), 2, "--drafter lookup needs --lookup 1 or more"),
     (("run", "--beam-width", "0", "hi"), 2, "Invalid value for '--beam-width': 0 is not in the range 1<=x<=64."),
     (("run", "--beam-width", "99999999999999999999", "hi"), 2, "Invalid value for '--beam-width': 99999999999999999999 is not in the range 1<=x<=64."),
