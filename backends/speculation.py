@@ -96,13 +96,15 @@ class SpeculationPolicy:
         widths = range(1, largest.width + 1) if drafter and largest.drafts else ()
         # (width, length) of the drafter's part of a tree; (0, 1): none
         self.drafter_parts = [(0, 1), *itertools.product(widths, range(2, largest.length + 1))]
-        lookups = range(largest.lookup + 1)
+        self.lookups = np.arange(largest.lookup + 1)
+        # every (drafter part, lookup length), as a (parts, lookups) grid flattened: PLAIN first
         self.shapes = [
-            Shape(w, n, k) for (w, n), k in itertools.product(self.drafter_parts, lookups)
+            Shape(w, n, int(k)) for (w, n), k in itertools.product(self.drafter_parts, self.lookups)
         ]
-        self.largest = Shape(*self.drafter_parts[-1], largest.lookup)
-        self.rows = {s: Average() for s in self.shapes}  # the tree's rows, had s been chosen
-        self.decided = {s: Average() for s in self.shapes}  # tokens decided per step, had it been
+        self.largest = self.shapes[-1]
+        n = len(self.shapes)
+        # had each shape been chosen: its tree's rows and the tokens it decides per step (means)
+        self.rows, self.decided, self.seen = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
         self.plain_s = Average()
         self.draft_s: dict[int, Average] = {}  # by width: seconds per beam-search step
         self.tree_s: dict[int, Average] = {}  # by rows
@@ -117,7 +119,7 @@ class SpeculationPolicy:
     def choose(self) -> Shape:
         """The shape of the next step."""
         self.steps += 1
-        if self.plain_s.count == 0 and self.rows[self.largest].count:
+        if self.plain_s.count == 0 and self.seen[-1]:
             return PLAIN  # the second step: plain's cost, to compare the first tree with
         if self.steps % self.explore_every:
             return self.best
@@ -148,56 +150,66 @@ class SpeculationPolicy:
         if shape.drafts:
             draft = self.draft_s.setdefault(shape.width, Average())
             draft.add(draft_seconds / (shape.length - 1))
-        rows = int((np.unique(beam_nodes[beam_nodes >= 0])).size)
+        rows = int(beam_nodes.max()) + 1  # every node is on some beam
         cost = self.plain_s if rows == 1 else self.tree_s.setdefault(rows, Average())
         cost.add(tree_seconds)
-        right = np.isin(beam_nodes, accepted) & (beam_nodes >= 0)
+        right = (beam_nodes[..., None] == np.array(accepted)).any(-1)
         lead = np.cumprod(right, axis=1).sum(axis=1)  # (M,) each beam's accepted prefix, root on
         if len(beam_nodes) > drafter_beams:  # lookup's beam: a chain from the root
             chain = beam_nodes[drafter_beams][beam_nodes[drafter_beams] >= 0].tolist()
             looked_right = int(lead[drafter_beams])
         else:
             chain, looked_right = [0], 1
+        # per drafter part: its nodes, its tokens decided, and how far lookup's chain runs in it
+        part_rows, ahead, shared, within = [], [], [], []
         for width, length in self.drafter_parts:
-            if not Shape(width, length) <= shape:
-                continue
             nodes = beam_nodes[:width, :length] if width else beam_nodes[:1, :1]
             drafted = set(nodes[nodes >= 0].tolist())
-            ahead = int(np.minimum(lead[:width], length).max()) if width else 1
-            shared = next((i for i, node in enumerate(chain) if node not in drafted), len(chain))
-            for k in range(shape.lookup + 1):
-                looked = min(len(chain), k + 1)
-                s = Shape(width, length, k)
-                self.rows[s].add(len(drafted) + looked - min(shared, looked))
-                # the accepted tokens past the root, plus the next token
-                self.decided[s].add(max(ahead, min(looked_right, k + 1)))
+            part_rows.append(len(drafted))
+            ahead.append(int(np.minimum(lead[:width], length).max()) if width else 1)
+            shared.append(next((i for i, n in enumerate(chain) if n not in drafted), len(chain)))
+            within.append(Shape(width, length) <= shape)
+        looked = np.minimum(len(chain), self.lookups + 1)  # (lookups,) lookup's rows, root on
+        shared = np.array(shared)[:, None]
+        grid_rows = np.array(part_rows)[:, None] + looked - np.minimum(shared, looked)
+        # the accepted tokens past the root, plus the next token
+        grid_decided = np.maximum(np.array(ahead)[:, None], np.minimum(looked_right, looked))
+        observed = (np.array(within)[:, None] & (self.lookups <= shape.lookup)).ravel()
+        self.seen += observed
+        weight = np.where(observed, np.maximum(WEIGHT, 1 / np.maximum(self.seen, 1)), 0.0)
+        self.rows += (grid_rows.ravel() - self.rows) * weight
+        self.decided += (grid_decided.ravel() - self.decided) * weight
         self._decide()
 
-    def rates(self) -> dict[Shape, float]:
-        """Expected tokens per second of each shape whose cost and yield are known."""
+    def expected(self, shape: Shape) -> tuple[float, float]:
+        """(rows, tokens decided) per step of `shape` as measured so far."""
+        i = self.shapes.index(shape)
+        return float(self.rows[i]), float(self.decided[i])
+
+    def rates(self) -> np.ndarray:
+        """Expected tokens per second of each shape (self.shapes' order), 0 where its cost or
+        yield is not known yet."""
         if self.plain_s.count == 0:
-            return {}
-        rates = {PLAIN: 1 / self.plain_s.value}
+            return np.zeros(len(self.shapes))
         # a tree's seconds by its rows, interpolated between the row counts measured (a mean of
         # rows is fractional); one row is a plain step (nothing drafted, nothing found)
         known = {1: self.plain_s.value} | {n: a.value for n, a in self.tree_s.items() if n > 1}
         xs = sorted(known)
-        ys = [known[x] for x in xs]
-        for shape in self.shapes:
-            per_step = self.draft_s.get(shape.width) or self.draft_s.get(self.largest.width)
-            if shape.plain or not self.rows[shape].count or (shape.drafts and per_step is None):
-                continue
-            draft = per_step.value * (shape.length - 1) if shape.drafts else 0.0
-            seconds = draft + float(np.interp(self.rows[shape].value, xs, ys))
-            rates[shape] = self.decided[shape].value / seconds
+        seconds = np.interp(self.rows, xs, [known[x] for x in xs])
+        for i, (width, length) in enumerate(self.drafter_parts[1:], 1):
+            per_step = self.draft_s.get(width) or self.draft_s.get(self.largest.width)
+            draft = per_step.value * (length - 1) if per_step else np.inf
+            seconds[i * len(self.lookups) : (i + 1) * len(self.lookups)] += draft
+        rates = np.where(self.seen > 0, self.decided / seconds, 0.0)
+        rates[0] = 1 / self.plain_s.value
         return rates
 
     def _decide(self) -> None:
         rates = self.rates()
-        if len(rates) < 2:  # plain's and a tree's cost are both needed
+        if not rates[0] or not rates[1:].any():  # plain's and a tree's both needed
             return
-        best = max(rates, key=rates.get)
-        self.estimate = (max(r for s, r in rates.items() if not s.plain), rates[PLAIN])
+        best = self.shapes[int(rates.argmax())]
+        self.estimate = (float(rates[1:].max()), float(rates[0]))
         if best != self.best:
             self.best, self.explore_every = best, self.base_interval
         elif self.steps % self.explore_every == 0 and self.best.plain:

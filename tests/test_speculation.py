@@ -60,7 +60,7 @@ def test_sub_shapes_are_scored_from_one_tree():
         PLAIN: (1, 1),
     }
     for shape, (rows, decided) in cases.items():
-        assert (policy.rows[shape].value, policy.decided[shape].value) == (rows, decided), shape
+        assert policy.expected(shape) == (rows, decided), shape
     assert Shape(1, 3, 2) <= Shape(2, 3, 2) and not Shape(1, 4, 0) <= Shape(2, 3, 2)
 
 
