@@ -417,7 +417,9 @@ def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, dr
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise click.BadParameter(f"cannot make {out}: {e.strerror}", param_hint="'--out'") from None
-    files, tokenizer, engine = load_engine(checked.files, EngineOptions(backend="torch"))
+    # (no drafter: the one being trained may be half written)
+    opts = EngineOptions(backend="torch", drafter=None)
+    files, tokenizer, engine = load_engine(checked.files, opts)
     rendered = benchmarks.render_prompts(tokenizer, texts, 0)
     cfg = TrainConfig(
         steps=steps,

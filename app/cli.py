@@ -276,7 +276,7 @@ def prepare_xquant(files) -> list[str]:
         return []
     status("preparing XQuant's SVD factors (once per model) …")
     start = time.perf_counter()
-    engine = load_model(files, EngineOptions())
+    engine = load_model(files, EngineOptions(drafter=None))
     engine.new_session(CacheSpec(kind="xquant"))
     status("")
     return [
@@ -420,7 +420,9 @@ def show_command(
                 option = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{option} applies only with --int8-stats")
     if int8_stats:
-        opts = EngineOptions(backend=backend, weights="int8", int8_threshold=int8_threshold)
+        opts = EngineOptions(
+            backend=backend, weights="int8", int8_threshold=int8_threshold, drafter=None
+        )
         source = read_text_file(text, note) if text else benchmarks.INT8_SAMPLE
         checked = Preflight(model)
         checked.engine(opts.backend, opts.device)
