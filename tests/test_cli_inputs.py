@@ -137,6 +137,7 @@ BAD_VALUES = [
     (("run", "--drafter", "@badconfig", "hi"), 1, "{badconfig}/drafter.json is not a drafter config"),
     (("run", "-m", "@tiny", "--drafter", "@other", "hi"), 1, "the drafter at {other} was trained for another model (qwen3, 28 layers, 1024-dim); train one for this model with `xqchat train-drafter`"),
     (("run", "--drafter", "lookup", "--lookup", "0", "hi"), 2, "--drafter lookup needs --lookup 1 or more"),
+    (("run", "--tree", "sometimes", "hi"), 2, "Invalid value for '--tree': 'sometimes' is not one of 'adaptive', 'fixed'."),
     (("run", "--beam-width", "0", "hi"), 2, "Invalid value for '--beam-width': 0 is not in the range 1<=x<=64."),
     (("run", "--beam-width", "99999999999999999999", "hi"), 2, "Invalid value for '--beam-width': 99999999999999999999 is not in the range 1<=x<=64."),
     (("run", "--beam-length", "65", "hi"), 2, "Invalid value for '--beam-length': 65 is not in the range 1<=x<=64."),
