@@ -184,14 +184,17 @@ void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
     int8_t *xq = malloc(m * k);
     float *xs = malloc(m * blocks * sizeof(float));
     float *xsum = min ? malloc(m * groups * sizeof(float)) : NULL;
-    /* outlier columns (any row's), taken out of x before it is quantized */
+    /* outlier columns (any row's); each row takes its own outliers out of x before it is
+     * quantized and leaves the other rows' in, so a row's result is the same in a drafter's tree
+     * as alone (speculation must give plain decoding's text) */
     int64_t *columns = malloc(k * sizeof(int64_t)), n_columns = 0;
     uint8_t *outlier = calloc(k, 1);
+    float *limits = malloc(m * sizeof(float));
     for (int64_t r = 0; r < m; r++) {
         float squares = 0.0f;
         for (int64_t i = 0; i < k; i++) squares += x[r * k + i] * x[r * k + i];
-        float limit = OUTLIER_RMS * sqrtf(squares / k);
-        for (int64_t i = 0; i < k; i++) outlier[i] |= fabsf(x[r * k + i]) > limit;
+        limits[r] = OUTLIER_RMS * sqrtf(squares / k);
+        for (int64_t i = 0; i < k; i++) outlier[i] |= fabsf(x[r * k + i]) > limits[r];
     }
     for (int64_t i = 0; i < k; i++)
         if (outlier[i]) columns[n_columns++] = i;
@@ -201,8 +204,10 @@ void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
         memcpy(kept, x, m * k * sizeof(float));
         for (int64_t r = 0; r < m; r++)
             for (int64_t c = 0; c < n_columns; c++) {
-                outliers[r * n_columns + c] = x[r * k + columns[c]];
-                kept[r * k + columns[c]] = 0.0f;
+                float v = x[r * k + columns[c]];
+                int own = fabsf(v) > limits[r];
+                outliers[r * n_columns + c] = own ? v : 0.0f;
+                if (own) kept[r * k + columns[c]] = 0.0f;
             }
     }
     quantize_blocks(kept ? kept : x, m, k, group, xq, xs, xsum);
@@ -252,7 +257,8 @@ void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
         }
         free(d_all), free(w_out);
     }
-    free(xq), free(xs), free(xsum), free(columns), free(outlier), free(kept), free(outliers);
+    free(xq), free(xs), free(xsum), free(columns), free(outlier), free(limits), free(kept);
+    free(outliers);
 }
 
 /* One block's 32 values, codes * s + z, into `out`: float32, or bf16 rounded to nearest even
