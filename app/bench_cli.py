@@ -251,6 +251,12 @@ def speed(
     if engine.drafter is not None:
         result["beam_width"], result["beam_length"] = engine.beams
         result["lookup"] = engine.lookup
+        result["tree"] = opts.tree
+    if engine.speculation is not None:  # what it measured and chose last
+        policy = engine.speculation
+        result["tree_chosen"] = str(policy.best)
+        if policy.estimate is not None:
+            result["best_tree_tok_s"], result["plain_tok_s"] = policy.estimate
     if profile:
         status("profiling decode steps …")
         result["profile"] = engine.profile_decode(rendered[0], steps=min(new_tokens, 64))
@@ -411,7 +417,9 @@ def train_drafter(model, prompts, limit, out, steps, new_tokens, beam_length, dr
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise click.BadParameter(f"cannot make {out}: {e.strerror}", param_hint="'--out'") from None
-    files, tokenizer, engine = load_engine(checked.files, EngineOptions(backend="torch"))
+    # (no drafter: the one being trained may be half written)
+    opts = EngineOptions(backend="torch", drafter=None)
+    files, tokenizer, engine = load_engine(checked.files, opts)
     rendered = benchmarks.render_prompts(tokenizer, texts, 0)
     cfg = TrainConfig(
         steps=steps,

@@ -56,7 +56,7 @@ Examples:
   echo "Summarise: ..." | xqchat run - --max-tokens 200
   xqchat run --temperature 0.7 --top-p 0.9 --seed 1 "Write a haiku"
   xqchat run --json "Hi"          # stats object instead of streamed text
-  xqchat run --drafter auto "Hi"  # speculative decoding: same text, fewer model steps
+  xqchat run --drafter none "Hi"  # no speculation (on by default: same text, fewer steps)
   xqchat run --overflow sink-window - < long.txt  # too long: keep its start and its end
   xqchat run --backend openai --url http://127.0.0.1:8000/v1 "Hi"  # a server's model
 
@@ -98,7 +98,7 @@ Examples:
   xqchat chat
   xqchat chat --cache kv-quant --bits 4
   xqchat chat --cache xquant --mha --overflow drop-oldest
-  xqchat chat --drafter auto
+  xqchat chat --drafter none  # no speculation (on by default; --tree fixed: the whole tree)
   xqchat chat --backend openai --url http://127.0.0.1:8000/v1   # xqchat serve, vLLM, ...
   xqchat chat --backend openai --url http://127.0.0.1:11434/v1 -m llama3.2   # Ollama
 """
@@ -318,7 +318,7 @@ def prepare_xquant(files) -> list[str]:
         return []
     status("preparing XQuant's SVD factors (once per model) …")
     start = time.perf_counter()
-    engine = load_model(files, EngineOptions())
+    engine = load_model(files, EngineOptions(drafter=None))
     engine.new_session(CacheSpec(kind="xquant"))
     status("")
     return [
@@ -462,7 +462,9 @@ def show_command(
                 option = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{option} applies only with --int8-stats")
     if int8_stats:
-        opts = EngineOptions(backend=backend, weights="int8", int8_threshold=int8_threshold)
+        opts = EngineOptions(
+            backend=backend, weights="int8", int8_threshold=int8_threshold, drafter=None
+        )
         source = read_text_file(text, note) if text else benchmarks.INT8_SAMPLE
         checked = Preflight(model)
         checked.engine(opts.backend, opts.device)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import click
 
 from xqchat.backends import int8
-from xqchat.backends.base import CACHE_KINDS, WEIGHT_DTYPES, CacheSpec, EngineOptions
+from xqchat.backends.base import CACHE_KINDS, TREES, WEIGHT_DTYPES, CacheSpec, EngineOptions
 from xqchat.models.errors import XQError
 
 if TYPE_CHECKING:
@@ -234,15 +234,14 @@ def check_device(backend: str, device: str) -> None:
 
 
 def check_drafter(option: str, checked: Preflight) -> None:
-    """auto: a drafter exists for the model; a folder: its config reads, its weights file is a
-    safetensors file, and it was trained for this model (each XQError: exit 1)."""
+    """A folder: its config reads, its weights file is a safetensors file, and it was trained for
+    this model (each XQError: exit 1). auto needs no check: the drafter next to the model or
+    shipped for it was made for it, and without one prompt lookup's beam serves any model."""
     from xqchat.backends.drafter import WEIGHTS, DrafterConfig, drafter_folder
 
-    if option in ("none", "lookup"):
+    if option in ("none", "lookup", "auto"):
         return
     folder = drafter_folder(option, checked.files)
-    if option == "auto":
-        return  # found next to the model or shipped for it: made for this model
     config = DrafterConfig.read(folder)
     try:
         from safetensors import safe_open
@@ -400,26 +399,27 @@ DRAFTER_OPTIONS = [
     click.option(
         "--drafter",
         type=Drafter(),
-        default="none",
+        default=EngineOptions.drafter,
         show_default=True,
-        help="Speculative decoding with a recurrent drafter: none, auto (the one trained for "
-        "this model by `xqchat train-drafter`, or shipped with xqchat), a drafter folder, or "
-        "lookup (no drafter, only --lookup's beam: any model, no training). Greedy text is "
-        "unchanged; sampling keeps the model's distribution.",
+        help="Speculative decoding: auto (the drafter trained for this model by `xqchat "
+        "train-drafter` or shipped with xqchat, else --lookup's beam alone), a drafter folder, "
+        "lookup (no drafter, only --lookup's beam: any model, no training), or none. Greedy text "
+        "is unchanged; sampling keeps the model's distribution (and a --seed's reply).",
     ),
     click.option(
         "--beam-width",
         type=click.IntRange(1, MAX_BEAM_WIDTH),
         default=EngineOptions.beam_width,
         show_default=True,
-        help="Drafter beams per step.",
+        help="Drafter beams per step (the most, with --tree adaptive).",
     ),
     click.option(
         "--beam-length",
         type=click.IntRange(1, MAX_BEAM_LENGTH),
         default=EngineOptions.beam_length,
         show_default=True,
-        help="Tokens per drafter beam, the model's own next token included.",
+        help="Tokens per drafter beam, the model's own next token included (the most, with "
+        "--tree adaptive).",
     ),
     click.option(
         "--lookup",
@@ -427,7 +427,17 @@ DRAFTER_OPTIONS = [
         default=EngineOptions.lookup,
         show_default=True,
         help="One more beam of up to N tokens beside the drafter's: what followed the last few "
-        "tokens where they occurred before in the chat (0: none).",
+        "tokens where they occurred before in the chat (0: none; the most, with --tree "
+        "adaptive).",
+    ),
+    click.option(
+        "--tree",
+        type=click.Choice(TREES),
+        default=EngineOptions.tree,
+        show_default=True,
+        help="adaptive: each step verifies the tree, up to the one the options above make, that "
+        "pays most as measured on this machine and text, or none (plain decoding) when none "
+        "pays; fixed: always the whole tree.",
     ),
 ]
 
@@ -489,6 +499,7 @@ ENGINE_KEYS = (
     "beam_width",
     "beam_length",
     "lookup",
+    "tree",
 )
 
 
@@ -520,6 +531,7 @@ def engine_options(
     beam_width: int = EngineOptions.beam_width,
     beam_length: int = EngineOptions.beam_length,
     lookup: int = EngineOptions.lookup,
+    tree: str = EngineOptions.tree,
 ) -> EngineOptions:
     try:
         cache_spec = CacheSpec(
@@ -537,6 +549,7 @@ def engine_options(
             beam_width=beam_width,
             beam_length=beam_length,
             lookup=lookup,
+            tree=tree,
         )
     except XQError as e:  # options that contradict each other (--drafter lookup --lookup 0)
         raise click.UsageError(str(e)) from None

@@ -18,6 +18,7 @@ from xqchat.models.spec import ModelSpec
 CacheKind = Literal["kv", "kv-quant", "xquant", "xquant-cl"]
 CACHE_KINDS: tuple[str, ...] = ("kv", "kv-quant", "xquant", "xquant-cl")
 WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "q4", "q8")
+TREES = ("adaptive", "fixed")
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,15 @@ class EngineOptions:
     int8_head: bool = True  # int8 weights: the LM head (a tied table) too
     cache: CacheSpec = field(default_factory=CacheSpec)
     mha: bool = False  # run a GQA model in its exact MHA form (K/V heads repeated)
-    drafter: str | None = None  # None | "auto" | "lookup" | a drafter folder: speculation
-    beam_width: int = 1  # drafter beams per step (README: one, with lookup's, is fastest here)
-    beam_length: int = 4  # tokens per beam, the target's own next token included
-    lookup: int = 7  # a prompt-lookup beam of up to this many tokens joins the drafter's (0: none)
+    # speculation: None | "none" | "auto" (the model's drafter, else lookup's beam alone) |
+    # "lookup" | a drafter folder
+    drafter: str | None = "auto"
+    # the largest tree: drafter beams, tokens per beam (the target's own next token included),
+    # and a prompt-lookup beam of up to `lookup` tokens beside them (0: none)
+    beam_width: int = 1
+    beam_length: int = 4
+    lookup: int = 7
+    tree: str = "adaptive"  # adaptive: the shape up to the largest that pays most (or none); fixed
 
     def __post_init__(self):
         if self.beam_width < 1 or self.beam_length < 1:
@@ -66,6 +72,8 @@ class EngineOptions:
             raise XQError("--lookup must be 0 or more")
         if self.drafter == "lookup" and self.lookup < 1:
             raise XQError("--drafter lookup needs --lookup 1 or more")
+        if self.tree not in TREES:
+            raise XQError(f"--tree {self.tree}: use {' or '.join(TREES)}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,8 @@ class TokenEvent:
     cache_bytes: int
     fp16_kv_bytes: int
     accepted_per_step: float | None = None  # drafter only
+    # adaptive trees: (tokens/s of the best tree, tokens/s of plain decoding) as measured so far
+    speculation: tuple[float, float] | None = None
     finish_reason: str | None = None  # None while generating; stop | length | context | cancelled
 
 
@@ -142,6 +152,8 @@ class EngineBase:
     drafter = None  # the backend's Drafter, bound to this model, when speculating
     beams = (1, 1)  # (width, length) of the drafter's beam search
     lookup = 0  # the most tokens prompt lookup adds to a drafter's tree (0: none)
+    # chooses each step's tree (backends/speculation.py); None: always the largest
+    speculation = None
 
     def __init__(
         self, module, device: str, dtype: str, cache: CacheSpec, notes: tuple[str, ...] = ()
@@ -183,17 +195,25 @@ class EngineBase:
                 layer.observe = None
         return counts
 
-    def use_drafter(self, folder, width: int = 4, length: int = 4, lookup: int = 0) -> None:
+    def use_drafter(
+        self, folder, width: int = 4, length: int = 4, lookup: int = 0, adaptive: bool = False
+    ) -> None:
         """Speculate with the drafter in `folder` (a DrafterConfig and its weights), `width` beams
         of `length` tokens per step, plus a beam of up to `lookup` tokens found by prompt lookup
-        (backends/drafter.py); "lookup": that beam alone; None: decode one token per step."""
+        (backends/drafter.py); "lookup": that beam alone; None: decode one token per step.
+        adaptive: that tree is the largest, and each step takes the shape that pays most."""
         from .drafter import LookupOnly
+        from .speculation import Shape, SpeculationPolicy
 
         if folder is None:
             self.drafter = None
         else:
             self.drafter = LookupOnly() if folder == "lookup" else self.load_drafter(folder)
         self.beams, self.lookup = (width, length), lookup
+        largest = Shape(width, length, lookup)
+        self.speculation = None
+        if adaptive and self.drafter is not None and not largest.plain:
+            self.speculation = SpeculationPolicy(largest, drafter=folder != "lookup")
 
 
 def engine_checkpoint(files: ModelFiles, opts: EngineOptions):
@@ -299,7 +319,9 @@ def load_model(files: ModelFiles, opts: EngineOptions) -> Model:
         from .drafter import drafter_folder
 
         folder = "lookup" if opts.drafter == "lookup" else drafter_folder(opts.drafter, files)
-        model.use_drafter(folder, opts.beam_width, opts.beam_length, opts.lookup)
+        if folder != "lookup" or opts.lookup:  # (auto for a model with no drafter, no lookup)
+            adaptive = opts.tree == "adaptive"
+            model.use_drafter(folder, opts.beam_width, opts.beam_length, opts.lookup, adaptive)
     return model
 
 

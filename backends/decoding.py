@@ -17,7 +17,8 @@ import numpy as np
 from xqchat.models.errors import XQError
 
 from .base import CacheMemory, CacheSpec, GenerationConfig, TokenEvent
-from .drafter import accept_greedy, accept_sampled, build_tree, lookup, processed_probs
+from .drafter import accept_greedy, accept_sampled, build_tree, draw, lookup, processed_probs
+from .speculation import Shape
 
 CACHE_FORMAT = "xqchat-cache/2"
 
@@ -241,18 +242,24 @@ class DecodingSession:
     def generate(
         self, cfg: GenerationConfig, cancel: threading.Event | None = None
     ) -> Iterator[TokenEvent]:
-        """Stream tokens. With a drafter, each target forward verifies a tree of drafted tokens and
-        decides one or more tokens (`accepted_per_step`); the tokens are those a plain run would
-        choose (greedy) or distributed as its choices are (sampling)."""
+        """Stream tokens. With a drafter, a target forward may verify a tree of drafted tokens and
+        decide one or more tokens (`accepted_per_step`); the tokens are those a plain run would
+        choose (greedy) or distributed as its choices are (sampling: each position's token is
+        drawn with a uniform of its own, so a seed gives one reply whatever the trees were)."""
         assert self._next_logits is not None, "prefill before generate"
         speculate = self.model.drafter is not None
-        rng = np.random.default_rng(cfg.seed) if speculate else self._rng(cfg.seed)
+        if speculate:
+            self._seed = np.random.SeedSequence(cfg.seed).entropy
+            rng = None
+        else:
+            rng = self._rng(cfg.seed)
         step = self._speculative_step if speculate else self._plain_step
+        policy = self.model.speculation if speculate else None
         fed, reused, prefill_s = self._prefilled
         prefill_tok_s = fed / prefill_s if prefill_s > 0 else 0.0
         first = time.perf_counter()
         n = steps = decided = 0
-        pending = [self._choose(cfg, rng) if speculate else self._sample(cfg, rng)]
+        pending = [self._choose(cfg) if speculate else self._sample(cfg, rng)]
         while True:
             # the cache holds everything before pending[-1]; a plain run's, everything before token
             for i, token in enumerate(pending):
@@ -283,6 +290,7 @@ class DecodingSession:
                     cache_bytes=mem.cache_bytes,
                     fp16_kv_bytes=mem.fp16_kv_bytes,
                     accepted_per_step=decided / steps if speculate and steps else None,
+                    speculation=policy.estimate if policy is not None else None,
                     finish_reason=finish,
                 )
                 if finish:
@@ -295,31 +303,62 @@ class DecodingSession:
         self._forward([token])
         return [self._sample(cfg, rng)]
 
-    def _choose(self, cfg: GenerationConfig, rng: np.random.Generator) -> int:
-        """The next token from self._next_logits, drawn with the drafter's numpy generator."""
+    def _choose(self, cfg: GenerationConfig) -> int:
+        """The next token from self._next_logits (speculating: see `_uniform`)."""
         if cfg.temperature <= 0:
             return int(self._argmax(self._next_logits[None])[0])
         p = processed_probs(self._numpy(self._next_logits), cfg.temperature, cfg.top_p)
-        return int(rng.choice(len(p), p=p))
+        return draw(p, self._uniform(len(self.tokens)))
+
+    def _uniform(self, position: int) -> float:
+        """The uniform that draws the token at `position`: one per position and seed, so the
+        drawn tokens do not depend on which tree (or none) decided them."""
+        return float(np.random.default_rng([self._seed, position]).random())
 
     def _speculative_step(self, token: int, cfg: GenerationConfig, rng) -> list[int]:
-        """Draft beams after `token` (the drafter's, and prompt lookup's when it finds one), verify
-        their tree in one target forward, keep the accepted path in the cache. Returns the tokens
-        decided: the accepted drafts and the next token."""
-        width, length = self.model.beams
+        """Draft beams after `token` (the drafter's, and prompt lookup's when it finds one) in the
+        shape the policy chooses (else the largest), verify their tree in one target forward, keep
+        the accepted path in the cache. Returns the tokens decided: the accepted drafts and the
+        next token."""
+        policy = self.model.speculation
+        shape = policy.choose() if policy else Shape(*self.model.beams, self.model.lookup)
+        clock = policy.clock if policy else time.perf_counter
         # a tree must fit where nothing held would be flushed (see TokenStore.room) and in context
         room = min(min(c.room for c in self.caches), self.spec.max_context - len(self.tokens) - 1)
-        nothing_to_draft = length < 2 and not self.model.lookup
-        if room < 2 or nothing_to_draft or self._next_hidden is None:  # e.g. a cache just loaded
-            self._path = None
-            self._forward([token])
-            return [self._choose(cfg, rng)]
-        beams = [*self.model.drafter.draft(self._next_hidden, token, width, length)]
-        if self.model.lookup:  # one more beam: what followed these tokens before
-            found = lookup([*self.tokens, token], self.model.lookup)
-            if found:
-                beams.append([token, *found])
+        began = drafted = clock()
+        if room < 2 or shape.plain or self._next_hidden is None:  # (None: a cache just loaded)
+            decided = [self._plain_forward(token, cfg)]
+            if policy:
+                policy.record_plain(clock() - began)
+            return decided
+        beams = [[token]]
+        if shape.drafts:
+            beams = [*self.model.drafter.draft(self._next_hidden, token, *shape.drafter)]
+            drafted = clock()
+        drafter_beams = len(beams)
+        found = lookup([*self.tokens, token], shape.lookup) if shape.lookup else []
+        if found:  # one more beam: what followed these tokens before
+            beams.append([token, *found])
         tree = build_tree(beams).prune(room)
+        if len(tree) == 1:  # lookup found nothing and no drafter: a plain step
+            decided, path = [self._plain_forward(token, cfg)], [0]
+        else:
+            decided, path = self._verify_tree(tree, cfg)
+        if policy:
+            seconds = clock() - drafted
+            policy.record_tree(
+                shape, tree.beam_nodes, drafter_beams, path, drafted - began, seconds
+            )
+        return decided
+
+    def _plain_forward(self, token: int, cfg: GenerationConfig) -> int:
+        self._path = None
+        self._forward([token])
+        return self._choose(cfg)
+
+    def _verify_tree(self, tree, cfg: GenerationConfig) -> tuple[list[int], list[int]]:
+        """Verify `tree` in one target forward and keep its accepted path in the cache. Returns
+        the tokens decided (the accepted drafts and the next token) and the path's nodes."""
         start = len(self.tokens)
         logits, hidden = self._verify(tree, start)
         if cfg.temperature <= 0:
@@ -330,14 +369,14 @@ class DecodingSession:
             path, next_token = accept_sampled(
                 tree,
                 lambda node: processed_probs(self._numpy(logits[node]), cfg.temperature, cfg.top_p),
-                rng,
+                lambda depth: self._uniform(start + depth + 1),
             )
         for cache in self.caches:
             cache.keep(start, path)
         self.tokens.extend(tree.tokens[path].tolist())
         self._path = (start, logits, hidden, path)
         self._next_logits, self._next_hidden = logits[path[-1]], hidden[path[-1]]
-        return [*tree.tokens[path[1:]].tolist(), next_token]
+        return [*tree.tokens[path[1:]].tolist(), next_token], path
 
     def _rewind(self, i: int) -> None:
         """Generation ended at the i-th token the last step decided, before the last one: hold

@@ -137,27 +137,29 @@ def accept_greedy(tree: Tree, argmax: np.ndarray) -> list[int]:
         node = int(match[0])
 
 
-def accept_sampled(tree: Tree, probs, rng: np.random.Generator) -> tuple[list[int], int]:
+def accept_sampled(tree: Tree, probs, uniform) -> tuple[list[int], int]:
     """Walk the tree from the root, keeping the target's distribution exactly. At a node whose
-    target distribution is p = probs(node) (temperature and top-p applied): test each child c in
-    turn with probability p(c); on acceptance move to c, on rejection set p(c) = 0, renormalise
-    and test the next; when all are rejected, sample the next token from what is left of p.
-    This is sampling from p by elimination, so each token leaves with probability p(token)
-    whatever the drafter proposed. Returns (path nodes, the next token)."""
+    target distribution is p = probs(node) (temperature and top-p applied), the target draws its
+    own next token from p with the uniform `uniform(depth of node)` (`draw`); the walk moves to
+    the child holding that token, and stops at a node with none, the drawn token being the next
+    one. Every token is the target's own draw, so replies are distributed as plain sampling's;
+    a child is kept with probability p(child), as often as testing each child in turn keeps one;
+    and with the same uniforms the same tokens come out whatever the tree held. Returns (path
+    nodes, the next token)."""
     _check_one_root(tree)
     node = 0
     while True:
-        p = np.array(probs(node), dtype=np.float64)
-        moved = False
-        for child in tree.children(node):
-            token = tree.tokens[child]
-            total = p.sum()
-            if rng.random() * total < p[token]:
-                node, moved = int(child), True
-                break
-            p[token] = 0.0
-        if not moved:
-            return tree.path(node), int(rng.choice(len(p), p=p / p.sum()))
+        token = draw(np.asarray(probs(node), dtype=np.float64), uniform(int(tree.depths[node])))
+        match = [c for c in tree.children(node) if tree.tokens[c] == token]
+        if not match:
+            return tree.path(node), token
+        node = int(match[0])
+
+
+def draw(p: np.ndarray, u: float) -> int:
+    """The token whose span of the cumulative distribution p holds u * p.sum() (u in [0, 1))."""
+    cumulative = np.cumsum(p, dtype=np.float64)
+    return int(np.searchsorted(cumulative, u * cumulative[-1], side="right"))
 
 
 def _check_one_root(tree: Tree) -> None:
@@ -222,15 +224,13 @@ def target_key(spec: ModelSpec) -> dict:
 SHIPPED = Path(__file__).parent / "drafters"  # trained drafters that come with xqchat, by model
 
 
-def drafter_folder(option: str, files: ModelFiles) -> Path:
+def drafter_folder(option: str, files: ModelFiles) -> Path | str:
     """--drafter auto|PATH -> the drafter's folder. auto: one trained for this model next to it
-    (`xqchat train-drafter` puts it there), else the one shipped for it."""
+    (`xqchat train-drafter` puts it there), else the one shipped for it, else "lookup" (prompt
+    lookup's beam alone: any model speculates)."""
     if option != "auto":
         return Path(option).expanduser()
     for folder in (derived_dir(files) / "drafter", SHIPPED / files.name):
         if (folder / CONFIG).is_file():
             return folder
-    raise XQError(
-        f"no drafter for {files.name}: train one with `xqchat train-drafter -m {files.name}`, "
-        "or run without --drafter"
-    )
+    return "lookup"

@@ -147,7 +147,8 @@ def test_run_json_fields(capsys, tiny_models, backend):
         "fp16_kv_bytes",
         "accepted_per_step",
     }
-    assert stats["new_tokens"] <= 5 and stats["accepted_per_step"] is None
+    # --drafter auto, and no drafter for this model: lookup's beam alone
+    assert stats["new_tokens"] <= 5 and stats["accepted_per_step"] >= 1
     held = stats["prompt_tokens"] + stats["new_tokens"] - 1
     assert stats["fp16_kv_bytes"] == held * 2 * 2 * 32 * 2  # layers * (K,V) * kv_dim * 2 bytes
     assert stats["cache_bytes"] == stats["fp16_kv_bytes"]  # bf16 weights -> bf16 K/V

@@ -130,13 +130,17 @@ def test_sampled_acceptance_keeps_the_target_distribution(beams):
     first = np.zeros(4)
     second = np.zeros((4, 4))  # after a first token the walk accepted: the walk goes on exactly
     for _ in range(n):
-        path, nxt = accept_sampled(tree, lambda node: table[tree.tokens[node]], rng)
+        path, nxt = accept_sampled(
+            tree, lambda node: table[tree.tokens[node]], lambda d: rng.random()
+        )
         emitted = [*tree.tokens[path[1:]].tolist(), nxt]
         first[emitted[0]] += 1
         if len(emitted) > 1:
             second[emitted[0], emitted[1]] += 1
     root = beams[0][0]
     assert np.abs(first / n - table[root]).sum() / 2 < 0.012  # total variation
-    assert second.sum() > n / 10  # drafts were accepted often enough to test what follows
+    # drafts were accepted often enough to test what follows (p = 0.1 at least: [0, 3, 3] is
+    # accepted one time in ten, so n / 10 itself would fail for half of the seeds)
+    assert second.sum() > n / 12
     for a in np.flatnonzero(second.sum(axis=1) > 1000):
         assert np.abs(second[a] / second[a].sum() - table[a]).sum() / 2 < 0.04, a

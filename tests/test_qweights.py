@@ -133,9 +133,9 @@ def integer_reference(x: np.ndarray, p: qweights.Packed, bias=None) -> np.ndarra
     m, k = x.shape
     n, group = p.shape[0], p.group
     rms = np.sqrt((x.astype(np.float64) ** 2).mean(axis=1, keepdims=True))
-    outlier = np.abs(x) > 6 * rms
-    outliers = np.where(outlier, x, 0).astype(np.float64) @ p.dequantize().T.astype(np.float64)
-    x = np.where(outlier, 0, x).astype(np.float32)
+    own = np.abs(x) > 6 * rms  # (m, k)
+    outliers = np.where(own, x, 0).astype(np.float64) @ p.dequantize().T.astype(np.float64)
+    x = np.where(own, 0, x).astype(np.float32)
     blocks = x.reshape(m, k // 32, 32)
     xs = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)
     xq = np.rint(np.divide(blocks, xs, out=np.zeros_like(blocks), where=xs > 0))
@@ -178,20 +178,11 @@ def test_c_pass_equals_the_integer_reference(bits, group, m):
     # the outliers in float keep the product within x's 8-bit rounding of the float one
     exact = x.astype(np.float64) @ p.dequantize().T.astype(np.float64) + bias
     assert np.abs(got - exact).max() <= 5e-3 * np.abs(exact).max()
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_a_row_gives_the_same_result_alone_and_among_others(bits):
-    """A decode step's row and the same row in a drafter's tree (other rows with outliers of
-    their own) are equal bit for bit: greedy speculation must choose what plain decoding does."""
-    p = qweights.quantize(matrix(n=70, k=256), bits)
-    x = RNG.uniform(-3, 3, (7, 256)).astype(np.float32)
-    x[2:, 10] = 80.0  # outliers in the other rows only
-    x[4, 100] = -70.0
-    layer = torch_layer(p)
-    together = layer(torch.from_numpy(x))
-    for r in range(7):
-        assert torch.equal(layer(torch.from_numpy(x[r : r + 1]))[0], together[r])
+    # each row as it would be alone, bit for bit (a drafter's tree must give plain decoding's
+    # text): another row's outlier leaves this row's quantization alone
+    for r in range(m):
+        alone = torch_layer(p, bias)(torch.from_numpy(x[r : r + 1])).numpy()
+        np.testing.assert_array_equal(alone[0], got[r])
 
 
 @pytest.mark.parametrize("bits", [4, 8])

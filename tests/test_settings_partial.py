@@ -47,7 +47,7 @@ PARTIAL = [
     (
         {"window": -3, "sink": 8, "drafter": " "},
         {"sink": 8},
-        ["window: -3 is outside 0..∞ (reset to 0)", "drafter: empty (reset to 'none')"],
+        ["window: -3 is outside 0..∞ (reset to 0)", "drafter: empty (reset to 'auto')"],
     ),
     (
         {"mha": True, "weights": "int8", "backend": "tpu", "temperature": None},

@@ -110,9 +110,11 @@ def oracle(model, session, choices, **kwargs):
 
 @pytest.fixture(scope="module")
 def tiny(backend, tiny_models):
+    """The tests bind their drafter themselves (an always-largest tree: no policy)."""
     return {
         arch: load_model(
-            resolve(str(tiny_models[arch])), EngineOptions(backend=backend, weights="fp32")
+            resolve(str(tiny_models[arch])),
+            EngineOptions(backend=backend, weights="fp32", drafter="none"),
         )
         for arch in ("qwen2", "gqa-qwen2")
     }
@@ -202,8 +204,10 @@ def test_drafter_lookup_speculates_without_a_drafter(backend, tiny_models):
     from xqchat.models import XQError
 
     files = resolve(str(tiny_models["qwen2"]))
-    options = EngineOptions(backend=backend, weights="fp32")
-    model = load_model(files, dataclasses.replace(options, drafter="lookup", lookup=6))
+    options = EngineOptions(backend=backend, weights="fp32", drafter="none")
+    model = load_model(
+        files, dataclasses.replace(options, drafter="lookup", lookup=6, tree="fixed")
+    )
     assert model.lookup == 6
     cfg = GenerationConfig(max_tokens=40)
     prompt = PROMPTS[1]

@@ -486,5 +486,6 @@ async def test_a_real_exchange_with_the_shipped_drafter_shows_tokens_per_step():
         assert role == "assistant" and "Paris" in answer and status in ("done", "length")
         assert status_text(app)["drafter"] == "drafter: auto"
         speed = status_text(app)["speed"]
-        assert speed.endswith("tok/step")
+        assert speed.split(" · ")[1].endswith("tok/step")
         assert float(speed.split(" · ")[1].split()[0]) > 1  # drafts were accepted
+        assert speed.split(" · ")[2].startswith("speculation ")  # on or off, and by how much

@@ -171,7 +171,9 @@ class ReplyingScreen(Screen):
                         reply.view.show_busy(None)
                         reply.view.text = reply.writer.text
                         await reply.stream.write(item.text)
-                        status.show_speed(item.decode_tok_s, item.accepted_per_step)
+                        status.show_speed(
+                            item.decode_tok_s, item.accepted_per_step, item.speculation
+                        )
                         if engine.info.local:
                             status.show_memory(item.cache_bytes, item.fp16_kv_bytes)
                             used = item.cached_tokens + item.prompt_tokens + item.new_tokens

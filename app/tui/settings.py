@@ -23,6 +23,7 @@ from xqchat.app.options import MIN_TEMPERATURE
 from xqchat.backends import int8
 from xqchat.backends.base import (
     CACHE_KINDS,
+    TREES,
     WEIGHT_DTYPES,
     CacheSpec,
     EngineOptions,
@@ -153,11 +154,12 @@ class Settings:
         where="local",
     )
     drafter: str = setting(
-        "none",
+        EngineOptions.drafter,
         "Drafter",
-        "Speculative decoding: none, auto (the drafter trained for this model or shipped with "
-        "xqchat), a drafter folder, or lookup (no drafter, only the lookup beam: any model). "
-        "Greedy replies are unchanged; sampled ones keep the model's distribution.",
+        "Speculative decoding: auto (the drafter trained for this model or shipped with xqchat, "
+        "else the lookup beam alone), a drafter folder, lookup (no drafter, only the lookup "
+        "beam: any model), or none. Greedy replies are unchanged; sampled ones keep the model's "
+        "distribution.",
         suggest=lambda: ("none", "auto", "lookup"),
         where="local",
     )
@@ -182,6 +184,13 @@ class Settings:
         "few tokens where they occurred before in the chat (0: none).",
         low=0,
         where="local",
+    )
+    tree: str = setting(
+        EngineOptions.tree,
+        "Tree",
+        "adaptive: each step verifies the part of the drafter's and lookup's tree that pays most "
+        "as measured, or none when none pays (the status bar says which); fixed: the whole tree.",
+        choices=lambda: TREES,
     )
     temperature: float = setting(0.0, "Temperature", "0 = greedy (deterministic).", low=0, high=2)
     top_p: float = setting(
@@ -231,6 +240,7 @@ class Settings:
             beam_width=self.beam_width,
             beam_length=self.beam_length,
             lookup=self.lookup,
+            tree=self.tree,
         )
 
     def generation(self) -> GenerationConfig:

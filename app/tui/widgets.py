@@ -187,10 +187,20 @@ class StatusBar(Horizontal):
             text = f"RAM holds {fits:,} tok: {used / fits:.0%} used" if fits else "RAM: too small"
         self._set("fit", text).set_class(bool(fits) and used >= WARN_AT * fits, "-warning")
 
-    def show_speed(self, decode_tok_s: float, accepted_per_step: float | None) -> None:
+    def show_speed(
+        self,
+        decode_tok_s: float,
+        accepted_per_step: float | None,
+        speculation: tuple[float, float] | None = None,
+    ) -> None:
+        """Decode speed; speculating, tokens per model step, and whether speculation pays now:
+        the best tree's measured tokens/s over plain decoding's (off: steps are plain)."""
         text = f"{decode_tok_s:.1f} tok/s"
         if accepted_per_step is not None:
             text += f" · {accepted_per_step:.2f} tok/step"
+        if speculation is not None:
+            gain = speculation[0] / speculation[1]
+            text += f" · speculation {'on' if gain > 1 else 'off'} ({gain:.2f}×)"
         self._set("speed", text)
 
     def clear_speed(self) -> None:

@@ -274,8 +274,10 @@ class Engine(EngineBase):
 
         return load_drafter(folder, self.module)
 
-    def use_drafter(self, folder, width: int = 4, length: int = 4, lookup: int = 0) -> None:
-        ENGINE.call(super().use_drafter, folder, width, length, lookup)
+    def use_drafter(
+        self, folder, width: int = 4, length: int = 4, lookup: int = 0, adaptive: bool = False
+    ) -> None:
+        ENGINE.call(super().use_drafter, folder, width, length, lookup, adaptive)
 
     def weight_bytes(self) -> int:
         return sum(w.nbytes for _, w in nn.utils.tree_flatten(self.module.parameters()))
