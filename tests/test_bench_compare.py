@@ -126,7 +126,7 @@ class FakeTokenizer:
 
 
 class FakeEngine:
-    backend, device, dtype, paths, drafter = "torch", "cpu", "q4", {}, None
+    backend, device, dtype, paths, drafter, speculation = "torch", "cpu", "q4", {}, None, None
 
     def weight_bytes(self):
         return 123
