@@ -473,12 +473,17 @@ async def test_a_real_exchange_with_the_default_model():
         text = status_text(app)
         assert text["model"] == "smollm2-135m" and text["engine"].startswith("torch/cpu")
         assert text["weights"] == app.engine.model.dtype != ""
-        assert text["speed"].endswith("tok/s") and text["memory"].startswith("cache ")
+        # speculation is on by default: tokens per step and whether it pays follow the speed
+        speed = text["speed"].split(" · ")
+        assert speed[0].endswith("tok/s") and speed[1].endswith("tok/step")
+        assert speed[2].startswith("speculation ")  # on or off, and by how much
+        assert text["memory"].startswith("cache ")
 
 
 @pytest.mark.slow
 async def test_a_real_exchange_with_the_shipped_drafter_shows_tokens_per_step():
-    app = XQChatApp({"max_tokens": 24, "backend": "torch", "drafter": "auto"})
+    # the whole tree at every step: the adaptive policy may rightly verify none in a short reply
+    app = XQChatApp({"max_tokens": 24, "backend": "torch", "drafter": "auto", "tree": "fixed"})
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         await send(pilot, "What is the capital of France?")
@@ -488,4 +493,3 @@ async def test_a_real_exchange_with_the_shipped_drafter_shows_tokens_per_step():
         speed = status_text(app)["speed"]
         assert speed.split(" · ")[1].endswith("tok/step")
         assert float(speed.split(" · ")[1].split()[0]) > 1  # drafts were accepted
-        assert speed.split(" · ")[2].startswith("speculation ")  # on or off, and by how much
