@@ -163,11 +163,12 @@ def torch_layer(p: qweights.Packed, bias=None):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("group", [32, 128])
+# k 224: an odd count of blocks, multiplied one block at a time rather than two
+@pytest.mark.parametrize(("group", "k"), [(32, 256), (128, 256), (32, 224)])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
-def test_c_pass_equals_the_integer_reference(bits, group, m):
-    p = qweights.quantize(matrix(n=70, k=256), bits, group)  # 70 outputs: a partial tile of 4
-    x = RNG.uniform(-3, 3, (m, 256)).astype(np.float32)
+def test_c_pass_equals_the_integer_reference(bits, group, k, m):
+    p = qweights.quantize(matrix(n=70, k=k), bits, group)  # 70 outputs: a partial tile of 4
+    x = RNG.uniform(-3, 3, (m, k)).astype(np.float32)
     x[0, :32] = 0  # an all-zero block: scale 0, codes 0
     x[-1, 77] = 90.0  # an outlier feature (beyond 6x the row's RMS), in one row only
     x[:, 200] = -60.0  # and one in every row

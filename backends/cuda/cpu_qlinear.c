@@ -142,10 +142,15 @@ static void quantize_blocks(const float *x, int64_t m, int64_t k, int64_t group,
         for (int64_t b = 0; b < blocks; b++) {
             const float *v = x + r * k + b * BLOCK;
             float absmax = 0.0f, sum = 0.0f;
-            for (int i = 0; i < BLOCK; i++) absmax = fmaxf(absmax, fabsf(v[i])), sum += v[i];
-            float s = absmax / 127;
-            for (int i = 0; i < BLOCK; i++)
-                codes[r * k + b * BLOCK + i] = s > 0.0f ? (int8_t)nearbyintf(v[i] / s) : 0;
+            /* vector lanes (-fopenmp-simd): a tree's rows are quantized per call, like a step's */
+#pragma omp simd reduction(max : absmax) reduction(+ : sum)
+            for (int i = 0; i < BLOCK; i++) { /* no fmaxf: a libm call per value, not inlined */
+                float a = fabsf(v[i]);
+                absmax = a > absmax ? a : absmax, sum += v[i];
+            }
+            float s = absmax / 127, divisor = s > 0.0f ? s : 1.0f; /* an all-zero block: codes 0 */
+#pragma omp simd
+            for (int i = 0; i < BLOCK; i++) codes[r * k + b * BLOCK + i] = (int8_t)nearbyintf(v[i] / divisor);
             scale[r * blocks + b] = s;
             if (group_sum) {
                 int64_t g = r * (k / group) + b * BLOCK / group;
@@ -154,27 +159,47 @@ static void quantize_blocks(const float *x, int64_t m, int64_t k, int64_t group,
         }
 }
 
-/* One row of x against `rows` (1 to TILE) weight rows: dots[t] = sum over blocks of
- * (block product) * d[t][b] * xs[b], where d holds each weight row's scale per block. */
+/* XROWS rows of x (from row r0 of xq, xs) against a tile of TILE weight rows: dots[r][t] = sum
+ * over blocks of (block product) * d[t][b] * xs[r][b], where d holds each weight row's scale per
+ * block. Each weight block is unpacked once for all the rows, and each (row, weight row) sum
+ * runs the same operations in the same order whatever the other rows: a row's result is the
+ * same alone (a decode step) and in a drafter's tree. */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define XROWS 2 /* sixteen vector registers: 2 x TILE sums beside the blocks */
+#define ROW_COUNTS(f, bits) switch (xrows) { case 1: f(bits, 1); break; default: f(bits, 2); }
+#else
+#define XROWS 4
+#define ROW_COUNTS(f, bits)                                                                      \
+    switch (xrows) {                                                                             \
+    case 1: f(bits, 1); break;                                                                   \
+    case 2: f(bits, 2); break;                                                                   \
+    case 3: f(bits, 3); break;                                                                   \
+    default: f(bits, 4);                                                                         \
+    }
+#endif
 static inline __attribute__((always_inline)) void tile_dots(const void *const *w, int bits,
-                                                            const float *const *d, int rows,
+                                                            const float *const *d, int xrows,
                                                             const int8_t *xq, const float *xs,
                                                             int64_t blocks, int64_t ahead,
-                                                            float *dots) {
-    sums acc[TILE];
-    for (int t = 0; t < rows; t++) acc[t] = sums_zero();
+                                                            float dots[][TILE]) {
+    sums acc[XROWS][TILE];
+    for (int r = 0; r < xrows; r++)
+        for (int t = 0; t < TILE; t++) acc[r][t] = sums_zero();
     for (int64_t b = 0; b < blocks; b++) {
-        block x = load_block(xq + b * BLOCK);
-        for (int t = 0; t < rows; t++) {
+        block x[XROWS];
+        for (int r = 0; r < xrows; r++) x[r] = load_block(xq + (r * blocks + b) * BLOCK);
+        for (int t = 0; t < TILE; t++) {
             __builtin_prefetch((const uint8_t *)w[t] + b * 4 * bits + ahead);
-            float s = d[t][b] * xs[b];
-            if (bits == 4)
-                acc[t] = add_scaled(acc[t], q4_dot(q4_block((const uint8_t *)w[t] + b * 16), x), s);
-            else
-                acc[t] = add_scaled(acc[t], q8_dot(load_block((const int8_t *)w[t] + b * 32), x), s);
+            block wb = bits == 4 ? q4_block((const uint8_t *)w[t] + b * 16)
+                                 : load_block((const int8_t *)w[t] + b * 32);
+            for (int r = 0; r < xrows; r++) {
+                float s = d[t][b] * xs[r * blocks + b];
+                acc[r][t] = add_scaled(acc[r][t], bits == 4 ? q4_dot(wb, x[r]) : q8_dot(wb, x[r]), s);
+            }
         }
     }
-    for (int t = 0; t < rows; t++) dots[t] = sums_total(acc[t]);
+    for (int r = 0; r < xrows; r++)
+        for (int t = 0; t < TILE; t++) dots[r][t] = sums_total(acc[r][t]);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -219,25 +244,24 @@ static pair_input pair_layout(const int8_t *xq, const float *xs, int64_t m, int6
     return in;
 }
 
-/* pair_input's row r against `rows` (1 to TILE) weight rows, as tile_dots. */
+/* pair_input's rows r0 to r0 + xrows against a tile of TILE weight rows, as tile_dots. */
 static inline __attribute__((always_inline)) void pair_dots(const void *const *w, int bits,
-                                                            const float *const *d, int rows,
-                                                            const pair_input *in, int64_t r,
+                                                            const float *const *d, int xrows,
+                                                            const pair_input *in, int64_t r0,
                                                             int64_t blocks, int64_t ahead,
-                                                            float *dots) {
+                                                            float dots[][TILE]) {
     int64_t pairs = blocks / 2;
-    const int8_t *x = in->x + r * blocks * BLOCK;
-    const float *xs = in->scale + r * pairs * 16;
-    const int32_t *base = in->base + r * pairs * 16;
+    const int8_t *x = in->x + r0 * blocks * BLOCK;
+    const float *xs = in->scale + r0 * pairs * 16;
+    const int32_t *base = in->base + r0 * pairs * 16;
     const __m512i low = _mm512_set1_epi8(15), flip = _mm512_set1_epi8((char)0x80);
     /* per 16-bit element: shift the low 256 bits by 0 (low nibbles), the high by 4 */
     const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-    __m512 acc[TILE];
-    for (int t = 0; t < rows; t++) acc[t] = _mm512_setzero_ps();
+    __m512 acc[XROWS][TILE];
+    for (int r = 0; r < xrows; r++)
+        for (int t = 0; t < TILE; t++) acc[r][t] = _mm512_setzero_ps();
     for (int64_t p = 0; p < pairs; p++) {
-        __m512i xv = _mm512_loadu_si512(x + p * 64), start = _mm512_loadu_si512(base + p * 16);
-        __m512 x_scale = _mm512_loadu_ps(xs + p * 16);
-        for (int t = 0; t < rows; t++) {
+        for (int t = 0; t < TILE; t++) {
             __builtin_prefetch((const uint8_t *)w[t] + p * 8 * bits + ahead);
             __m512i codes;
             if (bits == 4) {
@@ -246,19 +270,25 @@ static inline __attribute__((always_inline)) void pair_dots(const void *const *w
                 codes = _mm512_and_si512(_mm512_srlv_epi16(codes, shifts), low);
             } else
                 codes = _mm512_xor_si512(_mm512_loadu_si512((const int8_t *)w[t] + p * 64), flip);
-            __m512i products = _mm512_dpbusd_epi32(start, codes, xv);
             __m128 pair_scale = _mm_castpd_ps(_mm_load_sd((const double *)(d[t] + 2 * p)));
             __m512 scale = _mm512_permutexvar_ps(in->lane_block, _mm512_castps128_ps512(pair_scale));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(products), _mm512_mul_ps(scale, x_scale), acc[t]);
+            for (int r = 0; r < xrows; r++) {
+                int64_t at = r * pairs + p;
+                __m512i products = _mm512_dpbusd_epi32(_mm512_loadu_si512(base + at * 16), codes,
+                                                       _mm512_loadu_si512(x + at * 64));
+                __m512 both = _mm512_mul_ps(scale, _mm512_loadu_ps(xs + at * 16));
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(products), both, acc[r][t]);
+            }
         }
     }
-    for (int t = 0; t < rows; t++) dots[t] = _mm512_reduce_add_ps(acc[t]);
+    for (int r = 0; r < xrows; r++)
+        for (int t = 0; t < TILE; t++) dots[r][t] = _mm512_reduce_add_ps(acc[r][t]);
 }
 #endif
 
 /* y (m, n) = x (m, k) · Wᵀ + bias for a q4 (bits 4, with mins) or q8 (bits 8, mins NULL)
  * weight; x, y and bias (or NULL) float32. Outputs are split over the threads in tiles of TILE
- * weight rows, each tile read once per row of x. */
+ * weight rows, each tile read once and unpacked once per XROWS rows of x. */
 void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
               const uint16_t *scale, const uint16_t *min, int64_t group, const float *bias,
               int64_t n, float *y, int threads) {
@@ -274,8 +304,10 @@ void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
     uint8_t *outlier = calloc(m * k, 1), *any = calloc(k, 1);
     for (int64_t r = 0; r < m; r++) {
         float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
         for (int64_t i = 0; i < k; i++) squares += x[r * k + i] * x[r * k + i];
         float limit = OUTLIER_RMS * sqrtf(squares / k);
+#pragma omp simd
         for (int64_t i = 0; i < k; i++) {
             outlier[r * k + i] = fabsf(x[r * k + i]) > limit;
             any[i] |= outlier[r * k + i];
@@ -327,31 +359,31 @@ void q_linear(const float *x, int64_t m, int64_t k, int bits, const void *codes,
                 for (int64_t b = blocks - 1; group > BLOCK && b >= 0; b--) /* one per block */
                     d[t][b] = d[t][b * BLOCK / group];
             }
-            for (int64_t r = 0; r < m; r++) {
-                float dots[TILE];
-                const int8_t *xr = xq + r * k;
-                const float *sr = xs + r * blocks;
-                const float *const *ds = (const float *const *)d;
-                /* constant bits and row counts: no branch in the loop, the sums in registers */
+            for (int t = rows; t < TILE; t++) /* a last, partial tile: its rows again, unused */
+                w[t] = w[0], d[t] = d[0];
+            const float *const *ds = (const float *const *)d;
+            for (int64_t r0 = 0; r0 < m; r0 += XROWS) {
+                int xrows = m - r0 < XROWS ? (int)(m - r0) : XROWS;
+                float dots[XROWS][TILE];
+                /* constant bits and row counts: no branch in the loops, the sums in registers */
+#define PAIR(bits, xrows) pair_dots(w, bits, ds, xrows, &in, r0, blocks, ahead, dots)
+#define BLOCKS(bits, xrows) tile_dots(w, bits, ds, xrows, xq + r0 * k, xs + r0 * blocks, blocks, ahead, dots)
 #ifdef PAIRS
-                if (pairs && bits == 4 && rows == TILE) pair_dots(w, 4, ds, TILE, &in, r, blocks, ahead, dots);
-                else if (pairs && bits == 4) pair_dots(w, 4, ds, rows, &in, r, blocks, ahead, dots);
-                else if (pairs && rows == TILE) pair_dots(w, 8, ds, TILE, &in, r, blocks, ahead, dots);
-                else if (pairs) pair_dots(w, 8, ds, rows, &in, r, blocks, ahead, dots);
+                if (pairs && bits == 4) ROW_COUNTS(PAIR, 4)
+                else if (pairs) ROW_COUNTS(PAIR, 8)
                 else
 #endif
-                if (bits == 4 && rows == TILE) tile_dots(w, 4, ds, TILE, xr, sr, blocks, ahead, dots);
-                else if (bits == 4) tile_dots(w, 4, ds, rows, xr, sr, blocks, ahead, dots);
-                else if (rows == TILE) tile_dots(w, 8, ds, TILE, xr, sr, blocks, ahead, dots);
-                else tile_dots(w, 8, ds, rows, xr, sr, blocks, ahead, dots);
-                for (int t = 0; t < rows; t++) {
-                    int64_t j = j0 + t;
-                    float out = dots[t];
-                    if (min) out += half_dot(min + j * groups, xsum + r * groups, groups);
-                    for (int64_t c = 0; c < n_columns; c++)
-                        out += outliers[r * n_columns + c] * w_out[t * n_columns + c];
-                    y[r * n + j] = bias ? out + bias[j] : out;
-                }
+                if (bits == 4) ROW_COUNTS(BLOCKS, 4)
+                else ROW_COUNTS(BLOCKS, 8)
+                for (int r = 0; r < xrows; r++)
+                    for (int t = 0; t < rows; t++) {
+                        int64_t i = r0 + r, j = j0 + t;
+                        float out = dots[r][t];
+                        if (min) out += half_dot(min + j * groups, xsum + i * groups, groups);
+                        for (int64_t c = 0; c < n_columns; c++)
+                            out += outliers[i * n_columns + c] * w_out[t * n_columns + c];
+                        y[i * n + j] = bias ? out + bias[j] : out;
+                    }
             }
         }
         free(d_all), free(w_out);
