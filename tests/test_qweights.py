@@ -229,6 +229,23 @@ def test_mlx_layer_is_the_dequantized_product(bits):
     np.testing.assert_array_equal(np.array(layer.dense_weight()), p.dequantize().T)
 
 
+@pytest.mark.skipif(mlx_missing, reason="mlx is not installed")
+def test_mlx_profile_times_the_quantized_products(tiny_models):
+    """`bench speed --profile` on MLX: q4 layers and head are products too (they once counted
+    as "the rest", leaving matmuls at 0 ms)."""
+    files = resolve(str(tiny_models["gqa-qwen2"]))
+    model = load_model(files, EngineOptions(backend="mlx", weights="q4", drafter="none"))
+    profile = model.profile_decode(list(range(600, 620)), steps=4)
+    layers, head, rest = profile["top_ops"]
+    n_layers = model.module.spec.n_layers
+    assert layers["op"] == f"layer products ({5 * n_layers} QLinear q4 g32; timed alone)"
+    assert layers["calls_per_step"] == 5 * n_layers  # q, k|v, o, gate|up, down
+    assert head["op"] == "LM head (QEmbedding q4 g32; timed alone)"  # the tied table
+    assert layers["ms_per_step"] > 0 and head["ms_per_step"] > 0
+    assert profile["matmul_ms"] == pytest.approx(layers["ms_per_step"] + head["ms_per_step"])
+    assert rest["ms_per_step"] == pytest.approx(max(0, profile["step_ms"] - profile["matmul_ms"]))
+
+
 # ---- whole models ------------------------------------------------------------------------------
 
 
