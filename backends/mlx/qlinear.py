@@ -15,8 +15,7 @@ from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
-
-from .quant import pack
+import numpy as np
 
 
 class QLinear(nn.Module):
@@ -79,13 +78,13 @@ class BlockQLinear(nn.Module):
         self.bits, self.group = layer.bits, layer.group
         d_out, n_blocks = layer.scales.shape
         self.unit = next(u for u in (128, 64, 32) if d_out % u == 0)  # the kernel's own groups
-        codes = _codes(layer.weight, (d_out, n_blocks * layer.group), layer.group, self.bits)
-        codes = codes.T.reshape(n_blocks, layer.group, d_out).astype(mx.uint32)
-        self.weight = pack(codes, self.bits)  # (blocks, group, out * bits / 32)
+        words = along_outputs(np.array(layer.weight), self.bits)  # (in, out * bits / 32)
+        self.weight = mx.array(words.reshape(n_blocks, layer.group, -1))
         self.scales = layer.scales.T.astype(mx.float32)  # (blocks, out)
         self.biases = layer.biases.T.astype(mx.float32)
         if "bias" in layer:
             self.bias = layer.bias
+        mx.eval(self.parameters())  # one matrix at a time: a load holds no more than that
 
     def dense_weight(self) -> mx.array:
         """The dequantized (in, out) weight, float32: the same values as the QLinear's."""
@@ -131,6 +130,19 @@ class BlockQEmbedding(BlockQLinear):
 @mx.compile  # one pass instead of four (where MLX finds no compiler, the ops run as they are)
 def _combine(partial, sums, scales, biases):
     return (partial * scales + sums * biases).sum(0)
+
+
+def along_outputs(words: np.ndarray, bits: int) -> np.ndarray:
+    """MLX's packed (out, in * bits / 32) words, codes along the inputs -> (in, out * bits / 32),
+    the same codes packed along the outputs. In numpy, a code to a byte: a matrix's own size."""
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    codes = np.empty((words.shape[1] * per_word, words.shape[0]), np.uint8)  # (in, out)
+    for i in range(per_word):  # input k sits in word k // per_word at bit bits * (k % per_word)
+        codes[i::per_word] = ((words >> (bits * i)) & mask).T
+    packed = np.zeros((codes.shape[0], codes.shape[1] // per_word), np.uint32)
+    for i in range(per_word):
+        packed |= codes[:, i::per_word].astype(np.uint32) << (bits * i)
+    return packed
 
 
 def _codes(words, shape, group: int, bits: int) -> mx.array:
