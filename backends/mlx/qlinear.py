@@ -156,7 +156,9 @@ def _unit_scales(shape: tuple, group: int, bits: int, dtype) -> tuple[mx.array, 
     """Scales of 1 and biases of 0 for packed words of `shape`: the codes as they are. Shared by
     every layer of a shape (they are no part of the weights)."""
     shape = (*shape[:-1], shape[-1] * 32 // bits // group)
-    return mx.ones(shape, dtype=dtype), mx.zeros(shape, dtype=dtype)
+    unit = mx.ones(shape, dtype=dtype), mx.zeros(shape, dtype=dtype)
+    mx.eval(unit)  # data, not a graph on the stream of whichever thread asked first
+    return unit
 
 
 def use_block_layout(module) -> None:
