@@ -210,7 +210,7 @@ def test_bench_speed_json(capsys, tiny_models, backend):
     assert 0 < profile["matmul_ms"] and 0 <= profile["outside_matmul_share"] < 1
     ops = {op["op"] for op in profile["top_ops"]}
     if backend == "mlx":
-        assert "matmul (x @ W, timed alone)" in ops
+        assert {op.split(" (")[0] for op in ops} >= {"layer products", "LM head"}
         return
     # the decode products took the path measured fastest on this CPU, and the profile saw it
     paths = stats["paths"]

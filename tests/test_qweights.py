@@ -230,6 +230,74 @@ def test_mlx_layer_is_the_dequantized_product(bits):
     np.testing.assert_array_equal(np.array(layer.dense_weight()), p.dequantize().T)
 
 
+@pytest.mark.skipif(mlx_missing, reason="mlx is not installed")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_mlx_block_layout_is_the_same_layer(bits, rows, monkeypatch):
+    """BlockQLinear holds a QLinear's codes along the outputs (MLX's vectorized CPU product) and
+    applies each input block's scales and biases after: the same weight, the same product."""
+    import mlx.core as mx
+
+    from xqchat.backends.mlx.qlinear import BlockQLinear, QLinear
+
+    p = qweights.quantize(matrix(n=192), bits)
+    layer = QLinear(256, 192, True, bits, 32)
+    layer.weight, layer.scales, layer.biases = (mx.array(a) for a in qweights.to_mlx(p))
+    layer.bias = mx.array(RNG.standard_normal(192).astype(np.float32))
+    block = BlockQLinear(layer)
+    np.testing.assert_array_equal(np.array(block.dense_weight()), np.array(layer.dense_weight()))
+    # a prompt chunk goes through in slices of rows: here 2 at a time
+    monkeypatch.setattr(BlockQLinear, "PARTIAL_BYTES", 2 * 4 * block.scales.size)
+    x = RNG.uniform(-3, 3, (rows, 256)).astype(np.float32)
+    expected = x.astype(np.float64) @ p.dequantize().T + np.array(layer.bias)
+    np.testing.assert_allclose(np.array(block(mx.array(x))), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(mlx_missing, reason="mlx is not installed")
+def test_mlx_block_layout_table_looks_up_the_same_rows():
+    import mlx.core as mx
+
+    from xqchat.backends.mlx.qlinear import BlockQEmbedding, QEmbedding
+
+    p = qweights.quantize(matrix(n=320, k=64), 4)
+    table = QEmbedding(320, 64, 4, 32, mx.float32)
+    table.weight, table.scales, table.biases = (mx.array(a) for a in qweights.to_mlx(p))
+    block, tokens = BlockQEmbedding(table), mx.array([[3, 319, 0], [8, 8, 161]])
+    np.testing.assert_array_equal(np.array(block(tokens)), p.dequantize()[np.array(tokens)])
+    x = RNG.uniform(-3, 3, (2, 64)).astype(np.float32)
+    expected = x.astype(np.float64) @ p.dequantize().T
+    np.testing.assert_allclose(np.array(block.as_linear(mx.array(x))), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(mlx_missing or sys.platform == "darwin", reason="the CPU layout off macOS")
+def test_mlx_block_layout_gives_the_model_the_same_logits(tiny_models, monkeypatch):
+    from xqchat.backends.mlx import model as mlx_model
+
+    files, ids = resolve(str(tiny_models["gqa-qwen2"])), list(range(600, 640))
+    opts = EngineOptions(backend="mlx", weights="q4", drafter="none")
+    got = load_model(files, opts).new_session().logits(ids)
+    monkeypatch.setattr(mlx_model, "use_block_layout", lambda module: None)
+    usual = load_model(files, opts).new_session().logits(ids)
+    np.testing.assert_allclose(got, usual, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(mlx_missing, reason="mlx is not installed")
+def test_mlx_profile_times_the_quantized_products(tiny_models):
+    """`bench speed --profile` on MLX: q4 layers and head are products too (they once counted
+    as "the rest", leaving matmuls at 0 ms). Off macOS they are held in the block layout."""
+    files = resolve(str(tiny_models["gqa-qwen2"]))
+    model = load_model(files, EngineOptions(backend="mlx", weights="q4", drafter="none"))
+    profile = model.profile_decode(list(range(600, 620)), steps=4)
+    layers, head, rest = profile["top_ops"]
+    n_layers, block = model.module.spec.n_layers, "" if sys.platform == "darwin" else "Block"
+    assert layers["op"] == f"layer products ({5 * n_layers} {block}QLinear q4 g32; timed alone)"
+    assert layers["calls_per_step"] == 5 * n_layers  # q, k|v, o, gate|up, down
+    assert head["op"] == f"LM head ({block}QEmbedding q4 g32; timed alone)"  # the tied table
+    assert layers["ms_per_step"] > 0 and head["ms_per_step"] > 0
+    assert profile["matmul_ms"] == pytest.approx(layers["ms_per_step"] + head["ms_per_step"])
+    assert rest["ms_per_step"] == pytest.approx(max(0, profile["step_ms"] - profile["matmul_ms"]))
+
+
 # ---- whole models ------------------------------------------------------------------------------
 
 
@@ -240,9 +308,12 @@ def test_default_gguf_keeps_its_own_quantization(default_files, backend):
     stored = {t.name: t for t in header.tensors}
     assert {t.tensor_type.name for t in header.tensors} == {"Q4_1", "Q8_0", "F32"}
     expected = sum(t.n_bytes for t in header.tensors)  # every tensor as the file holds it
-    if backend == "mlx":  # MLX's 8 bits are affine: a bias per group beside each scale
-        table = stored["token_embd.weight"]
-        expected += table.n_elements // 32 * 2
+    if backend == "mlx" and sys.platform == "darwin":  # MLX's 8 bits: a bias beside each scale
+        expected += stored["token_embd.weight"].n_elements // 32 * 2
+    elif backend == "mlx":  # the CPU's block layout: each block's scale and bias in float32
+        file_scales = {"Q4_1": 4, "Q8_0": 2}  # bytes per block of 32: scale and min, or scale
+        kinds = [(t.n_elements, t.tensor_type.name) for t in header.tensors]
+        expected += sum(n // 32 * (8 - file_scales[k]) for n, k in kinds if k in file_scales)
     assert model.weight_bytes() == expected
     stored_bytes = sum(t.n_bytes for t in header.tensors)
     assert stored_bytes <= 0.36 * 2 * sum(t.n_elements for t in header.tensors)  # of bf16's

@@ -12,6 +12,8 @@ is held the same way, so a tied LM head multiplies by it directly and a lookup g
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -30,7 +32,7 @@ from .cache import Latents, new_caches
 from .int8 import Int8Embedding, Int8Linear
 from .kernels import geglu, swiglu
 from .layers import Embedding, Linear, RMSNorm, Rope, TreeRope, window_mask
-from .qlinear import QEmbedding, QLinear
+from .qlinear import BlockQLinear, QEmbedding, QLinear, use_block_layout
 from .session import ENGINE, EngineSession
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
@@ -187,7 +189,7 @@ class Transformer(nn.Module):
 
 def dense_weight(linear) -> mx.array:
     """A Linear's (in, out) weight in float32, dequantised when it is int8, q4 or q8."""
-    if isinstance(linear, (Int8Linear, QLinear)):
+    if isinstance(linear, (Int8Linear, QLinear, BlockQLinear)):
         return linear.dense_weight()
     return linear.weight.astype(mx.float32)
 
@@ -322,6 +324,8 @@ def load(files: ModelFiles, opts: EngineOptions) -> Engine:
         module.load_weights(list(state.items()), strict=True)
     except ValueError as e:
         raise XQError(f"the checkpoint does not match its config: {e}") from None
+    if device == "cpu" and sys.platform != "darwin":  # no SIMD quantized kernels (qlinear.py)
+        use_block_layout(module)
     module.kv_dtype = mx_dtype
     module.derived = derived / "xquant"  # SVD factors, kept with the model
     mx.eval(module.parameters())
