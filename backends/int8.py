@@ -2,11 +2,16 @@
 numpy; each backend's int8.py holds its Int8Linear and kernels.
 
 A weight matrix is stored as int8 codes with one absmax scale per output channel
-(w ~ codes * scale). At run time each token row of X gets its own absmax scale; the feature
-columns of X where any |x| exceeds the outlier threshold are multiplied in floating point against
-the dequantised weight, the rest in int8 with int32 accumulation:
+(w ~ codes * scale). At run time each token row of X gets its own absmax scale; a row's values
+with |x| above the outlier threshold are multiplied in floating point against the dequantised
+weight, its others in int8 with int32 accumulation:
 
-    Y = int32(X_q · W_qᵀ) * (row scale ⊗ column scale) + X[:, outliers] · W[:, outliers]ᵀ
+    Y = int32(X_q · W_qᵀ) * (row scale ⊗ column scale) + X_outliers · Wᵀ
+
+The paper takes out the union of the rows' outlier columns (a column is float for every row if
+any row exceeds the threshold there); here the split is each row's own, so a row's result does
+not depend on the rows beside it: a decode step and the same row in a drafter's tree give the
+same bits, which lossless speculation needs. A prompt's rows quantize as they would one by one.
 
 Conversion is one pass over the checkpoint's tensors, and its result is cached as one safetensors
 file next to the model (in the checkpoint's own names and layout, so both backends read it).
@@ -174,6 +179,7 @@ def engine_scales(scales: dict, spec, concatenate) -> dict:
     }
 
 
-def outlier_columns(x: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
-    """The feature columns of x (tokens, features) in which any |x| > threshold."""
-    return np.flatnonzero((np.abs(x) > threshold).any(axis=0))
+def outliers(x: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """(tokens, features) bool: the values of x (tokens, features) that each row multiplies in
+    float, |x| > threshold."""
+    return np.abs(x) > threshold

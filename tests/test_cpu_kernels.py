@@ -12,8 +12,9 @@ from xqchat.backends import int8
 from xqchat.backends.base import CacheSpec, EngineOptions, load_model
 from xqchat.backends.cuda import cpu_kernels, cpu_paths, quant
 from xqchat.backends.cuda import layers as cuda_layers
-from xqchat.backends.cuda.cache import attention, rotate
+from xqchat.backends.cuda.cache import attend_tree_bf16, attention, rotate
 from xqchat.backends.cuda.int8 import Int8Linear
+from xqchat.backends.drafter import build_tree
 from xqchat.models import resolve
 
 needs_c = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler")
@@ -482,3 +483,27 @@ def test_a_row_attends_the_same_alone_and_in_a_tree(m):
     for r in range(m):
         alone = cpu_kernels.attend_bf16(q[:, :, r : r + 1].contiguous(), keys, values, 41 + r)
         assert torch.equal(alone[:, :, 0], together[:, :, r])
+
+
+@needs_c
+@pytest.mark.parametrize("start", [100, 250, 253])  # within a part; across the 256-token edge
+def test_a_trees_nodes_attend_as_plain_decoding_does(start):
+    """Each node of a branching drafter's tree (packed breadth first, so a node's index is past
+    its depth) equals, bit for bit, plain decoding's step for it: the cache, then its ancestors
+    at the positions of their depths. One pass over the packed tree summed a node's ancestors in
+    other lanes, and across a part's edge in another part, than plain decoding does."""
+    tree = build_tree([[1, 2, 3, 4, 5], [1, 2, 7, 8, 9], [1, 6, 10, 11, 12]])
+    n = len(tree)
+    g = torch.Generator().manual_seed(start)
+    q = torch.randn(1, 9, n, 64, generator=g)
+    keys, values = (torch.randn(1, 3, start + n, 64, generator=g).bfloat16() for _ in range(2))
+    cached = keys.clone(), values.clone()
+    together = attend_tree_bf16(q, keys, values, start, torch.from_numpy(tree.mask()))
+    assert torch.equal(keys, cached[0]) and torch.equal(values, cached[1])  # left as found
+    for i in range(n):
+        seen = list(range(start)) + [start + j for j in tree.path(i)]
+        plain = cpu_kernels.attend_bf16(
+            q[:, :, i : i + 1], keys[:, :, seen].contiguous(), values[:, :, seen].contiguous(),
+            len(seen),
+        )  # fmt: skip
+        assert torch.equal(plain[:, :, 0], together[:, :, i]), f"node {i}"

@@ -18,6 +18,7 @@ from test_conformance import pieces
 
 from xqchat.backends import int8
 from xqchat.backends.base import CACHE_KINDS, CacheSpec, EngineOptions, load_model
+from xqchat.backends.cuda import cpu_kernels
 from xqchat.models import resolve
 
 RNG = np.random.default_rng(0)
@@ -31,17 +32,26 @@ def layer_case(m=5, k=192, n=96, outliers=()):
     return x, (RNG.standard_normal((n, k)) * 0.05).astype(np.float32)
 
 
+def planted_in_some_rows(m, k=320, n=72):
+    """layer_case's x with outliers in a few rows only, in columns shared by some of them: a row
+    without them quantizes another way under the union of the rows' outlier columns."""
+    x, w = layer_case(m=m, k=k, n=n)
+    for row, column, value in [(1, 5, 40), (4, 77, -30), (4, 200, 25), (m - 2, 5, -55)]:
+        x[row, column] = value
+    return x, w
+
+
 def integer_reference(x, codes, scale, threshold=int8.THRESHOLD):
-    """LLM.int8 in int64 numpy: exact int32 product of the regular columns plus the outliers."""
-    columns = int8.outlier_columns(x, threshold)
-    regular = x.copy()
-    regular[:, columns] = 0
+    """LLM.int8 in int64 numpy, each row's outliers its own: exact int32 product of a row's
+    regular values plus its outliers in float."""
+    outliers = int8.outliers(x, threshold)
+    regular = np.where(outliers, 0, x)
     row_scale = np.maximum(np.abs(regular).max(1, keepdims=True), 1e-12) / 127
     q = np.rint(regular / row_scale).astype(np.int64)
     acc = q @ codes.astype(np.int64).T
     assert np.abs(acc).max() < 2**31
     dense = codes.astype(np.float64) * scale[:, None]
-    return acc * row_scale * scale + x[:, columns].astype(np.float64) @ dense[:, columns].T
+    return acc * row_scale * scale + np.where(outliers, x, 0).astype(np.float64) @ dense.T
 
 
 def layer(backend: str, w: np.ndarray, threshold=int8.THRESHOLD, bias=None):
@@ -77,15 +87,40 @@ def test_weight_quantization_is_absmax_per_output_channel():
     assert int8.nbytes(40, 64) == codes.nbytes + scale.nbytes
 
 
-@pytest.mark.parametrize("outliers", [(), (5, 77)])
-def test_int8_layer_equals_the_integer_reference(backend, outliers):
-    x, w = layer_case(m=7, k=320, n=72, outliers=outliers)
+@pytest.mark.parametrize("outliers", [(), (5, 77), "rows"])
+@pytest.mark.parametrize("m", [7, 40])  # a decode step's or a tree's rows; a prompt's chunk
+def test_int8_layer_equals_the_integer_reference(backend, outliers, m):
+    if outliers == "rows":
+        x, w = planted_in_some_rows(m)
+    else:
+        x, w = layer_case(m=m, k=320, n=72, outliers=outliers)
     codes, scale = int8.quantize(w)
     bias = RNG.standard_normal(72).astype(np.float32)
     got = layer(backend, w, bias=bias)(x)
     expected = integer_reference(x, codes, scale) + bias
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    assert got.shape == (7, 72) and got.dtype == np.float32
+    assert got.shape == (m, 72) and got.dtype == np.float32
+
+
+@pytest.mark.parametrize("path", ["c-pass", "torch-ops", "mlx"])
+def test_a_row_gives_the_same_bits_alone_and_in_a_batch(path, monkeypatch):
+    """Each row's outliers are its own, so a row of a drafter's tree gives a decode step's result
+    bit for bit on every path (the C pass, the torch ops, MLX's): under LLM.int8's union of the
+    rows' outlier columns a row quantized another way beside a row with outliers, and greedy
+    speculation's text could differ from plain decoding's."""
+    if path == "mlx" and "mlx" not in BACKENDS:
+        pytest.skip("mlx is not installed")
+    if path == "c-pass" and cpu_kernels.library() is None:
+        pytest.skip("no C compiler")
+    if path == "torch-ops":
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    x, w = planted_in_some_rows(9, k=576, n=96)
+    run = layer(
+        "mlx" if path == "mlx" else "torch", w, bias=RNG.standard_normal(96).astype(np.float32)
+    )
+    together = run(x)
+    for r in range(len(x)):
+        np.testing.assert_array_equal(run(x[r : r + 1])[0], together[r], err_msg=f"row {r}")
 
 
 def test_mlx_plain_product_is_exact_past_float32_integers():

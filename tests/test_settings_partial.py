@@ -92,7 +92,7 @@ def test_a_bad_setting_resets_only_itself_and_is_named(tmp_path, data, kept, nam
         "(old file: settings.json.broken)"
     )
     assert json.loads((tmp_path / "settings.json.broken").read_text()) == data
-    assert saved(path) == dataclasses.asdict(Settings(**kept))  # repaired in place
+    assert saved(path) == {"version": 2, **kept}  # repaired in place: what was chosen
     assert settings_file.load(path) == (Settings(**kept), None)
 
 
@@ -116,7 +116,7 @@ def test_a_file_that_is_no_settings_at_all_gives_the_defaults(tmp_path, content,
         f"{path} was broken ({why}); using the defaults (old file: settings.json.broken)",
     )
     assert (tmp_path / "settings.json.broken").read_text() == content
-    assert saved(path) == dataclasses.asdict(Settings())
+    assert saved(path) == {"version": 2}
 
 
 def test_a_file_that_is_not_utf8_gives_the_defaults_and_is_kept(tmp_path):
@@ -136,7 +136,7 @@ def test_a_folder_in_place_of_the_file_is_moved_aside_whole(tmp_path):
         f"{path} was broken (Is a directory); using the defaults (old file: settings.json.broken)",
     )
     assert (tmp_path / "settings.json.broken" / "mine").is_dir()
-    assert saved(path) == dataclasses.asdict(Settings())
+    assert saved(path) == {"version": 2}
 
 
 def test_an_older_broken_file_is_never_overwritten(tmp_path, monkeypatch):
@@ -196,3 +196,24 @@ async def test_settings_that_cannot_be_saved_are_said_and_hold_for_the_run(defau
         )
         assert "Settings saved." not in [message for message, _ in messages]
     assert folder.read_text() == "a file where the config folder belongs"
+
+
+def test_only_changed_settings_are_saved_so_new_defaults_reach_the_rest(tmp_path):
+    path = tmp_path / "settings.json"
+    settings_file.save(Settings(temperature=0.7, drafter="none"), path)
+    assert saved(path) == {"version": 2, "temperature": 0.7, "drafter": "none"}
+    assert settings_file.load(path) == (Settings(temperature=0.7, drafter="none"), None)
+
+
+def test_a_file_saved_whole_before_keeps_only_what_was_chosen(tmp_path):
+    """Before version 2 every setting was saved, the defaults of then included: drafter none
+    (before speculation was on by default) and int8 threshold 6 now mean "never chosen", so
+    such a user gets today's defaults there and keeps what they did change."""
+    old = dataclasses.asdict(Settings(temperature=0.7, beam_length=6))
+    old.update(drafter="none", int8_threshold=6.0, beam_width=4)
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(old))
+    assert settings_file.load(path) == (Settings(temperature=0.7, beam_length=6), None)
+    # the same values saved by this version were chosen
+    settings_file.save(Settings(drafter="none", int8_threshold="6"), path)
+    assert settings_file.load(path)[0].drafter == "none"

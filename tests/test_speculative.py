@@ -369,3 +369,24 @@ def test_the_drafters_cut_head_holds_the_models_values_in_every_weight_format(
     scale = np.abs(logits["fp32"]).max()
     for weights in ("bf16", "int8"):
         np.testing.assert_allclose(logits[weights], logits["fp32"], atol=0.03 * scale)
+
+
+def test_int8_greedy_text_equals_plain_decoding(backend, tiny_models):
+    """With int8 weights a tree's rows quantize as decode steps do (each row's outliers its own:
+    backends/int8.py), so the oracle's trees keep plain greedy's text exactly. The thresholds
+    threshold is low enough that some rows of each tree have outliers and others not (under
+    LLM.int8's union of the rows' outlier columns this text differed, at 1 and at 2)."""
+    model = load_model(
+        resolve(str(tiny_models["qwen2"])),
+        EngineOptions(backend=backend, weights="int8", int8_threshold=1.0, drafter="none"),
+    )
+    cfg = GenerationConfig(max_tokens=40)
+    for seed, prompt in enumerate(PROMPTS):
+        _, expected = plain_run(model, CacheSpec(), prompt, cfg)
+        session = model.new_session(CacheSpec())
+        oracle(model, session, knows(prompt + expected), seed=seed)
+        session.prefill(prompt)
+        events = list(session.generate(cfg))
+        model.drafter = None
+        assert [e.token for e in events] == expected
+        assert events[-1].accepted_per_step > 1.5

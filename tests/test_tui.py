@@ -413,7 +413,12 @@ async def test_settings_are_saved_and_read_back(default_tokenizer, dirs):
         assert app.settings == Settings(temperature=0.7, overflow="drop-oldest", cache="kv-quant")
         assert app.chat_screen.query_one("#cache").render() == "kv-quant 4-bit"
     saved = json.loads((dirs / "config" / "xqchat" / "settings.json").read_text())
-    assert saved["temperature"] == 0.7 and saved["overflow"] == "drop-oldest"
+    assert saved == {
+        "version": 2,
+        "temperature": 0.7,
+        "overflow": "drop-oldest",
+        "cache": "kv-quant",
+    }
     again, _ = app_with(default_tokenizer)
     assert again.settings == Settings(temperature=0.7, overflow="drop-oldest", cache="kv-quant")
 
@@ -441,7 +446,7 @@ async def test_a_broken_settings_file_is_reported_and_replaced(default_tokenizer
         await settle(pilot)
         assert app.settings == Settings()
         assert any("was broken" in n.message for n in app._notifications)
-    assert json.loads(path.read_text()) == json.loads(json.dumps(Settings().__dict__))
+    assert json.loads(path.read_text()) == {"version": 2}  # nothing chosen: the defaults
     assert (path.parent / "settings.json.broken").read_text() == content
 
 

@@ -4,6 +4,10 @@ cannot be read) gives the defaults. Either way the file as found is kept beside 
 `settings.json.broken` (`settings.json.broken-<time>` when that is taken) and a repaired one is
 written.
 
+Only the settings that differ from their defaults are saved (with the file's VERSION), so a
+default that changes reaches everyone who left it alone. Files from before VERSION held every
+setting: there a value that was then the default (PAST_DEFAULTS) counts as never chosen.
+
 Each field carries what the settings screen shows (label, help, choices), so offering a new
 option (int8 weights, the drafter, another cache kind) is one line here, or none where the
 choices come from the engine's own lists."""
@@ -33,6 +37,11 @@ from xqchat.backends.chat import OVERFLOW_POLICIES, ContextPolicy
 from xqchat.models import hub
 from xqchat.models.paths import config_dir
 from xqchat.models.registry import DEFAULT_MODEL
+
+VERSION = 2  # of settings.json: 1 (no "version" key) held every setting, 2 only the changed ones
+# defaults that were once something else: a file of version 1 holding the old value was saved
+# whole with it, not chosen (drafter none: before speculation was on by default)
+PAST_DEFAULTS = {"drafter": ["none"], "int8_threshold": [6.0], "beam_width": [4, 2]}
 
 
 def installed_models() -> list[str]:
@@ -304,12 +313,25 @@ def load(path: Path) -> tuple[Settings, str | None]:
         return replaced(
             path, Settings(), f"{path} was broken (not a JSON object); using the defaults"
         )
-    settings, problems = repaired(data)
+    settings, problems = repaired(migrated(data))
     if not problems:
         return settings, None
     return replaced(
         path, settings, f"{path} was broken in part: {'; '.join(problems)}. Kept the other settings"
     )
+
+
+def migrated(data: dict) -> dict:
+    """The settings a file holds, as chosen: without its version, and for a file of version 1
+    (saved whole) without the values that were the defaults then."""
+    data = dict(data)
+    if data.pop("version", 1) != 1:
+        return data
+    return {
+        name: value
+        for name, value in data.items()
+        if not any(value == old and type(value) is type(old) for old in PAST_DEFAULTS.get(name, []))
+    }
 
 
 def repaired(data: dict) -> tuple[Settings, list[str]]:
@@ -365,8 +387,14 @@ def reason(error: Exception) -> str:
 
 
 def save(settings: Settings, path: Path) -> None:
-    """Write `settings` to `path`; OSError if the folder cannot be made or written."""
+    """Write the settings that differ from the defaults to `path`; OSError if the folder cannot
+    be made or written."""
+    changed = {
+        f.name: getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if getattr(settings, f.name) != f.default
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
+    tmp.write_text(json.dumps({"version": VERSION, **changed}, indent=2) + "\n")
     tmp.replace(path)  # a crash mid-write never leaves a half-written file

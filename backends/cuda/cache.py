@@ -57,6 +57,33 @@ class Scratch:
         return buffer[:n].view(shape)
 
 
+def attend_tree_bf16(q, keys, values, start: int, newest: torch.Tensor | None) -> torch.Tensor:
+    """cpu_kernels.attend_bf16 of the m new rows at `start` (their keys and values written there),
+    each seeing the cache and those of the newest its row of `newest` (m, m) allows (None: all).
+    A branching drafter's tree goes one beam at a time, each beam's rows moved to the positions
+    of their depths: the pass sums a row's tokens by where they lie (its parts of ATTEND_CHUNK
+    tokens, the lanes within a part), so a node must see its ancestors where plain decoding
+    holds them (start + depth) to give a decode step's bits, and greedy speculation plain
+    decoding's text. A chain (one beam, or a decode step) is already laid out so."""
+    m = q.shape[2]
+    end = start + m
+    if newest is None or bool(newest.equal(torch.ones(m, m, dtype=torch.bool).tril())):
+        return cpu_kernels.attend_bf16(q, keys, values, end, newest)
+    tree_keys, tree_values = keys[:, :, start:end].clone(), values[:, :, start:end].clone()
+    out = torch.empty_like(q)
+    for leaf in (newest.sum(0) == 1).nonzero().squeeze(1).tolist():  # nobody's ancestor
+        path = newest[leaf].nonzero().squeeze(1)  # the leaf's ancestors and itself, by depth
+        n = len(path)
+        keys[:, :, start : start + n], values[:, :, start : start + n] = (
+            tree_keys[:, :, path],
+            tree_values[:, :, path],
+        )
+        chain = torch.ones(n, n, dtype=torch.bool).tril()
+        out[:, :, path] = cpu_kernels.attend_bf16(q[:, :, path], keys, values, start + n, chain)
+    keys[:, :, start:end], values[:, :, start:end] = tree_keys, tree_values
+    return out
+
+
 class KVCache:
     """Exact K (after RoPE) and V in the weights' dtype. Storage grows in steps and is written by
     index, so a decode step allocates nothing; `trim` only moves the offset."""
@@ -104,7 +131,7 @@ class KVCache:
             )  # fmt: skip
             self.offset = end
             newest = None if mask is None else mask[:, start:]
-            return cpu_kernels.attend_bf16(q, self.keys, self.values, end, newest)
+            return attend_tree_bf16(q, self.keys, self.values, start, newest)
         q, k = rotate(q, cos[start:end], sin[start:end]), rotate(k, cos[start:end], sin[start:end])
         keys, values = self.update_and_fetch(k, v)
         if keys.dtype != q.dtype:  # attention runs in the activation dtype (fp32 on CPU)

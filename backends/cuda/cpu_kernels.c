@@ -533,59 +533,70 @@ static void dot_rows(const uint8_t *codes, int64_t m, int64_t k, const int8_t *w
 }
 #endif
 
+/* sum_c x[c] * (w[columns[c]] * scale) for c < n, in LANES fixed lanes: the same bits for the
+ * same n values wherever they lie, so a row's outlier part does not depend on the rows beside it
+ * (a vectorized loop may peel by address and move values between lanes). */
+static float outlier_dot(const float *x, const int64_t *columns, int64_t n, const int8_t *w,
+                         float scale) {
+    lanes sum = {0};
+    for (int64_t c = 0; c < n; c += LANES) {
+        lanes xv = {0}, wv = {0};
+        for (int64_t l = 0; l < LANES && c + l < n; l++)
+            xv[l] = x[c + l], wv[l] = w[columns[c + l]] * scale; /* the dequantised weight */
+        sum += xv * wv;
+    }
+    return lanes_sum(sum);
+}
+
 /* LLM.int8() y (m, n) = x (m, k) · Wᵀ + bias for int8 W (n, k) with float32 scales per output
  * channel (int8.py's Int8Linear, in one pass), m <= INT8_ROWS; x, y and bias (or NULL) are
- * float32, the CPU's activations with int8 weights. Columns of x with any |x| > threshold go
- * through float against the dequantised weights; the rest are quantized per row
- * (absmax / 127, rounded half to even) and multiplied in integers. Those codes are stored
- * offset by 128 as uint8, the operand of the CPU's u8 x s8 dot product, and the offset is taken
- * back out through the weight row's sum.
+ * float32, the CPU's activations with int8 weights. Each row's values with |x| > threshold go
+ * through float against the dequantised weights; its others are quantized per row
+ * (absmax / 127, rounded half to even) and multiplied in integers. The split is each row's own,
+ * not the union of the rows' outlier columns (LLM.int8's batch form): a row then gives the same
+ * bits alone (a decode step) and in a drafter's tree, which greedy speculation needs to stay
+ * lossless. The codes are stored offset by 128 as uint8, the operand of the CPU's u8 x s8 dot
+ * product, and the offset is taken back out through the weight row's sum.
  * The outputs are split over the threads; each weight row is read once for all m rows of x,
  * which is what decode and a drafter's tree want. */
 void int8_linear(const float *x, int64_t m, int64_t k, float threshold,
                  const int8_t *weight, const float *scale, const float *bias, int64_t n, float *y,
                  int threads) {
     float row_scale[INT8_ROWS];
-    uint8_t *codes = malloc(m * k), *outlier = calloc(k, 1);
-    int64_t *columns = malloc(k * sizeof(int64_t)), n_columns = 0;
-    for (int64_t r = 0; r < m; r++)
-        for (int64_t i = 0; i < k; i++) outlier[i] |= fabsf(x[r * k + i]) > threshold;
-    for (int64_t c = 0; c < k; c++)
-        if (outlier[c]) columns[n_columns++] = c;
-    float *outliers = malloc((m * n_columns + 1) * sizeof(float)); /* (m, n_columns) */
+    int64_t first[INT8_ROWS + 1] = {0}; /* row r's outliers: entries first[r] .. first[r + 1] */
+    uint8_t *codes = malloc(m * k);
+    int64_t *columns = malloc(m * k * sizeof(int64_t));
+    float *outliers = malloc(m * k * sizeof(float));
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * k;
         float absmax = 0.0f;
+        int64_t count = first[r];
         for (int64_t i = 0; i < k; i++)
-            if (!outlier[i]) absmax = fmaxf(absmax, fabsf(xr[i]));
+            if (fabsf(xr[i]) > threshold)
+                columns[count] = i, outliers[count++] = xr[i];
+            else
+                absmax = fmaxf(absmax, fabsf(xr[i]));
+        first[r + 1] = count;
         float s = fmaxf(absmax, 1e-12f) / 127;
         for (int64_t i = 0; i < k; i++)
-            codes[r * k + i] = outlier[i] ? 128 : (uint8_t)((int)nearbyintf(xr[i] / s) + 128);
-        for (int64_t c = 0; c < n_columns; c++) outliers[r * n_columns + c] = xr[columns[c]];
+            codes[r * k + i] = fabsf(xr[i]) > threshold ? 128 : (uint8_t)((int)nearbyintf(xr[i] / s) + 128);
         row_scale[r] = s;
     }
-#pragma omp parallel num_threads(threads)
-    {
-        float *dequantised = malloc((n_columns + 1) * sizeof(float)); /* a row's outlier weights */
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < n; j++) {
-            const int8_t *w = weight + j * k;
-            int32_t dots[INT8_ROWS], sum;
-            dot_rows(codes, m, k, w, dots, &sum);
-            for (int64_t c = 0; c < n_columns; c++) dequantised[c] = w[columns[c]] * scale[j];
-            for (int64_t r = 0; r < m; r++) {
-                /* the torch ops' order: int32 -> float, times the column scale, times the row's */
-                float out = (float)(dots[r] - 128 * sum) * scale[j] * row_scale[r], extra = 0.0f;
-#pragma omp simd reduction(+ : extra)
-                for (int64_t c = 0; c < n_columns; c++)
-                    extra += outliers[r * n_columns + c] * dequantised[c];
-                out += extra;
-                y[r * n + j] = bias ? out + bias[j] : out;
-            }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < n; j++) {
+        const int8_t *w = weight + j * k;
+        int32_t dots[INT8_ROWS], sum;
+        dot_rows(codes, m, k, w, dots, &sum);
+        for (int64_t r = 0; r < m; r++) {
+            /* the torch ops' order: int32 -> float, times the column scale, times the row's */
+            float out = (float)(dots[r] - 128 * sum) * scale[j] * row_scale[r];
+            if (first[r + 1] > first[r])
+                out += outlier_dot(outliers + first[r], columns + first[r], first[r + 1] - first[r],
+                                   w, scale[j]);
+            y[r * n + j] = bias ? out + bias[j] : out;
         }
-        free(dequantised);
     }
-    free(codes), free(outlier), free(columns), free(outliers);
+    free(codes), free(columns), free(outliers);
 }
 
 #define LINEAR_ROWS 16 /* bf16_linear's most rows of x: cpu_kernels.py LINEAR_ROWS */

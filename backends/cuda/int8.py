@@ -87,20 +87,37 @@ class Int8Linear(nn.Module):
         absmax = row_absmax(x)
         # the row absmax says whether any outlier exists: in the usual case that costs nothing more
         peak = float(absmax) if len(x) == 1 else float(absmax.max())
-        columns = None
-        regular = x
-        if peak > self.threshold:
-            columns = (x.abs() > self.threshold).any(0).nonzero().squeeze(1)
-            regular = x.index_fill(1, columns, 0)
+        outlier, regular = None, x
+        if peak > self.threshold:  # each row's own outlier features (see backends/int8.py)
+            outlier = x.abs() > self.threshold
+            regular = x.masked_fill(outlier, 0)
             absmax = row_absmax(regular)
         codes, row_scale = quantize_rows(regular, absmax)
         y = int8_product(codes, row_scale, self.weight, self.scale)
-        if columns is not None:  # the outlier features in float, against the dequantised columns
-            w = self.weight[:, columns].float() * self.scale[:, None]
-            y = torch.addmm(y, x[:, columns].float(), w.T)
+        if outlier is not None:
+            y = self.add_outliers(y, x, outlier)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def add_outliers(self, y: torch.Tensor, x: torch.Tensor, outlier: torch.Tensor) -> torch.Tensor:
+        """y plus each row's outlier features (`outlier`, (M, K) bool) in float, against the
+        dequantised columns. A decode step's or a tree's few rows are done one by one, each as
+        it would be alone (the same product of the same shapes), so a tree's rows give a decode
+        step's bits; a prompt's chunk in one product over the columns any row needs, each row's
+        other values there taken as zeros."""
+        if len(x) <= cpu_kernels.INT8_ROWS:
+            for r in outlier.any(1).nonzero().squeeze(1).tolist():
+                columns = outlier[r].nonzero().squeeze(1)
+                y[r] += x[r, columns].float() @ self.dense_columns(columns).T
+            return y
+        columns = outlier.any(0).nonzero().squeeze(1)
+        own = x[:, columns].float().masked_fill(~outlier[:, columns], 0)
+        return torch.addmm(y, own, self.dense_columns(columns).T)
+
+    def dense_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """The dequantised (out, len(columns)) columns of the weight, float32."""
+        return self.weight[:, columns].float() * self.scale[:, None]
 
 
 class Int8Embedding(Int8Linear):

@@ -89,9 +89,10 @@ _ROPE_SCORES = mx.fast.metal_kernel(
 
 
 # LLM.int8 (backends/mlx/int8.py): out[m, n] = int32(Σ_k q[m, k]·w[k, n]) · rs[m] · cs[n]
-# + cs[n] · Σ_k x[m, k]·w[k, n] over the outlier columns k (mask[k]), where q = rint(x / rs) on
-# the others. Quantizing X inside the kernel keeps the whole layer lazy (no host sync to learn
-# which columns are outliers). One thread per output element; neighbouring threads read
+# + cs[n] · Σ_k x[m, k]·w[k, n] over row m's outliers k (outlier[m, k]: each row's own, so a row
+# gives the same bits alone and in a drafter's tree), where q = rint(x / rs) on the others.
+# Quantizing X inside the kernel keeps the whole layer lazy (no host sync to learn which values
+# are outliers). One thread per output element, its sums in k's order; neighbouring threads read
 # neighbouring bytes of the (in, out) weight.
 _INT8_MATMUL = mx.fast.metal_kernel(
     name="xqchat_int8_matmul",
@@ -106,7 +107,7 @@ _INT8_MATMUL = mx.fast.metal_kernel(
         for (uint k = 0; k < K; k++) {
             float x_mk = float(x[m * K + k]);
             int w_kn = int(w[k * N + n]);
-            if (outlier[k]) {
+            if (outlier[m * K + k]) {
                 outliers += x_mk * float(w_kn);
             } else {
                 acc += int(metal::rint(x_mk / rs)) * w_kn;
@@ -156,10 +157,10 @@ def merge_partials(parts) -> mx.array:
 
 
 def int8_quantize_reference(x: mx.array, threshold: float):
-    """x (M, K) -> (outlier column mask (K,), the regular part's codes as float (M, K), row scales
-    (M, 1)). Codes are integers in [-127, 127]."""
+    """x (M, K) -> (each row's outliers (M, K) bool, the regular part's codes as float (M, K),
+    row scales (M, 1)). Codes are integers in [-127, 127]."""
     x = x.astype(mx.float32)
-    outlier = mx.any(mx.abs(x) > threshold, axis=0)
+    outlier = mx.abs(x) > threshold
     regular = mx.where(outlier, 0.0, x)
     row_scale = mx.maximum(mx.max(mx.abs(regular), axis=-1, keepdims=True), 1e-12) / 127
     return outlier, mx.round(regular / row_scale), row_scale
@@ -187,7 +188,7 @@ def int8_matmul_reference(x, w, col_scale, threshold: float) -> mx.array:
 
 def int8_matmul_metal(x, w, col_scale, threshold: float) -> mx.array:
     """x (M, K) float, w (K, N) int8, col_scale (N,) float32 -> (M, N) in x's dtype."""
-    outlier = mx.any(mx.abs(x) > threshold, axis=0)
+    outlier = mx.abs(x) > threshold
     regular = mx.where(outlier, 0.0, x.astype(mx.float32))
     row_scale = mx.maximum(mx.max(mx.abs(regular), axis=-1), 1e-12) / 127
     (m, k), n = x.shape, w.shape[1]
