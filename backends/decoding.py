@@ -39,7 +39,7 @@ class DecodingSession:
         self._next_hidden = None  # (dim,) the final hidden state of the last token held
         self._path = None  # the last speculative step: (start, logits, hidden, accepted path)
         self._prefilled = (0, 0, 0.0)  # (tokens fed, tokens reused, seconds) of the last prefill
-        # position -> {layer: state} of the caches that hold only a window (WindowKVCache)
+        # position -> {layer: state} of the caches that hold only a window (backends/window.py)
         self.checkpoints: dict[int, dict] = {}
         self._refilled = (0, 0.0)  # (tokens, seconds) the last trim fed again (see `trim`)
         # Told (tokens done, tokens to do) before each chunk of a prefill and once at its end, on
@@ -87,8 +87,8 @@ class DecodingSession:
             self.on_prefill(len(tokens), len(tokens))
 
     def _windowed(self) -> list[int]:
-        """The layers whose cache holds only a window of rows."""
-        return [i for i, cache in enumerate(self.caches) if hasattr(cache, "can_trim")]
+        """The layers whose cache holds only a window of rows (backends/window.py)."""
+        return [i for i, cache in enumerate(self.caches) if getattr(cache, "window", 0)]
 
     def _checkpoint(self) -> None:
         windowed, n = self._windowed(), len(self.tokens)
@@ -200,7 +200,7 @@ class DecodingSession:
         self.checkpoints = {}
         for key, array in arrays.items():
             if key.startswith("checkpoint."):
-                _, position, i, name = key.split(".")
+                _, position, i, name = key.split(".", 3)  # a name may hold dots
                 states = self.checkpoints.setdefault(int(position), {})
                 states.setdefault(int(i), {})[name] = array
         self.checkpoints = dict(sorted(self.checkpoints.items()))  # the oldest first, as taken

@@ -248,6 +248,7 @@ class Transformer(nn.Module):
                 group,
                 self.derived,
                 cross_layer,
+                self.spec.windows,
             )
             device, act_dtype = self.embed.weight.device, self.norm.weight.dtype
             self.latent_layers[key] = [

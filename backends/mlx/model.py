@@ -180,6 +180,7 @@ class Transformer(nn.Module):
                 group,
                 self.derived,
                 cross_layer,
+                self.spec.windows,
             )
             self.latent_layers[key] = [Latents(layer, self.kv_dtype) for layer in layers]
         return self.latent_layers[key]
