@@ -41,6 +41,36 @@ class WindowRows(Sliding):
         return self.window  # a tree's rows wait beside the ring; nothing held changes
 
 
+class SlidingStore:
+    """What each backend's TokenStore (cache.py) does to hold only a window: the store keeps
+    `sink` exact rows, flushed `blocks` of `group` rows and the newest `exact` rows, and counts
+    them from `first`, the oldest position it holds."""
+
+    window: int  # 0: every row is held
+    first: int
+    group: int
+
+    def slide(self, end: int) -> None:
+        """The store at `end` positions: drop the sink once all of it is older than the newest
+        `window` positions, then each whole group of `group` rows (flushed or still exact) that
+        is. The rows kept are stored as they would be with nothing dropped: groups flush at the
+        same positions, so attention within the window sees the same values."""
+        older = end - self.window - self.first  # held rows before the newest window
+        if not self.window or older <= 0:
+            return
+        n_sink = self.sink.shape[0]
+        if n_sink:
+            if older < n_sink:
+                return
+            self.first, older, self.sink = self.first + n_sink, older - n_sink, self.sink[:0]
+        groups = older // self.group
+        from_blocks = min(groups, self.n_blocks)
+        if from_blocks:
+            self._drop_blocks(from_blocks)
+        self.exact = self.exact[(groups - from_blocks) * self.group :]
+        self.first += groups * self.group
+
+
 class WindowStores(Sliding):
     """Mixed into the quantized kinds' caches (window 0: a global layer, nothing dropped). A
     forward first drops what its tokens no longer see and, unless it is a drafter's tree (whose

@@ -18,7 +18,7 @@ from xqchat.models.spec import ModelSpec
 from ..base import CacheSpec
 from ..int8 import quantize as quantize_int8
 from ..latents import LayerLatents, cl_chains, row_group
-from ..window import WindowStores
+from ..window import SlidingStore, WindowStores
 from . import cpu_kernels, kernels
 from .quant import Quantized, dequantize, quantize, quantize_columns
 
@@ -174,7 +174,7 @@ class Chain:
         return self.scratch("rows", (n, width), dtype, device)
 
 
-class TokenStore:
+class TokenStore(SlidingStore):
     """A growing sequence of token rows of one width. The first `sink` rows stay exact: attention
     sinks, which every later token attends to and whose outlying values would otherwise set the
     scales of their whole block. So do the newest rows (between `residual` and `residual + group
@@ -272,29 +272,9 @@ class TokenStore:
         if self.chain is not None:
             self.chain.blocks = flushed
 
-    def slide(self, end: int) -> None:
-        """A window layer's store at `end` positions: drop the sink once all of it is older than
-        the newest `window` positions, then each whole group of `group` rows (flushed or still
-        exact) that is. The rows kept are stored as they would be with nothing dropped: groups
-        flush at the same positions, so attention within the window sees the same values."""
-        older = end - self.window - self.first  # held rows before the newest window
-        if not self.window or older <= 0:
-            return
-        if len(self.sink):
-            if older < len(self.sink):
-                return
-            self.first, older, self.sink = (
-                self.first + len(self.sink),
-                older - len(self.sink),
-                self.sink[:0],
-            )
-        groups = older // self.group
-        from_blocks = min(groups, self.n_blocks)
-        if from_blocks:
-            n = self.n_blocks
-            self.blocks = None if from_blocks == n else _take(self.blocks, from_blocks, n)
-        self.exact = self.exact[(groups - from_blocks) * self.group :]
-        self.first += groups * self.group
+    def _drop_blocks(self, n: int) -> None:  # the oldest n flushed blocks (backends/window.py)
+        last = self.n_blocks
+        self.blocks = None if n == last else _take(self.blocks, n, last)
 
     def read(self, dtype, out=None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start..stop (default: all), (stop - start, width) in `dtype`, written into `out`

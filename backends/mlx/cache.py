@@ -16,7 +16,7 @@ from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
 from ..latents import LayerLatents, cl_chains, row_group
-from ..window import WindowStores
+from ..window import SlidingStore, WindowStores
 from .kernels import merge_partials, rope_scores
 from .layers import TreeRope
 from .quant import Quantized, dequantize, quantize
@@ -110,7 +110,7 @@ class Chain:
         self.rows: mx.array | None = None
 
 
-class TokenStore:
+class TokenStore(SlidingStore):
     """A growing sequence of token rows of one width. The first `sink` rows stay exact: attention
     sinks, which every later token attends to and whose outlying values would otherwise set the
     scales of their whole block. So do the newest rows (between `residual` and `residual + group
@@ -190,25 +190,9 @@ class TokenStore:
         if self.chain is not None:
             self.chain.blocks = flushed
 
-    def slide(self, end: int) -> None:
-        """A window layer's store at `end` positions: drop the sink once all of it is older than
-        the newest `window` positions, then each whole group of `group` rows (flushed or still
-        exact) that is (as backends/cuda/cache.py)."""
-        older = end - self.window - self.first  # held rows before the newest window
-        if not self.window or older <= 0:
-            return
-        n_sink = self.sink.shape[0]
-        if n_sink:
-            if older < n_sink:
-                return
-            self.first, older, self.sink = self.first + n_sink, older - n_sink, self.sink[:0]
-        groups = older // self.group
-        from_blocks = min(groups, self.n_blocks)
-        if from_blocks:
-            n = self.n_blocks
-            self.blocks = None if from_blocks == n else _take(self.blocks, from_blocks, n)
-        self.exact = self.exact[(groups - from_blocks) * self.group :]
-        self.first += groups * self.group
+    def _drop_blocks(self, n: int) -> None:  # the oldest n flushed blocks (backends/window.py)
+        last = self.n_blocks
+        self.blocks = None if n == last else _take(self.blocks, n, last)
 
     def _packed_rows(self, block):  # (group, width) -> the rows `quantize` packs
         if self.per_channel:
