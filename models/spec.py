@@ -62,6 +62,8 @@ class RopeSpec:
     # Per-frequency divisors stored in some GGUF files (llama.cpp's rope_freqs tensor), and
     # LongRoPE's (Phi-3) for a context within its original length (its `short_factor`).
     freq_divisors: tuple[float, ...] | None = field(default=None, repr=False)
+    # LongRoPE's divisors past the original length (`long_factor`; see `long`)
+    long_divisors: tuple[float, ...] | None = field(default=None, repr=False)
     # LongRoPE multiplies cos and sin by this (folded into W_q and W_k: conventions.py)
     attention_factor: float = 1.0
     # Dimensions of each head that rotate (Phi-4-mini: 3/4); 0: all. The weights' Q/K rows are
@@ -69,6 +71,14 @@ class RopeSpec:
     # dimensions; the others get frequency 0, which rotates nothing.
     rotary_dim: int = 0
     none: bool = False  # a layer without RoPE (SmolLM3's every fourth): every frequency is 0
+
+    def long(self) -> RopeSpec | None:
+        """LongRoPE's RoPE past `original_max_position`, None for others. As transformers, a
+        forward whose last position is past it rotates its tokens with the long factors; the
+        tokens fed before keep the rotation they had (the session tracks it: decoding.py)."""
+        if self.long_divisors is None:
+            return None
+        return dataclasses.replace(self, freq_divisors=self.long_divisors, long_divisors=None)
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies, float64, shape (head_dim // 2,)."""
@@ -164,12 +174,6 @@ class ModelSpec:
             max_context = cfg.get("max_position_embeddings", 4096)
             notes = []
             rope, local_rope = _rope_from_hf(cfg, arch, head_dim)
-            if rope.type == "longrope" and max_context > rope.original_max_position:
-                max_context = rope.original_max_position
-                notes.append(
-                    f"context limited to {max_context} tokens: LongRoPE's scaling for longer "
-                    "contexts (its long factors) is not implemented"
-                )
             query_scale = 1.0
             if gemma:
                 query_scale *= (head_dim / cfg.get("query_pre_attn_scalar", head_dim)) ** 0.5
@@ -241,10 +245,10 @@ class ModelSpec:
             notes = []
             original = meta.get(a + "rope.scaling.original_context_length")
             if arch == "phi3" and original and max_context > int(original):
-                max_context = int(original)  # LongRoPE's short factors: see from_hf_config
+                max_context = int(original)  # its long factors are not read from a GGUF yet
                 notes.append(
-                    f"context limited to {max_context} tokens: LongRoPE's scaling for longer "
-                    "contexts (its long factors) is not implemented"
+                    f"context limited to {max_context} tokens: LongRoPE's long factors are not "
+                    "read from GGUF files (the model's safetensors folder has them)"
                 )
             window = int(meta.get(a + "attention.sliding_window", 0))
             windows = [window] * n_layers if 0 < window < max_context else []
@@ -332,10 +336,10 @@ def _rope(cfg: dict, params: dict | None, head_dim: int) -> RopeSpec:
     original = params.get(
         "original_max_position_embeddings", cfg.get("original_max_position_embeddings", 8192)
     )
-    divisors, attention_factor = None, 1.0
+    divisors, long_divisors, attention_factor = None, None, 1.0
     if kind == "longrope":
-        # the short factors: the context stays within the original length (see from_hf_config)
         divisors = tuple(float(x) for x in params["short_factor"])
+        long_divisors = tuple(float(x) for x in params["long_factor"])
         factor = params.get("factor") or cfg.get("max_position_embeddings", original) / original
         attention_factor = params.get("attention_factor") or (
             1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
@@ -348,6 +352,7 @@ def _rope(cfg: dict, params: dict | None, head_dim: int) -> RopeSpec:
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position=int(original),
         freq_divisors=divisors,
+        long_divisors=long_divisors,
         attention_factor=float(attention_factor),
         rotary_dim=rotary_dim,
     )
