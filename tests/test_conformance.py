@@ -97,11 +97,12 @@ def test_longrope_switches_to_its_long_factors_as_transformers(tiny_models, back
 @pytest.mark.parametrize("kind", ["kv-quant", "xquant"])
 def test_kinds_that_rotate_every_step_keep_each_rows_factors(tiny_models, backend, kind):
     """kv-quant and XQuant rotate every cached key at each step: across the switch, each row
-    keeps the factors it was fed with, as `kv` holds them (every row exact: residual 256)."""
+    keeps the factors it was fed with, as `kv` holds them (every row exact: residual 256; 8 bits,
+    so the CPU rebuilds XQuant's keys in float)."""
     _, ours = tiny_pair(tiny_models["phi3"], backend)
     ids = list(range(2000, 2000 + sum(ACROSS)))
     expected = pieces(ours.new_session(), ids, ACROSS)
-    got = pieces(ours.new_session(CacheSpec(kind, residual=256)), ids, ACROSS)
+    got = pieces(ours.new_session(CacheSpec(kind, bits=8, residual=256)), ids, ACROSS)
     assert np.abs(got - expected).max() <= TOL
 
 

@@ -536,14 +536,18 @@ class XQuantCache(WindowStores):
         span = span_for(q.size // q.shape[-1])
         for start, stop in itertools.pairwise([0, *range(n_sink + span, end, span), end]):
             keys = layer.finish_keys(times(ki, to_keys, start, stop)[None].astype(q.dtype))[0]
-            if mask is None:  # decode: RoPE on the keys inside the scores, no rotated copy
+            # decode: RoPE on the keys inside the scores, no rotated copy (where one set of
+            # frequencies rotates the span: LongRoPE's switch may fall inside it)
+            inv_freq = rope.freqs_for(first + start, first + stop) if mask is None else None
+            if inv_freq is not None:
                 flat = q.reshape(-1, q.shape[-1])
-                scores = rope_scores(flat, keys, rope.inv_freq, scale, first + start)
+                scores = rope_scores(flat, keys, inv_freq, scale, first + start)
                 scores = scores.reshape(q.shape[0], q.shape[1], -1)
             else:
                 keys = rope(keys[None], first + start)[0]
                 scores = (q @ keys.swapaxes(1, 2)).astype(mx.float32) * scale
-                scores = mx.where(mask[:, start:stop], scores, -mx.inf)
+                if mask is not None:
+                    scores = mx.where(mask[:, start:stop], scores, -mx.inf)
             if stop - start == end:  # one span: a plain softmax
                 weights = mx.softmax(scores, axis=-1).astype(to_values.dtype)
                 return weighted(vi, weights, start, stop)
