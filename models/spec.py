@@ -213,9 +213,12 @@ class ModelSpec:
             raise XQError(f"config.json lacks the field {e.args[0]!r}") from None
 
     @classmethod
-    def from_gguf(cls, meta: dict, tensor_names: set[str], rope_freqs=None) -> ModelSpec:
+    def from_gguf(
+        cls, meta: dict, tensor_names: set[str], rope_freqs=None, long_freqs=None
+    ) -> ModelSpec:
         """`meta`: GGUF key/values; `rope_freqs`: the optional rope_freqs tensor's values (for
-        Phi-3, its rope_factors_short). What llama.cpp fixes in code rather than metadata is
+        Phi-3, its rope_factors_short; `long_freqs`: its rope_factors_long, which LongRoPE
+        switches to past the original context). What llama.cpp fixes in code rather than metadata is
         fixed here the same way: Gemma 3's pattern of 5 sliding layers to 1 global and local
         base 10^4, SmolLM3's RoPE-less fourth layers."""
         arch = meta.get("general.architecture", "?")
@@ -234,6 +237,8 @@ class ModelSpec:
                     f"unsupported RoPE scaling '{scaling}' (supported: {', '.join(ROPE_TYPES)})"
                 )
             rotary_dim = int(meta.get(a + "rope.dimension_count", head_dim))
+            original = meta.get(a + "rope.scaling.original_context_length")
+            longrope = arch == "phi3" and original and long_freqs is not None
             rope = RopeSpec(
                 theta=float(meta.get(a + "rope.freq_base", 10000.0)),
                 type="linear" if scaling == "linear" else "default",
@@ -242,13 +247,17 @@ class ModelSpec:
                 attention_factor=float(meta.get(a + "rope.scaling.attn_factor", 1.0)),
                 rotary_dim=rotary_dim if rotary_dim < head_dim else 0,
             )
+            if longrope:
+                long_divisors = tuple(float(x) for x in long_freqs)
+                rope = dataclasses.replace(
+                    rope, long_divisors=long_divisors, original_max_position=int(original)
+                )
             notes = []
-            original = meta.get(a + "rope.scaling.original_context_length")
-            if arch == "phi3" and original and max_context > int(original):
-                max_context = int(original)  # its long factors are not read from a GGUF yet
+            if arch == "phi3" and original and max_context > int(original) and not longrope:
+                max_context = int(original)  # the short factors serve only this far
                 notes.append(
-                    f"context limited to {max_context} tokens: LongRoPE's long factors are not "
-                    "read from GGUF files (the model's safetensors folder has them)"
+                    f"context limited to {max_context} tokens: the file has no LongRoPE long "
+                    "factors (rope_factors_long)"
                 )
             window = int(meta.get(a + "attention.sliding_window", 0))
             windows = [window] * n_layers if 0 < window < max_context else []
