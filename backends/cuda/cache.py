@@ -244,9 +244,9 @@ class TokenStore(SlidingStore):
         return quantize(block.flatten(), self.bits, self.row_group)
 
     def _extended(self, rows: torch.Tensor) -> torch.Tensor:
-        """The exact rows followed by `rows`, written into the window's room: a decode step copies
-        its one row, not the whole window (a new window when the rows are elsewhere: after a
-        flush, a trim that cloned, a load)."""
+        """The exact rows followed by `rows`, written into the buffer's room: a decode step
+        copies its one row, not all exact rows (a new buffer when the rows are elsewhere: after a
+        flush, a trim that cloned, a slide, a load)."""
         n, k = self.exact.shape[0], rows.shape[0]
         buffer = self.buffer
         if buffer is None or len(buffer) < n + k or self.exact.data_ptr() != buffer.data_ptr():
