@@ -87,7 +87,7 @@ def load_tiny(tiny_models, name, backend, **options):
 
 
 def longrope(rotary_dim: int) -> dict:
-    """Phi-3's LongRoPE with distinct short and long factors (the engine uses the short ones)."""
+    """Phi-3's LongRoPE with distinct short and long factors (long past the original 128)."""
     half = rotary_dim // 2
     return {
         "rope_type": "longrope",
