@@ -358,7 +358,7 @@ class Engine(EngineBase):
 
     def weight_bytes(self) -> int:
         tensors = [*self.module.parameters(), *self.module.buffers()]
-        frequencies = {id(rope.inv_freq) for rope in self.module.ropes}
+        frequencies = {id(b) for b in self.module.ropes.buffers()}  # LongRoPE's long ones too
         return sum(t.numel() * t.element_size() for t in tensors if id(t) not in frequencies)
 
 
