@@ -96,7 +96,7 @@ def test_a_chat_past_the_window_prefills_only_new_tokens(gemma, default_tokenize
     assert rows < chat.session.memory().checkpoint_bytes <= rows + 8 * len(states)
 
 
-@pytest.mark.parametrize("kind", ["kv", *QUANTIZED])
+@pytest.mark.parametrize("kind", ["kv", "kv-quant", "xquant-cl"])  # xquant: xquant-cl's path
 def test_speculation_and_save_load_keep_the_window_exact(tiny_models, backend, tmp_path, kind):
     """Prompt lookup's trees are verified beside the ring (kv) or the kept groups and only their
     accepted path joins it: the tokens are a plain run's; a saved window session loads to the
