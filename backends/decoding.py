@@ -39,9 +39,14 @@ class DecodingSession:
         self._next_hidden = None  # (dim,) the final hidden state of the last token held
         self._path = None  # the last speculative step: (start, logits, hidden, accepted path)
         self._prefilled = (0, 0, 0.0)  # (tokens fed, tokens reused, seconds) of the last prefill
-        # position -> {layer: state} of the caches that hold only a window (WindowKVCache)
+        # position -> {layer: state} of the caches that hold only a window (backends/window.py)
         self.checkpoints: dict[int, dict] = {}
         self._refilled = (0, 0.0)  # (tokens, seconds) the last trim fed again (see `trim`)
+        # LongRoPE (Phi-3/4 past their original context): rows from here on were rotated with
+        # its long factors (see `_long_rows`); None while none is
+        long_rope = self.spec.rope.long()
+        self._long_after = None if long_rope is None else long_rope.original_max_position
+        self._long_from: int | None = None
         # Told (tokens done, tokens to do) before each chunk of a prefill and once at its end, on
         # the thread that runs it: a front end shows progress through a long prompt with it.
         self.on_prefill: Callable[[int, int], None] | None = None
@@ -86,9 +91,22 @@ class DecodingSession:
         if self.on_prefill is not None:
             self.on_prefill(len(tokens), len(tokens))
 
+    def _long_rows(self, start: int, last: int, tree: bool = False) -> int | None:
+        """The row from which LongRoPE's long factors rotate, for a forward of rows start .. at
+        positions up to `last`. As transformers: a forward whose last position is past the
+        original length rotates its tokens with the long factors (all of a prompt's chunk that
+        crosses it) and the rows fed before keep their rotation. A drafter's tree rotates each
+        row as the plain step at its position would; its path decides (`_verify_tree`)."""
+        if self._long_after is None or self._long_from is not None or last < self._long_after:
+            return self._long_from
+        if tree:
+            return max(start, self._long_after)
+        self._long_from = start
+        return start
+
     def _windowed(self) -> list[int]:
-        """The layers whose cache holds only a window of rows."""
-        return [i for i, cache in enumerate(self.caches) if hasattr(cache, "can_trim")]
+        """The layers whose cache holds only a window of rows (backends/window.py)."""
+        return [i for i, cache in enumerate(self.caches) if getattr(cache, "window", 0)]
 
     def _checkpoint(self) -> None:
         windowed, n = self._windowed(), len(self.tokens)
@@ -103,10 +121,17 @@ class DecodingSession:
         serve, and the tokens after it are fed again (counted as prefilled by the next
         `prefill`): exact, as a fresh run's state is."""
         target = min(n_keep, len(self.tokens))
+        cut = target
+        if self._long_from is not None and target <= self._long_after:
+            # back within LongRoPE's original length, where a fresh run rotates every row with
+            # the short factors: the rows rotated with the long ones are fed again
+            cut = min(target, self._long_from)
         windowed = self._windowed()
-        start = target
-        if not all(self.caches[i].can_trim(target) for i in windowed):
-            start = self._restore(target, windowed)
+        start = cut
+        if not all(self.caches[i].can_trim(cut) for i in windowed):
+            start = self._restore(cut, windowed)
+        if self._long_from is not None and start <= self._long_from:
+            self._long_from = None
         for cache in self.caches:
             cache.trim(start)
         refill = self.tokens[start:target]
@@ -156,6 +181,7 @@ class DecodingSession:
             "model": self._fingerprint(),
             "cache": dataclasses.asdict(self.cache),
             "tokens": self.tokens,
+            "long_rope_from": self._long_from,
             "sha256": self._digest(arrays),
         }
         path = Path(path)
@@ -197,10 +223,11 @@ class DecodingSession:
                 {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             )
         self.caches, self.tokens = caches, list(header["tokens"])
+        self._long_from = header.get("long_rope_from")
         self.checkpoints = {}
         for key, array in arrays.items():
             if key.startswith("checkpoint."):
-                _, position, i, name = key.split(".")
+                _, position, i, name = key.split(".", 3)  # a name may hold dots
                 states = self.checkpoints.setdefault(int(position), {})
                 states.setdefault(int(i), {})[name] = array
         self.checkpoints = dict(sorted(self.checkpoints.items()))  # the oldest first, as taken
@@ -374,6 +401,9 @@ class DecodingSession:
         for cache in self.caches:
             cache.keep(start, path)
         self.tokens.extend(tree.tokens[path].tolist())
+        if self._long_after is not None and self._long_from is None:
+            if len(self.tokens) > self._long_after:  # the path reached LongRoPE's long rows
+                self._long_from = max(start, self._long_after)
         self._path = (start, logits, hidden, path)
         self._next_logits, self._next_hidden = logits[path[-1]], hidden[path[-1]]
         return [*tree.tokens[path[1:]].tolist(), next_token], path
@@ -385,4 +415,6 @@ class DecodingSession:
         for cache in self.caches:
             cache.trim(start + i + 1)
         del self.tokens[start + i + 1 :]
+        if self._long_from is not None and len(self.tokens) <= self._long_from:
+            self._long_from = None
         self._next_logits, self._next_hidden = logits[path[i]], hidden[path[i]]

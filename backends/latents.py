@@ -22,6 +22,7 @@ backend to its own arrays.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,14 +85,28 @@ def thin_svd(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u, s[:, None] * vt
 
 
-def aligned(us: np.ndarray, ds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate each layer's basis towards the previous one: R = argmin ||u_i R - u_(i-1)|| over
-    orthogonal R, from the SVD of u_iᵀ u_(i-1); then u_i R and Rᵀ d_i rebuild the same W."""
+def cl_chains(windows: tuple[int, ...], n_layers: int) -> list[list[int]]:
+    """XQuant-CL's chains of layers, each storing its difference from the one before it: the
+    layers of each sliding window (0: the global layers) in order. A window layer drops the rows
+    that leave its window, so a global layer cannot build on its rows, nor one of another window
+    on them: each kind of layer chains with its own kind (a model without windows: one chain)."""
+    chains: dict[int, list[int]] = {}
+    for i in range(n_layers):
+        chains.setdefault(windows[i] if windows else 0, []).append(i)
+    return list(chains.values())
+
+
+def aligned(
+    us: np.ndarray, ds: np.ndarray, chains: list[list[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate each layer's basis towards the previous one in its chain: R = argmin ||u_i R - u_j||
+    over orthogonal R, from the SVD of u_iᵀ u_j; then u_i R and Rᵀ d_i rebuild the same W."""
     us, ds = us.copy(), ds.copy()
-    for i in range(1, len(us)):
-        p, _, qt = np.linalg.svd(us[i].T @ us[i - 1])
-        r = p @ qt
-        us[i], ds[i] = us[i] @ r, r.T @ ds[i]
+    for chain in chains:
+        for j, i in itertools.pairwise(chain):
+            p, _, qt = np.linalg.svd(us[i].T @ us[j])
+            r = p @ qt
+            us[i], ds[i] = us[i] @ r, r.T @ ds[i]
     return us, ds
 
 
@@ -146,9 +161,11 @@ def layer_latents(
     group: int,
     directory: Path,
     cross_layer: bool = False,
+    windows: tuple[int, ...] = (),
 ) -> tuple[list[LayerLatents], float]:
     """Every layer's streams and rebuild matrices (float32), and the seconds the SVDs took (0
-    when read back from `directory`); for XQuant-CL (`cross_layer`) the bases are aligned."""
+    when read back from `directory`); for XQuant-CL (`cross_layer`) the bases are aligned along
+    its chains (`cl_chains` of the layers' sliding `windows`)."""
     dim, kv_dim = w_k[0].shape
     if not uses_latents(dim, kv_dim):
         turn = block_hadamard(dim, group)
@@ -170,7 +187,8 @@ def layer_latents(
     seconds = bases.seconds
     del bases
     if cross_layer:
-        (u_k, d_k), (u_v, d_v) = aligned(u_k, d_k), aligned(u_v, d_v)
+        chains = cl_chains(windows, len(w_k))
+        (u_k, d_k), (u_v, d_v) = aligned(u_k, d_k, chains), aligned(u_v, d_v, chains)
     turn = block_hadamard(kv_dim, group)
     layers = [
         LayerLatents(

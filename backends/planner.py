@@ -14,7 +14,7 @@ from xqchat.models.spec import ModelSpec
 
 from . import int8
 from .base import CacheSpec
-from .latents import row_group, uses_latents
+from .latents import cl_chains, row_group, uses_latents
 from .quant import quantized_nbytes
 
 # XQuant-CL's first layers: plain xquant at 4 bits or more (cuda/cache.py, mlx/cache.py)
@@ -79,12 +79,19 @@ def streams(spec: ModelSpec, kind: str) -> list[Stream]:
     return [Stream(spec.dim, False, spans_rows=True)]  # X itself
 
 
-def store_bytes(tokens: int, s: Stream, cache: CacheSpec, exact_bytes: int) -> int:
+def store_bytes(tokens: int, s: Stream, cache: CacheSpec, exact_bytes: int, window: int = 0) -> int:
     """One stream after `tokens` tokens: the first `sink` and the newest (residual to residual +
-    group - 1) rows exact, the rest flushed in blocks of `group` tokens."""
+    group - 1) rows exact, the rest flushed in blocks of `group` tokens. A sliding-window
+    layer's (`window`) has dropped the sink once all of it is older than the newest `window`
+    tokens, and each whole group of `group` tokens that is (flushed or not)."""
     n_sink = min(cache.sink, tokens)
     blocks = max(0, (tokens - n_sink - cache.residual) // cache.group)
     exact = tokens - blocks * cache.group
+    older = tokens - window
+    if window and older >= n_sink:
+        dropped = (older - n_sink) // cache.group  # groups, after the sink
+        exact -= n_sink + max(0, dropped - blocks) * cache.group
+        blocks = max(0, blocks - dropped)
     group = cache.group if s.per_channel or s.spans_rows else row_group(s.width, cache.group)
     block = quantized_nbytes(cache.group * s.width, cache.bits, group)
     return exact * s.width * exact_bytes + blocks * block
@@ -97,13 +104,15 @@ def cache_bytes(spec: ModelSpec, cache: CacheSpec, tokens: int, exact_bytes: int
     if cache.kind == "kv":  # a sliding-window layer holds only its window
         rows = sum(min(tokens, spec.window(i) or tokens) for i in range(spec.n_layers))
         return rows * 2 * spec.kv_dim * exact_bytes
+    # XQuant-CL: the first layers of each chain (backends/latents.py) are the plain base
+    base = {i for chain in cl_chains(spec.windows, spec.n_layers) for i in chain[:BASE_LAYERS]}
     total = 0
     for layer in range(spec.n_layers):
         layer_cache = cache
-        if cache.kind == "xquant-cl" and layer < BASE_LAYERS:
+        if cache.kind == "xquant-cl" and layer in base:
             layer_cache = dataclasses.replace(cache, bits=max(cache.bits, BASE_BITS))
         for s in streams(spec, cache.kind):
-            total += store_bytes(tokens, s, layer_cache, exact_bytes)
+            total += store_bytes(tokens, s, layer_cache, exact_bytes, spec.window(layer))
     return total
 
 

@@ -62,6 +62,8 @@ class RopeSpec:
     # Per-frequency divisors stored in some GGUF files (llama.cpp's rope_freqs tensor), and
     # LongRoPE's (Phi-3) for a context within its original length (its `short_factor`).
     freq_divisors: tuple[float, ...] | None = field(default=None, repr=False)
+    # LongRoPE's divisors past the original length (`long_factor`; see `long`)
+    long_divisors: tuple[float, ...] | None = field(default=None, repr=False)
     # LongRoPE multiplies cos and sin by this (folded into W_q and W_k: conventions.py)
     attention_factor: float = 1.0
     # Dimensions of each head that rotate (Phi-4-mini: 3/4); 0: all. The weights' Q/K rows are
@@ -69,6 +71,14 @@ class RopeSpec:
     # dimensions; the others get frequency 0, which rotates nothing.
     rotary_dim: int = 0
     none: bool = False  # a layer without RoPE (SmolLM3's every fourth): every frequency is 0
+
+    def long(self) -> RopeSpec | None:
+        """LongRoPE's RoPE past `original_max_position`, None for others. As transformers, a
+        forward whose last position is past it rotates its tokens with the long factors; the
+        tokens fed before keep the rotation they had (the session tracks it: decoding.py)."""
+        if self.long_divisors is None:
+            return None
+        return dataclasses.replace(self, freq_divisors=self.long_divisors, long_divisors=None)
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies, float64, shape (head_dim // 2,)."""
@@ -164,12 +174,6 @@ class ModelSpec:
             max_context = cfg.get("max_position_embeddings", 4096)
             notes = []
             rope, local_rope = _rope_from_hf(cfg, arch, head_dim)
-            if rope.type == "longrope" and max_context > rope.original_max_position:
-                max_context = rope.original_max_position
-                notes.append(
-                    f"context limited to {max_context} tokens: LongRoPE's scaling for longer "
-                    "contexts (its long factors) is not implemented"
-                )
             query_scale = 1.0
             if gemma:
                 query_scale *= (head_dim / cfg.get("query_pre_attn_scalar", head_dim)) ** 0.5
@@ -209,9 +213,12 @@ class ModelSpec:
             raise XQError(f"config.json lacks the field {e.args[0]!r}") from None
 
     @classmethod
-    def from_gguf(cls, meta: dict, tensor_names: set[str], rope_freqs=None) -> ModelSpec:
+    def from_gguf(
+        cls, meta: dict, tensor_names: set[str], rope_freqs=None, long_freqs=None
+    ) -> ModelSpec:
         """`meta`: GGUF key/values; `rope_freqs`: the optional rope_freqs tensor's values (for
-        Phi-3, its rope_factors_short). What llama.cpp fixes in code rather than metadata is
+        Phi-3, its rope_factors_short; `long_freqs`: its rope_factors_long, which LongRoPE
+        switches to past the original context). What llama.cpp fixes in code rather than metadata is
         fixed here the same way: Gemma 3's pattern of 5 sliding layers to 1 global and local
         base 10^4, SmolLM3's RoPE-less fourth layers."""
         arch = meta.get("general.architecture", "?")
@@ -230,6 +237,8 @@ class ModelSpec:
                     f"unsupported RoPE scaling '{scaling}' (supported: {', '.join(ROPE_TYPES)})"
                 )
             rotary_dim = int(meta.get(a + "rope.dimension_count", head_dim))
+            original = meta.get(a + "rope.scaling.original_context_length")
+            longrope = arch == "phi3" and original and long_freqs is not None
             rope = RopeSpec(
                 theta=float(meta.get(a + "rope.freq_base", 10000.0)),
                 type="linear" if scaling == "linear" else "default",
@@ -238,13 +247,17 @@ class ModelSpec:
                 attention_factor=float(meta.get(a + "rope.scaling.attn_factor", 1.0)),
                 rotary_dim=rotary_dim if rotary_dim < head_dim else 0,
             )
+            if longrope:
+                long_divisors = tuple(float(x) for x in long_freqs)
+                rope = dataclasses.replace(
+                    rope, long_divisors=long_divisors, original_max_position=int(original)
+                )
             notes = []
-            original = meta.get(a + "rope.scaling.original_context_length")
-            if arch == "phi3" and original and max_context > int(original):
-                max_context = int(original)  # LongRoPE's short factors: see from_hf_config
+            if arch == "phi3" and original and max_context > int(original) and not longrope:
+                max_context = int(original)  # the short factors serve only this far
                 notes.append(
-                    f"context limited to {max_context} tokens: LongRoPE's scaling for longer "
-                    "contexts (its long factors) is not implemented"
+                    f"context limited to {max_context} tokens: the file has no LongRoPE long "
+                    "factors (rope_factors_long)"
                 )
             window = int(meta.get(a + "attention.sliding_window", 0))
             windows = [window] * n_layers if 0 < window < max_context else []
@@ -332,10 +345,10 @@ def _rope(cfg: dict, params: dict | None, head_dim: int) -> RopeSpec:
     original = params.get(
         "original_max_position_embeddings", cfg.get("original_max_position_embeddings", 8192)
     )
-    divisors, attention_factor = None, 1.0
+    divisors, long_divisors, attention_factor = None, None, 1.0
     if kind == "longrope":
-        # the short factors: the context stays within the original length (see from_hf_config)
         divisors = tuple(float(x) for x in params["short_factor"])
+        long_divisors = tuple(float(x) for x in params["long_factor"])
         factor = params.get("factor") or cfg.get("max_position_embeddings", original) / original
         attention_factor = params.get("attention_factor") or (
             1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
@@ -348,6 +361,7 @@ def _rope(cfg: dict, params: dict | None, head_dim: int) -> RopeSpec:
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position=int(original),
         freq_divisors=divisors,
+        long_divisors=long_divisors,
         attention_factor=float(attention_factor),
         rotary_dim=rotary_dim,
     )

@@ -227,11 +227,15 @@ class GGUFCheckpoint:
         by_name = {t.name: t for t in self.tensor_table}
         floats = ("F32", "F16", "BF16")
         self.quantized = any(t.tensor_type.name not in floats for t in self.tensor_table)
-        # Phi-3 stores LongRoPE's factors: the short ones serve (see ModelSpec.from_hf_config)
-        rope_freqs = by_name.get("rope_freqs.weight") or by_name.get("rope_factors_short.weight")
-        if rope_freqs is not None:
-            rope_freqs = self._values(rope_freqs, self._raw(rope_freqs))
-        self.spec = ModelSpec.from_gguf(self.meta, set(by_name), rope_freqs)
+        # Phi-3 stores LongRoPE's short and long factors
+        tables = [
+            by_name.get("rope_freqs.weight") or by_name.get("rope_factors_short.weight"),
+            by_name.get("rope_factors_long.weight"),
+        ]
+        rope_freqs, long_freqs = (
+            None if t is None else self._values(t, self._raw(t)) for t in tables
+        )
+        self.spec = ModelSpec.from_gguf(self.meta, set(by_name), rope_freqs, long_freqs)
 
     def _raw(self, t, file=None) -> np.ndarray:
         """A tensor's bytes as stored, read from the file (not mapped: see `tensors`)."""

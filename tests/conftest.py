@@ -87,7 +87,7 @@ def load_tiny(tiny_models, name, backend, **options):
 
 
 def longrope(rotary_dim: int) -> dict:
-    """Phi-3's LongRoPE with distinct short and long factors (the engine uses the short ones)."""
+    """Phi-3's LongRoPE with distinct short and long factors (long past the original 128)."""
     half = rotary_dim // 2
     return {
         "rope_type": "longrope",
@@ -187,28 +187,31 @@ def default_tokenizer(default_files):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, default_tokenizer):
     """name -> directory with config.json, model.safetensors and the default tokenizer."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("tiny")
     out = {}
     for i, (name, config) in enumerate(tiny_configs().items()):
-        torch.manual_seed(i)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        # Gemma's norms scale by 1 + w: their weights center on 0, the others' on 1
-        norm_center = 0.0 if config.model_type.startswith("gemma") else 1.0
-        with (
-            torch.no_grad()
-        ):  # HF's init leaves biases at 0 and norms at 1: make every weight count
-            for pname, p in model.named_parameters():
-                p.copy_(
-                    norm_center + 0.1 * torch.randn_like(p)
-                    if "norm" in pname
-                    else 0.08 * torch.randn_like(p)
-                )
-        model.save_pretrained(root / name)
-        default_tokenizer.hf.save_pretrained(root / name)
-        out[name] = root / name
+        out[name] = write_tiny(config, root / name, i, default_tokenizer)
     return out
+
+
+def write_tiny(config, path, seed: int, tokenizer):
+    """A seeded random transformers model of `config` saved with the default tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Gemma's norms scale by 1 + w: their weights center on 0, the others' on 1
+    norm_center = 0.0 if config.model_type.startswith("gemma") else 1.0
+    with torch.no_grad():  # HF's init leaves biases at 0 and norms at 1: make every weight count
+        for pname, p in model.named_parameters():
+            p.copy_(
+                norm_center + 0.1 * torch.randn_like(p)
+                if "norm" in pname
+                else 0.08 * torch.randn_like(p)
+            )
+    model.save_pretrained(path)
+    tokenizer.hf.save_pretrained(path)
+    return path
 
 
 @pytest.fixture

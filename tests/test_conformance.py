@@ -6,9 +6,10 @@ import functools
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from conftest import load_tiny
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from xqchat.backends.base import EngineOptions, GenerationConfig, load_model
+from xqchat.backends.base import CacheSpec, EngineOptions, GenerationConfig, load_model
 from xqchat.backends.chat import ChatSession, common_prefix
 from xqchat.models import resolve
 
@@ -67,6 +68,72 @@ def test_tiny_greedy_tokens_match_transformers(tiny_models, backend, arch):
     hf, ours = tiny_pair(tiny_models[arch], backend)
     prompt = list(range(2000, 2020))
     assert greedy(ours.new_session(), prompt, 48) == hf_greedy(hf, prompt, 48)
+
+
+def hf_pieces(model, ids, splits):
+    """transformers' logits with `ids` fed in pieces through its cache."""
+    cache, out, start = DynamicCache(), [], 0
+    with torch.inference_mode():
+        for size in splits:
+            piece = torch.tensor([ids[start : start + size]])
+            out.append(model(piece, past_key_values=cache, use_cache=True).logits[0].numpy())
+            start += size
+    return np.concatenate(out)
+
+
+ACROSS = [120] + [1] * 16 + [30]  # decode steps across LongRoPE's original length, then a piece
+
+
+@pytest.mark.parametrize("splits", [ACROSS, [200]], ids=["across", "past"])
+def test_longrope_switches_to_its_long_factors_as_transformers(tiny_models, backend, splits):
+    """Phi-3's LongRoPE (original length 128 of 256): a forward whose last position is past it
+    rotates its tokens with the long factors, the rows fed before keep the short ones."""
+    hf, ours = tiny_pair(tiny_models["phi3"], backend)
+    assert ours.spec.max_context == 256 and ours.spec.rope.long() is not None
+    ids = list(range(2000, 2000 + sum(splits)))
+    got = pieces(ours.new_session(), ids, splits)
+    assert np.abs(got - hf_pieces(hf, ids, splits)).max() <= TOL
+
+
+@pytest.mark.parametrize("kind", ["kv-quant", "xquant"])
+def test_kinds_that_rotate_every_step_keep_each_rows_factors(tiny_models, backend, kind):
+    """kv-quant and XQuant rotate every cached key at each step: across the switch, each row
+    keeps the factors it was fed with, as `kv` holds them (every row exact: residual 256; 8 bits,
+    so the CPU rebuilds XQuant's keys in float)."""
+    _, ours = tiny_pair(tiny_models["phi3"], backend)
+    ids = list(range(2000, 2000 + sum(ACROSS)))
+    expected = pieces(ours.new_session(), ids, ACROSS)
+    got = pieces(ours.new_session(CacheSpec(kind, bits=8, residual=256)), ids, ACROSS)
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_longrope_trim_save_and_trees_keep_each_rows_factors(tiny_models, backend, tmp_path):
+    """Back within the original length, where a fresh run rotates every row with the short
+    factors, a trim feeds the rows rotated with the long ones again; a saved session keeps where
+    it switched; a drafter's trees across the switch give a plain run's tokens."""
+    _, ours = tiny_pair(tiny_models["phi3"], backend)
+    ids = list(range(2000, 2150))
+    session = ours.new_session()
+    session.logits(ids[:100])
+    session.logits(ids[100:140])  # past 128: all of this piece rotates with the long factors
+    session.save(tmp_path / "chat.safetensors")
+    session.trim(120)
+    fresh = ours.new_session()
+    fresh.logits(ids[:120])
+    assert np.abs(session.logits(ids[120:130]) - fresh.logits(ids[120:130])).max() <= TOL
+    loaded, kept = ours.new_session(), ours.new_session()
+    loaded.load(tmp_path / "chat.safetensors")
+    pieces(kept, ids, [100, 40])
+    assert np.abs(loaded.logits(ids[140:150]) - kept.logits(ids[140:150])).max() <= 1e-6
+    prompt = [5, 6, 7, 8, 9] * 22  # 110 tokens: prompt lookup drafts across 128
+    plain = load_tiny(tiny_models, "phi3", backend, drafter="none")
+    runs = []
+    for model in (plain, ours):  # ours speculates with prompt lookup (the default)
+        session = model.new_session()
+        session.prefill(prompt)
+        runs.append(list(session.generate(GenerationConfig(max_tokens=40))))
+    assert [e.token for e in runs[0]] == [e.token for e in runs[1]]
+    assert runs[1][-1].accepted_per_step > 1
 
 
 def test_spec_features_are_exercised(tiny_models):

@@ -127,8 +127,8 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_gguf_round_trip_gives_transformers_logits(arch, backend, tmp_path):
+def gguf_pair(arch, backend, tmp_path):
+    """A seeded tiny transformers model of `arch` and ours from its GGUF."""
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -139,10 +139,27 @@ def test_gguf_round_trip_gives_transformers_logits(arch, backend, tmp_path):
             )
     path = tmp_path / f"{arch}.gguf"
     write_gguf(model, arch, path)
-    ours = load_model(resolve(str(path)), EngineOptions(backend=backend, weights="fp32"))
+    return model, load_model(resolve(str(path)), EngineOptions(backend=backend, weights="fp32"))
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_gguf_round_trip_gives_transformers_logits(arch, backend, tmp_path):
+    model, ours = gguf_pair(arch, backend, tmp_path)
     ids = list(range(500, 560))
     with torch.inference_mode():
         expected = model(torch.tensor([ids])).logits[0].numpy()
     session = ours.new_session()
     got = np.concatenate([session.logits(ids[:40]), *(session.logits([t]) for t in ids[40:])])
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_a_phi3_gguf_switches_to_its_long_factors(backend, tmp_path):
+    """rope_factors_long: past the original length (128) as transformers, which switches when a
+    forward's last position passes it (fed here in the same pieces through its cache)."""
+    from test_conformance import ACROSS, hf_pieces, pieces
+
+    model, ours = gguf_pair("phi3", backend, tmp_path)
+    assert ours.spec.max_context == 256 and not ours.spec.notes
+    ids = list(range(500, 500 + sum(ACROSS)))
+    got = pieces(ours.new_session(), ids, ACROSS)
+    assert np.abs(got - hf_pieces(model, ids, ACROSS)).max() <= 1e-4

@@ -120,7 +120,7 @@ def test_layer_kinds_read_from_each_config_style():
     assert ModelSpec.from_hf_config(qwen2).windows == ()
 
 
-def test_longrope_uses_its_short_factors_within_the_original_context():
+def test_longrope_has_its_short_and_long_factors():
     from transformers import Phi3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -139,13 +139,15 @@ def test_longrope_uses_its_short_factors_within_the_original_context():
         original_max_position_embeddings=4096,
         rope_parameters=params,
     )
-    expected, factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
     spec = ModelSpec.from_hf_config({**config.to_dict(), "model_type": "phi3"})
-    assert spec.max_context == 4096 and "LongRoPE" in spec.notes[0]
-    assert spec.rope.rotary_dim == 96 and spec.rope.attention_factor == pytest.approx(factor)
-    inv = spec.rope.inv_freq(128)
-    np.testing.assert_allclose(inv[:48], expected.double().numpy(), rtol=1e-6)
-    assert not inv[48:].any()
+    assert spec.max_context == 131072 and not spec.notes
+    for rope, length in ((spec.rope, 4096), (spec.rope.long(), 4097)):
+        expected, factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=length)
+        assert rope.rotary_dim == 96 and rope.attention_factor == pytest.approx(factor)
+        inv = rope.inv_freq(128)
+        np.testing.assert_allclose(inv[:48], expected.double().numpy(), rtol=1e-6)
+        assert not inv[48:].any()
+    assert spec.rope.long().original_max_position == 4096 and spec.rope.long().long() is None
 
 
 def test_safetensors_reader_matches_the_safetensors_library(tmp_path):

@@ -17,7 +17,8 @@ from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
 from ..int8 import quantize as quantize_int8
-from ..latents import LayerLatents, row_group
+from ..latents import LayerLatents, cl_chains, row_group
+from ..window import SlidingStore, WindowStores
 from . import cpu_kernels, kernels
 from .quant import Quantized, dequantize, quantize, quantize_columns
 
@@ -200,7 +201,7 @@ class Chain:
         return self.scratch("rows", (n, width), dtype, device)
 
 
-class TokenStore:
+class TokenStore(SlidingStore):
     """A growing sequence of token rows of one width. The first `sink` rows stay exact: attention
     sinks, which every later token attends to and whose outlying values would otherwise set the
     scales of their whole block. So do the newest rows (between `residual` and `residual + group
@@ -210,7 +211,8 @@ class TokenStore:
     64) or per channel (each channel's `group` values share a scale: outlier channels stay
     contained). In a `chain` with `delta`, a block is stored as its difference from the previous
     layer's reconstruction of the same tokens (closed loop: errors do not accumulate down the
-    layers)."""
+    layers). A sliding-window layer's store (`window`) drops what leaves its window (`slide`);
+    its rows are then counted from `first`, the oldest position held."""
 
     def __init__(
         self,
@@ -223,6 +225,7 @@ class TokenStore:
         chain=None,
         delta=False,
         spans_rows=False,
+        window=0,
     ):
         self.width, self.bits, self.group = width, spec.bits, spec.group
         self.residual, self.per_channel, self.scratch = spec.residual, per_channel, scratch
@@ -230,9 +233,9 @@ class TokenStore:
         # values per scale and zero point
         spanned = per_channel or spans_rows
         self.row_group = self.group if spanned else row_group(width, spec.group)
-        self.n_sink = spec.sink
+        self.n_sink, self.window, self.first = spec.sink, window, 0
         self.sink = self.exact = torch.empty(0, width, dtype=dtype, device=device)
-        self.window: torch.Tensor | None = None  # holds `exact` as its first rows, room after
+        self.buffer: torch.Tensor | None = None  # holds `exact` as its first rows, room after
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, packed bytes)
 
     @property
@@ -244,8 +247,12 @@ class TokenStore:
         """Rows before the exact window: the sink and the flushed blocks."""
         return self.sink.shape[0] + self.n_blocks * self.group
 
-    def __len__(self) -> int:
+    @property
+    def held(self) -> int:
         return self.n_fixed + self.exact.shape[0]
+
+    def __len__(self) -> int:  # positions
+        return self.first + self.held
 
     @property
     def n_exact(self) -> int:
@@ -254,7 +261,7 @@ class TokenStore:
     def _fill_sink(self) -> None:
         """The first rows of a chat go to the sink until it is full (only before any flush)."""
         take = self.n_sink - self.sink.shape[0]
-        if take > 0 and len(self.exact):
+        if take > 0 and len(self.exact) and not self.first:
             self.sink = torch.cat([self.sink, self.exact[:take]])
             self.exact = self.exact[take:]
 
@@ -264,17 +271,17 @@ class TokenStore:
         return quantize(block.flatten(), self.bits, self.row_group)
 
     def _extended(self, rows: torch.Tensor) -> torch.Tensor:
-        """The exact rows followed by `rows`, written into the window's room: a decode step copies
-        its one row, not the whole window (a new window when the rows are elsewhere: after a
-        flush, a trim that cloned, a load)."""
+        """The exact rows followed by `rows`, written into the buffer's room: a decode step
+        copies its one row, not all exact rows (a new buffer when the rows are elsewhere: after a
+        flush, a trim that cloned, a slide, a load)."""
         n, k = self.exact.shape[0], rows.shape[0]
-        window = self.window
-        if window is None or len(window) < n + k or self.exact.data_ptr() != window.data_ptr():
-            window = self.exact.new_empty(max(n + k, self.residual + self.group), self.width)
-            window[:n] = self.exact
-            self.window = window
-        window[n : n + k] = rows
-        return window[: n + k]
+        buffer = self.buffer
+        if buffer is None or len(buffer) < n + k or self.exact.data_ptr() != buffer.data_ptr():
+            buffer = self.exact.new_empty(max(n + k, self.residual + self.group), self.width)
+            buffer[:n] = self.exact
+            self.buffer = buffer
+        buffer[n : n + k] = rows
+        return buffer[: n + k]
 
     def append(self, rows: torch.Tensor) -> None:
         self.exact = self._extended(rows)
@@ -292,14 +299,19 @@ class TokenStore:
         if self.chain is not None:
             self.chain.blocks = flushed
 
+    def _drop_blocks(self, n: int) -> None:  # the oldest n flushed blocks (backends/window.py)
+        last = self.n_blocks
+        self.blocks = None if n == last else _take(self.blocks, n, last)
+
     def read(self, dtype, out=None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start..stop (default: all), (stop - start, width) in `dtype`, written into `out`
         when given (a reused buffer); both bounds fall on block boundaries, at the sink's end or
         among the exact rows. In a chain, all rows are read, into the chain's buffer: the flushed
-        ones accumulate layer by layer (the sink's rows are exact in every layer)."""
-        stop = len(self) if stop is None else stop
+        ones accumulate layer by layer (the sink's rows are exact in every layer). Rows are
+        counted from the oldest held (`first`)."""
+        stop = self.held if stop is None else stop
         if self.chain is not None:
-            assert (start, stop) == (0, len(self)), "a chain's rows are read whole"
+            assert (start, stop) == (0, self.held), "a chain's rows are read whole"
             out = self.chain.rows(stop, self.width, dtype, self.exact.device)
         elif out is None:
             out = self.exact.new_empty(stop - start, self.width, dtype=dtype)
@@ -335,6 +347,8 @@ class TokenStore:
         return parts + ([kernels.Rows(self.width, rows=self.exact)] if len(self.exact) else [])
 
     def trim(self, n_keep: int) -> None:
+        n_keep -= self.first
+        assert n_keep >= 0, "the rows to keep were dropped: the session restores a checkpoint"
         n_sink, flushed = self.sink.shape[0], self.n_fixed
         if n_keep >= flushed:
             self.exact = self.exact[: n_keep - flushed]
@@ -356,6 +370,7 @@ class TokenStore:
     def keep(self, start: int, rows: list[int]) -> None:
         """Of the rows from `start` on (all exact: in the window, or in a sink still filling),
         keep `rows` (ascending) as the rows start, start + 1, ...; drop the rest."""
+        start -= self.first
         if self.blocks is None:  # the sink and the window: exact rows counted from 0
             exact, first, self.sink = torch.cat([self.sink, self.exact]), start, self.sink[:0]
         else:
@@ -366,13 +381,17 @@ class TokenStore:
         self._fill_sink()
 
     def state_dict(self) -> dict:
-        state = {"sink": self.sink, "exact": self.exact}
+        # `exact` lives in a buffer later rows are written into: a checkpoint holds a copy
+        state = {"sink": self.sink, "exact": self.exact.clone()}
         if self.blocks is not None:
             state.update(codes=self.blocks.codes, scale=self.blocks.scale, zero=self.blocks.zero)
+        if self.first:
+            state["first"] = torch.tensor([self.first], dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.sink, self.exact, self.blocks = state["sink"], state["exact"], None
+        self.first = int(state["first"][0]) if "first" in state else 0
         if "codes" in state:
             shape = self._quantize(self.exact.new_zeros(self.group, self.width)).shape
             self.blocks = Quantized(state["codes"], state["scale"], state["zero"], self.bits, shape)
@@ -415,19 +434,23 @@ def load_nested_state(parts: dict, state: dict) -> None:
         )
 
 
-class QuantKVCache:
+class QuantKVCache(WindowStores):
     """The peer baseline (KIVI; what mlx-lm --kv-bits, llama.cpp -ctk/-ctv and HF QuantizedCache
     offer): keys quantized per channel before RoPE (a key's outlier channels are fixed, so each
     channel gets its own scale), values per token; the newest tokens exact. RoPE is applied to all
-    keys at each step, at their original positions."""
+    keys at each step, at their original positions. A sliding-window layer's (`window`) holds
+    only the groups of tokens its window overlaps (backends/window.py)."""
 
     kind = "kv-quant"
 
-    def __init__(self, n_kv_heads: int, head_dim: int, spec: CacheSpec, dtype, device, scratch):
+    def __init__(
+        self, n_kv_heads: int, head_dim: int, spec: CacheSpec, dtype, device, scratch, window=0
+    ):
         width = n_kv_heads * head_dim
-        self.heads, self.head_dim, self.scratch = n_kv_heads, head_dim, scratch
-        self.keys = TokenStore(width, spec, True, dtype, device, scratch)
-        self.values = TokenStore(width, spec, False, dtype, device, scratch)
+        self.heads, self.head_dim, self.scratch, self.window = n_kv_heads, head_dim, scratch, window
+        self.keys = TokenStore(width, spec, True, dtype, device, scratch, window=window)
+        self.values = TokenStore(width, spec, False, dtype, device, scratch, window=window)
+        self.stores = [self.keys, self.values]
 
     @property
     def offset(self) -> int:
@@ -436,22 +459,29 @@ class QuantKVCache:
     def attend(self, layer, x, q, cos, sin, mask, step):
         k, v = layer.keys_values(x)
         start, end = self.offset, self.offset + k.shape[2]
+        self.slide(start)
         self.keys.append(_rows(k))
         self.values.append(_rows(v))
+        first = self.first
+        held = end - first
         keys = self.keys.read(
-            q.dtype, self.scratch("keys", (end, self.keys.width), q.dtype, q.device)
+            q.dtype, self.scratch("keys", (held, self.keys.width), q.dtype, q.device)
         )
         keys = rotate(
             self._heads(keys),
-            cos[:end],
-            sin[:end],
-            out=self.scratch("rotated", (1, self.heads, end, self.head_dim), q.dtype, q.device),
+            cos[first:end],
+            sin[first:end],
+            out=self.scratch("rotated", (1, self.heads, held, self.head_dim), q.dtype, q.device),
         )
         values = self.values.read(
-            q.dtype, self.scratch("values", (end, self.values.width), q.dtype, q.device)
+            q.dtype, self.scratch("values", (held, self.values.width), q.dtype, q.device)
         )
         q = rotate(q, cos[start:end], sin[start:end])
-        return attention(q, keys, self._heads(values), mask)
+        mask = None if mask is None else mask[:, first:]
+        out = attention(q, keys, self._heads(values), mask)
+        if not (step and k.shape[2] > 1):  # a tree's path is chosen after it
+            self.slide(end)
+        return out
 
     def _heads(self, rows):  # (S, H * D) -> (1, H, S, D)
         return rows.view(1, -1, self.heads, self.head_dim).transpose(1, 2)
@@ -540,24 +570,42 @@ class Latents:
         )
 
 
-class XQuantCache:
+class XQuantCache(WindowStores):
     """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, or for
     a GQA layer its SVD latents, quantized (backends/latents.py), instead of K and V, and rebuild
     what attention needs at each step: K (bias and k-norm as in the forward, RoPE at each token's
     original position), but never V: the output of head h is (sum_t a_ht L_t) @ D_v,h, the
     attention-weighted sum of cached rows projected once. The newest tokens' rows are exact.
-    In a chain (xquant-cl), layers past the first few store differences from the layer before."""
+    In a chain (xquant-cl), layers past the first few store differences from the layer before.
+    A sliding-window layer's (`window`) holds only the groups of tokens its window overlaps."""
 
     def __init__(
-        self, latents: Latents, cache: CacheSpec, dtype, device, scratch, chains=None, delta=False
+        self,
+        latents: Latents,
+        cache: CacheSpec,
+        dtype,
+        device,
+        scratch,
+        chains=None,
+        delta=False,
+        window=0,
     ):
-        self.kind, self.latents, self.scratch = cache.kind, latents, scratch
+        self.kind, self.latents, self.scratch, self.window = cache.kind, latents, scratch, window
         # the CPU engine's steps rebuild keys in int8 where the cache's own error dwarfs int8's
         self.keys_in_int8 = cache.bits <= INT8_KEYS_BITS and latents.key_codes is not None
         self.stores = [
             TokenStore(
-                w, cache, pc, dtype, device, scratch, chains[i] if chains else None, delta, spans
-            )
+                w,
+                cache,
+                pc,
+                dtype,
+                device,
+                scratch,
+                chains[i] if chains else None,
+                delta,
+                spans,
+                window,
+            )  # fmt: skip
             for i, (w, (pc, spans)) in enumerate(zip(latents.widths, latents.layouts, strict=True))
         ]
 
@@ -576,16 +624,22 @@ class XQuantCache:
 
     def attend(self, layer, x, q, cos, sin, mask, step):
         start, end = self.offset, self.offset + x.shape[1]
+        self.slide(start)
         latents = self.latents
         for store, new in zip(
             self.stores, latents.encode(x[0]).split(latents.widths, -1), strict=True
         ):
             store.append(new)
         q = rotate(q, cos[start:end], sin[start:end])
+        first = self.first  # the tables and mask from the oldest row held on
+        cos, sin = cos[first:end], sin[first:end]
         if q.shape[2] == 1 and mask is None and self._fused(q):
-            mixed = self._fused_mixed(layer, q, cos[:end], sin[:end]) @ latents.value_heads
+            mixed = self._fused_mixed(layer, q, cos, sin) @ latents.value_heads
         else:
-            mixed = self._mixed(layer, q, cos[:end], sin[:end], mask, step)
+            mask = None if mask is None else mask[:, first:]
+            mixed = self._mixed(layer, q, cos, sin, mask, step)
+        if not (step and x.shape[1] > 1):  # a tree's path is chosen after it
+            self.slide(end)
         return layer.finish_values(mixed.view(1, q.shape[1], q.shape[2], -1))
 
     def _mixed(self, layer, q, cos, sin, mask, step):
@@ -754,23 +808,25 @@ def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, device, scratch, latent
         ]
     if cache.kind == "kv-quant":
         return [
-            QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype, device, scratch)
-            for _ in range(n)
+            QuantKVCache(
+                spec.n_kv_heads, spec.head_dim, cache, dtype, device, scratch, spec.window(i)
+            )
+            for i in range(n)
         ]
     layers = latents(cache.group, cross_layer=cache.kind == "xquant-cl")
     if cache.kind == "xquant":
-        return [XQuantCache(layer, cache, dtype, device, scratch) for layer in layers]
-    chains = [Chain() for _ in layers[0].widths]
+        return [
+            XQuantCache(layer, cache, dtype, device, scratch, window=spec.window(i))
+            for i, layer in enumerate(layers)
+        ]
+    # one chain per kind of layer (backends/latents.py, cl_chains)
     base = dataclasses.replace(cache, bits=max(cache.bits, BASE_BITS))
-    return [
-        XQuantCache(
-            layer,
-            base if i < BASE_LAYERS else cache,
-            dtype,
-            device,
-            scratch,
-            chains,
-            delta=i >= BASE_LAYERS,
-        )
-        for i, layer in enumerate(layers)
-    ]
+    caches = [None] * n
+    for chain in cl_chains(spec.windows, n):
+        streams = [Chain() for _ in layers[0].widths]
+        for place, i in enumerate(chain):
+            caches[i] = XQuantCache(
+                layers[i], base if place < BASE_LAYERS else cache, dtype, device, scratch,
+                streams, delta=place >= BASE_LAYERS, window=spec.window(i),
+            )  # fmt: skip
+    return caches

@@ -101,15 +101,18 @@ class RMSNorm(nn.Module):
 
 
 class Rope(nn.Module):
-    """Rotate-half RoPE with a cos/sin table grown on demand (positions are absolute)."""
+    """Rotate-half RoPE with a cos/sin table grown on demand (positions are absolute). LongRoPE's
+    (`rope.long()`) rows from `long_from` on use its long factors (see DecodingSession)."""
 
     def __init__(self, rope: RopeSpec, head_dim: int):
         super().__init__()
         inv_freq = torch.from_numpy(rope.inv_freq(head_dim)).float()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.long = None if rope.long() is None else Rope(rope.long(), head_dim)
         self.cos = self.sin = None
+        self.switched = None  # (long_from, cos, sin): the short rows, then the long ones
 
-    def table(self, end: int, dtype):
+    def table(self, end: int, dtype, long_from: int | None = None):
         """cos, sin (end, D); sin's first half is negated so that rotate_half(x) * sin
         becomes x.roll(D/2) * sin: one kernel instead of two slices, a negation and a cat."""
         if self.cos is None or self.cos.shape[0] < end or self.cos.dtype != dtype:
@@ -117,7 +120,15 @@ class Rope(nn.Module):
             freqs = torch.outer(torch.arange(n, device=self.inv_freq.device).float(), self.inv_freq)
             self.cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1).to(dtype)
             self.sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(dtype)
-        return self.cos, self.sin
+        if long_from is None or self.long is None:
+            return self.cos, self.sin
+        held = self.switched
+        if held is None or held[0] != long_from or len(held[1]) < end or held[1].dtype != dtype:
+            cos, sin = self.long.table(len(self.cos), dtype)
+            cos = torch.cat([self.cos[:long_from], cos[long_from : len(self.cos)]])
+            sin = torch.cat([self.sin[:long_from], sin[long_from : len(self.cos)]])
+            self.switched = held = (long_from, cos, sin)
+        return held[1], held[2]
 
 
 def window_mask(mask, start: int, end: int, window: int, device, positions=None):

@@ -153,10 +153,13 @@ class Transformer(nn.Module):
         self.int8_keys = False  # XQuant's CPU key rebuild in int8 (torch._int_mm pays here)
         self.latent_layers: dict = {}  # (group, cross_layer) -> per-layer Latents, built on demand
 
-    def forward(self, tokens: torch.Tensor, caches: list, tree=None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, caches: list, tree=None, long_from: int | None = None
+    ) -> torch.Tensor:
         """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim).
         With `tree` = (positions (T,), mask (T, T) bool), the new tokens are a drafter's tree:
-        each sits at its own position and sees the cache and the new tokens its mask allows."""
+        each sits at its own position and sees the cache and the new tokens its mask allows.
+        `long_from`: LongRoPE's rows rotated with its long factors from there on."""
         start = caches[0].offset
         end = start + tokens.shape[1]
         x = self.embed(tokens).to(self.norm.weight.dtype)
@@ -176,7 +179,7 @@ class Transformer(nn.Module):
                 start > 0 and tokens.shape[1] > 1
             ):  # new tokens see the cache and each other causally
                 mask = torch.ones(end - start, end, dtype=torch.bool, device=x.device).tril(start)
-        tables = [rope.table(last + 1, x.dtype) for rope in self.ropes]
+        tables = [rope.table(last + 1, x.dtype, long_from) for rope in self.ropes]
         if rows is not None:
             tables = [(cos[rows], sin[rows]) for cos, sin in tables]
         masks = {0: mask}  # by window; a window the newest token does not pass changes nothing
@@ -248,6 +251,7 @@ class Transformer(nn.Module):
                 group,
                 self.derived,
                 cross_layer,
+                self.spec.windows,
             )
             device, act_dtype = self.embed.weight.device, self.norm.weight.dtype
             self.latent_layers[key] = [
@@ -354,7 +358,7 @@ class Engine(EngineBase):
 
     def weight_bytes(self) -> int:
         tensors = [*self.module.parameters(), *self.module.buffers()]
-        frequencies = {id(rope.inv_freq) for rope in self.module.ropes}
+        frequencies = {id(b) for b in self.module.ropes.buffers()}  # LongRoPE's long ones too
         return sum(t.numel() * t.element_size() for t in tensors if id(t) not in frequencies)
 
 

@@ -29,8 +29,11 @@ class EngineSession(DecodingSession):
 
     @torch.inference_mode()
     def _forward(self, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
-        module = self.model.module
-        hidden = module(torch.tensor([tokens], device=self.model.device), self.caches)
+        module, start = self.model.module, len(self.tokens)
+        long_from = self._long_rows(start, start + len(tokens) - 1)
+        hidden = module(
+            torch.tensor([tokens], device=self.model.device), self.caches, None, long_from
+        )
         self.tokens.extend(tokens)
         logits = module.logits(hidden[0] if all_logits else hidden[0, -1:])
         self._next_logits, self._next_hidden = logits[-1], hidden[0, -1]
@@ -54,7 +57,8 @@ class EngineSession(DecodingSession):
         positions = torch.from_numpy(tree.depths).to(device) + start
         mask = torch.from_numpy(tree.mask()).to(device)
         tokens = torch.from_numpy(tree.tokens).to(device)[None]
-        hidden = self.model.module(tokens, self.caches, tree=(positions, mask))[0]
+        long_from = self._long_rows(start, start + int(tree.depths.max()), tree=True)
+        hidden = self.model.module(tokens, self.caches, (positions, mask), long_from)[0]
         return self.model.module.logits(hidden), hidden
 
     def _argmax(self, logits) -> np.ndarray:

@@ -15,8 +15,10 @@ import numpy as np
 from xqchat.models.spec import ModelSpec
 
 from ..base import CacheSpec
-from ..latents import LayerLatents, row_group
+from ..latents import LayerLatents, cl_chains, row_group
+from ..window import SlidingStore, WindowStores
 from .kernels import merge_partials, rope_scores
+from .layers import TreeRope
 from .quant import Quantized, dequantize, quantize
 
 
@@ -108,7 +110,7 @@ class Chain:
         self.rows: mx.array | None = None
 
 
-class TokenStore:
+class TokenStore(SlidingStore):
     """A growing sequence of token rows of one width. The first `sink` rows stay exact: attention
     sinks, which every later token attends to and whose outlying values would otherwise set the
     scales of their whole block. So do the newest rows (between `residual` and `residual + group
@@ -118,11 +120,12 @@ class TokenStore:
     64) or per channel (each channel's `group` values share a scale: outlier channels stay
     contained). In a `chain` with `delta`, a block is stored as its difference from the previous
     layer's reconstruction of the same tokens (closed loop: errors do not accumulate down the
-    layers)."""
+    layers). A sliding-window layer's store (`window`) drops what leaves its window (`slide`);
+    its rows are then counted from `first`, the oldest position held."""
 
     def __init__(
         self, width, spec: CacheSpec, per_channel: bool, dtype, chain=None, delta=False,
-        spans_rows=False,
+        spans_rows=False, window=0,
     ):  # fmt: skip
         self.width, self.bits, self.group, self.residual = (
             width,
@@ -139,7 +142,7 @@ class TokenStore:
         self.tokens_per_row = (
             1 if per_channel else self.row_group // math.gcd(width, self.row_group)
         )
-        self.n_sink = spec.sink
+        self.n_sink, self.window, self.first = spec.sink, window, 0
         self.sink = self.exact = mx.zeros((0, width), dtype=dtype)
         self.blocks: Quantized | None = None  # stacked: codes (n_blocks, rows, packed words)
 
@@ -152,8 +155,12 @@ class TokenStore:
         """Rows before the exact window: the sink and the flushed blocks."""
         return self.sink.shape[0] + self.n_blocks * self.group
 
-    def __len__(self) -> int:
+    @property
+    def held(self) -> int:
         return self.n_fixed + self.exact.shape[0]
+
+    def __len__(self) -> int:  # positions
+        return self.first + self.held
 
     @property
     def n_exact(self) -> int:
@@ -162,7 +169,7 @@ class TokenStore:
     def _fill_sink(self) -> None:
         """The first rows of a chat go to the sink until it is full (only before any flush)."""
         take = self.n_sink - self.sink.shape[0]
-        if take > 0 and self.exact.shape[0]:
+        if take > 0 and self.exact.shape[0] and not self.first:
             self.sink = mx.concatenate([self.sink, self.exact[:take]])
             self.exact = self.exact[take:]
 
@@ -182,6 +189,10 @@ class TokenStore:
             flushed.append(rebuilt + predictions[len(flushed)] if self.delta else rebuilt)
         if self.chain is not None:
             self.chain.blocks = flushed
+
+    def _drop_blocks(self, n: int) -> None:  # the oldest n flushed blocks (backends/window.py)
+        last = self.n_blocks
+        self.blocks = None if n == last else _take(self.blocks, n, last)
 
     def _packed_rows(self, block):  # (group, width) -> the rows `quantize` packs
         if self.per_channel:
@@ -207,13 +218,13 @@ class TokenStore:
         return rows
 
     def read(self, dtype) -> mx.array:
-        """All rows, (len, width)."""
+        """All rows held, (held, width)."""
         parts = (self.sink, self.flushed(), self.exact)
         return mx.concatenate([p.astype(dtype) for p in parts])
 
     def _split(self, start: int, stop: int):
-        """Rows start..stop (start 0, or the sink's end plus a multiple of the group) as the
-        sink rows, the block indices they cover and the exact rows they take."""
+        """Rows start..stop (counted from `first`; start 0, or the sink's end plus a multiple of
+        the group) as the sink rows, the block indices they cover and the exact rows they take."""
         n_sink, n_old = self.sink.shape[0], self.n_fixed
 
         def block(i):
@@ -278,6 +289,8 @@ class TokenStore:
         return tuple(p.reshape(n * self.group // self.tokens_per_row, -1) for p in parts)
 
     def trim(self, n_keep: int) -> None:
+        n_keep -= self.first
+        assert n_keep >= 0, "the rows to keep were dropped: the session restores a checkpoint"
         n_sink, flushed = self.sink.shape[0], self.n_fixed
         if n_keep >= flushed:
             self.exact = self.exact[: n_keep - flushed]
@@ -287,7 +300,7 @@ class TokenStore:
         keep_blocks = max(0, n_keep - n_sink) // self.group
         kept = n_sink + keep_blocks * self.group
         rows = self.read(self.exact.dtype)[min(kept, n_keep) : n_keep]
-        self.blocks = None if keep_blocks == 0 else _take(self.blocks, keep_blocks)
+        self.blocks = None if keep_blocks == 0 else _take(self.blocks, 0, keep_blocks)
         self.sink, self.exact = self.sink[:n_keep], rows
 
     @property
@@ -299,6 +312,7 @@ class TokenStore:
     def keep(self, start: int, rows: list[int]) -> None:
         """Of the rows from `start` on (all exact: in the window, or in a sink still filling),
         keep `rows` (ascending) as the rows start, start + 1, ...; drop the rest."""
+        start -= self.first
         if self.blocks is None:  # the sink and the window: exact rows counted from 0
             exact, first = mx.concatenate([self.sink, self.exact]), start
             self.sink = self.sink[:0]
@@ -312,10 +326,13 @@ class TokenStore:
         state = {"sink": self.sink, "exact": self.exact}
         if self.blocks is not None:
             state.update(codes=self.blocks.codes, scale=self.blocks.scale, zero=self.blocks.zero)
+        if self.first:
+            state["first"] = mx.array([self.first])
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.sink, self.exact, self.blocks = state["sink"], state["exact"], None
+        self.first = int(state["first"][0]) if "first" in state else 0
         if "codes" in state:
             self.blocks = Quantized(
                 state["codes"], state["scale"], state["zero"], self.bits, self.row_group
@@ -342,8 +359,9 @@ def _append_block(blocks: Quantized | None, block: Quantized) -> Quantized:
     return Quantized(*parts, block.bits, block.group)
 
 
-def _take(blocks: Quantized, n: int) -> Quantized:
-    return Quantized(blocks.codes[:n], blocks.scale[:n], blocks.zero[:n], blocks.bits, blocks.group)
+def _take(blocks: Quantized, first: int, last: int) -> Quantized:
+    parts = (blocks.codes[first:last], blocks.scale[first:last], blocks.zero[first:last])
+    return Quantized(*parts, blocks.bits, blocks.group)
 
 
 def nested_state(parts: dict) -> dict:
@@ -358,19 +376,21 @@ def load_nested_state(parts: dict, state: dict) -> None:
         )
 
 
-class QuantKVCache:
+class QuantKVCache(WindowStores):
     """The peer baseline (KIVI; what mlx-lm --kv-bits, llama.cpp -ctk/-ctv and HF QuantizedCache
     offer): keys quantized per channel before RoPE (a key's outlier channels are fixed, so each
     channel gets its own scale), values per token; the newest tokens exact. RoPE is applied to all
-    keys at each step, at their original positions."""
+    keys at each step, at their original positions. A sliding-window layer's (`window`) holds
+    only the groups of tokens its window overlaps (backends/window.py)."""
 
     kind = "kv-quant"
 
-    def __init__(self, n_kv_heads: int, head_dim: int, spec: CacheSpec, dtype):
+    def __init__(self, n_kv_heads: int, head_dim: int, spec: CacheSpec, dtype, window=0):
         width = n_kv_heads * head_dim
-        self.heads, self.head_dim = n_kv_heads, head_dim
-        self.keys = TokenStore(width, spec, per_channel=True, dtype=dtype)
-        self.values = TokenStore(width, spec, per_channel=False, dtype=dtype)
+        self.heads, self.head_dim, self.window = n_kv_heads, head_dim, window
+        self.keys = TokenStore(width, spec, per_channel=True, dtype=dtype, window=window)
+        self.values = TokenStore(width, spec, per_channel=False, dtype=dtype, window=window)
+        self.stores = [self.keys, self.values]
 
     @property
     def offset(self) -> int:
@@ -379,10 +399,17 @@ class QuantKVCache:
     def attend(self, layer, x, q, rope, mask):
         k, v = layer.keys_values(x)
         start = self.offset
+        self.slide(start)
         self.keys.append(_rows(k))
         self.values.append(_rows(v))
-        keys = rope(self._heads(self.keys.read(q.dtype)), 0)
-        return attention(rope(q, start), keys, self._heads(self.values.read(q.dtype)), mask)
+        first = self.first
+        keys = rope(self._heads(self.keys.read(q.dtype)), first)
+        if mask is not None and not isinstance(mask, str):
+            mask = mask[:, first:]
+        out = attention(rope(q, start), keys, self._heads(self.values.read(q.dtype)), mask)
+        if not isinstance(rope, TreeRope):  # a tree's path is chosen after it
+            self.slide(self.offset)
+        return out
 
     def _heads(self, rows):  # (S, H * D) -> (1, H, S, D)
         return rows.reshape(1, -1, self.heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -437,18 +464,21 @@ class Latents:
         self.nbytes = self.encode.nbytes + self.keys[1].nbytes + self.values[1].nbytes
 
 
-class XQuantCache:
+class XQuantCache(WindowStores):
     """XQuant (Tomar, Hooper et al., arXiv 2508.10395): cache the layer's normed input X, or for
     a GQA layer its SVD latents, quantized (backends/latents.py), instead of K and V, and rebuild
     what attention needs at each step: K (bias and k-norm as in the forward, RoPE at each token's
     original position), but never V: the output of head h is (sum_t a_ht L_t) @ D_v,h, the
     attention-weighted sum of cached rows projected once. The newest tokens' rows are exact.
-    In a chain (xquant-cl), layers past the first few store differences from the layer before."""
+    In a chain (xquant-cl), layers past the first few store differences from the layer before.
+    A sliding-window layer's (`window`) holds only the groups of tokens its window overlaps."""
 
-    def __init__(self, latents: Latents, cache: CacheSpec, dtype, chains=None, delta=False):
-        self.kind, self.latents = cache.kind, latents
+    def __init__(
+        self, latents: Latents, cache: CacheSpec, dtype, chains=None, delta=False, window=0
+    ):
+        self.kind, self.latents, self.window = cache.kind, latents, window
         self.stores = [
-            TokenStore(w, cache, pc, dtype, chains[i] if chains else None, delta, spans_rows=spans)
+            TokenStore(w, cache, pc, dtype, chains[i] if chains else None, delta, spans, window)
             for i, (w, (pc, spans)) in enumerate(zip(latents.widths, latents.layouts, strict=True))
         ]
 
@@ -458,25 +488,34 @@ class XQuantCache:
 
     def attend(self, layer, x, q, rope, mask):
         start, t = self.offset, x.shape[1]
-        end = start + t
+        self.slide(start)
         encode = self.latents.encode
         rows = mx.split(x[0].astype(encode.dtype) @ encode, _cuts(self.latents.widths), axis=-1)
         for store, new in zip(self.stores, rows, strict=True):
             store.append(new)
+        first = self.first  # rows are counted from the oldest held
+        held = start + t - first
         h_kv = layer.n_kv_heads
         q = rope(q, start).reshape(h_kv, -1, q.shape[-1])  # (H_kv, n_rep * T, D)
         if mask is not None:  # "causal": new tokens see the cache and each other causally
             causal = isinstance(mask, str)
-            visible = mx.tril(mx.ones((t, end), dtype=mx.bool_), k=end - t) if causal else mask
+            visible = (
+                mx.tril(mx.ones((t, held), dtype=mx.bool_), k=held - t)
+                if causal
+                else mask[:, first:]
+            )
             mask = mx.tile(visible, (q.shape[1] // t, 1))
-        mixed = self._mixed(layer, q, rope, mask, end)
+        mixed = self._mixed(layer, q, rope, mask, held, first)
+        if not isinstance(rope, TreeRope):  # a tree's path is chosen after it
+            self.slide(self.offset)
         to_values = self.latents.values[1]
         heads = to_values.reshape(to_values.shape[0], h_kv, -1).swapaxes(0, 1)
         out = (mixed @ heads).reshape(1, q.shape[0] * q.shape[1] // t, t, -1).astype(q.dtype)
         return layer.finish_values(out)
 
-    def _mixed(self, layer, q, rope, mask, end):
-        """The attention-weighted sums of the value stream's rows, (H_kv, n_rep * T, width):
+    def _mixed(self, layer, q, rope, mask, end, first):
+        """The attention-weighted sums of the value stream's rows, (H_kv, n_rep * T, width), over
+        the `end` rows held, the oldest at position `first`:
         the cache is read a span of tokens at a time (span_for; K rebuilt for that span only, spans merged by
         their softmax maxima and sums), so no full-length K is built however long the chat. A
         chain's accumulated rows are whole by nature."""
@@ -497,14 +536,18 @@ class XQuantCache:
         span = span_for(q.size // q.shape[-1])
         for start, stop in itertools.pairwise([0, *range(n_sink + span, end, span), end]):
             keys = layer.finish_keys(times(ki, to_keys, start, stop)[None].astype(q.dtype))[0]
-            if mask is None:  # decode: RoPE on the keys inside the scores, no rotated copy
+            # decode: RoPE on the keys inside the scores, no rotated copy (where one set of
+            # frequencies rotates the span: LongRoPE's switch may fall inside it)
+            inv_freq = rope.freqs_for(first + start, first + stop) if mask is None else None
+            if inv_freq is not None:
                 flat = q.reshape(-1, q.shape[-1])
-                scores = rope_scores(flat, keys, rope.inv_freq, scale, start)
+                scores = rope_scores(flat, keys, inv_freq, scale, first + start)
                 scores = scores.reshape(q.shape[0], q.shape[1], -1)
             else:
-                keys = rope(keys[None], start)[0]
+                keys = rope(keys[None], first + start)[0]
                 scores = (q @ keys.swapaxes(1, 2)).astype(mx.float32) * scale
-                scores = mx.where(mask[:, start:stop], scores, -mx.inf)
+                if mask is not None:
+                    scores = mx.where(mask[:, start:stop], scores, -mx.inf)
             if stop - start == end:  # one span: a plain softmax
                 weights = mx.softmax(scores, axis=-1).astype(to_values.dtype)
                 return weighted(vi, weights, start, stop)
@@ -581,13 +624,24 @@ def new_caches(cache: CacheSpec, spec: ModelSpec, dtype, latents) -> list:
             for i in range(n)
         ]
     if cache.kind == "kv-quant":
-        return [QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype) for _ in range(n)]
+        return [
+            QuantKVCache(spec.n_kv_heads, spec.head_dim, cache, dtype, spec.window(i))
+            for i in range(n)
+        ]
     layers = latents(cache.group, cross_layer=cache.kind == "xquant-cl")
     if cache.kind == "xquant":
-        return [XQuantCache(layer, cache, dtype) for layer in layers]
-    chains = [Chain() for _ in layers[0].widths]
+        return [
+            XQuantCache(layer, cache, dtype, window=spec.window(i))
+            for i, layer in enumerate(layers)
+        ]
+    # one chain per kind of layer (backends/latents.py, cl_chains)
     base = dataclasses.replace(cache, bits=max(cache.bits, BASE_BITS))
-    return [
-        XQuantCache(layer, base if i < BASE_LAYERS else cache, dtype, chains, i >= BASE_LAYERS)
-        for i, layer in enumerate(layers)
-    ]
+    caches = [None] * n
+    for chain in cl_chains(spec.windows, n):
+        streams = [Chain() for _ in layers[0].widths]
+        for place, i in enumerate(chain):
+            caches[i] = XQuantCache(
+                layers[i], base if place < BASE_LAYERS else cache, dtype, streams,
+                place >= BASE_LAYERS, spec.window(i),
+            )  # fmt: skip
+    return caches

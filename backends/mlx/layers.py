@@ -50,7 +50,8 @@ class RMSNorm(nn.Module):
 
 class Rope(nn.Module):
     """Rotate-half RoPE at absolute positions; the frequencies come from the spec (llama3 scaling,
-    GGUF rope_freqs) and go to mx.fast.rope as periods."""
+    GGUF rope_freqs) and go to mx.fast.rope as periods. LongRoPE's (`rope.long()`) is `at` a
+    row from which its long factors rotate (see DecodingSession)."""
 
     def __init__(self, rope: RopeSpec, head_dim: int):
         super().__init__()
@@ -59,10 +60,24 @@ class Rope(nn.Module):
         with np.errstate(divide="ignore"):  # frequency 0 (no rotation): an infinite period
             self._periods = mx.array(1.0 / inv_freq, dtype=mx.float32)
         self._inv_freq = mx.array(inv_freq, dtype=mx.float32)
+        long = rope.long()
+        # a plain attribute, not a child module (its arrays are not weights)
+        object.__setattr__(self, "long", None if long is None else Rope(long, head_dim))
 
     @property
     def inv_freq(self) -> mx.array:  # (D/2,): the angle of position p is p * inv_freq
         return self._inv_freq
+
+    def at(self, long_from: int | None):
+        """This RoPE for a forward whose rows from `long_from` on take the long factors."""
+        return self if long_from is None or self.long is None else SwitchedRope(self, long_from)
+
+    def freqs_for(self, start: int, stop: int) -> mx.array | None:
+        """The inverse frequencies of rows start..stop, None where they differ among them."""
+        return self._inv_freq
+
+    def periods_at(self, positions: mx.array) -> mx.array:  # (T, D/2) for rows at positions
+        return mx.broadcast_to(self._periods, (positions.shape[0], self._periods.shape[0]))
 
     def __call__(self, x, offset: int):  # x: (B, H, T, D)
         return mx.fast.rope(
@@ -74,6 +89,32 @@ class Rope(nn.Module):
             offset=offset,
             freqs=self._periods,
         )
+
+
+class SwitchedRope:
+    """A LongRoPE layer's RoPE in a forward: rows before `long_from` rotate with the short
+    factors, the rest with the long ones. Caches call it as they call Rope."""
+
+    def __init__(self, rope: Rope, long_from: int):
+        self.short, self.long, self.long_from = rope, rope.long, long_from
+
+    def __call__(self, x, offset: int):  # x: (B, H, T, D), rows offset .. offset + T
+        split = max(0, min(self.long_from - offset, x.shape[2]))
+        if split == x.shape[2]:
+            return self.short(x, offset)
+        if split == 0:
+            return self.long(x, offset)
+        short = self.short(x[:, :, :split], offset)
+        return mx.concatenate([short, self.long(x[:, :, split:], offset + split)], axis=2)
+
+    def freqs_for(self, start: int, stop: int) -> mx.array | None:
+        if stop <= self.long_from:
+            return self.short.inv_freq
+        return self.long.inv_freq if start >= self.long_from else None
+
+    def periods_at(self, positions: mx.array) -> mx.array:
+        long = (positions >= self.long_from)[:, None]
+        return mx.where(long, self.long._periods[None], self.short._periods[None])
 
 
 class TreeRope:
@@ -94,7 +135,7 @@ class TreeRope:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
     def _rotate(self, x, positions):  # rotate-half RoPE at explicit positions
-        angles = positions[:, None] / self.rope._periods[None, :]  # (T, D/2)
+        angles = positions[:, None] / self.rope.periods_at(positions)  # (T, D/2)
         cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]

@@ -53,15 +53,17 @@ class Attention(nn.Module):
         self.qk_norm, self.query_scale = spec.qk_norm, spec.query_scale
         self.rope = Rope(spec.layer_rope(layer), spec.head_dim)
 
-    def __call__(self, x, cache, mask, tree=None):
-        """`tree`: (start, positions) of a drafter's tree, else None."""
+    def __call__(self, x, cache, mask, tree=None, long_from=None):
+        """`tree`: (start, positions) of a drafter's tree, else None. `long_from`: LongRoPE's
+        rows rotated with its long factors from there on."""
         b, t, _ = x.shape
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
         if self.query_scale != 1.0:  # Gemma's query_pre_attn_scalar, in place of sqrt(head_dim)
             q = q * self.query_scale
-        rope = self.rope if tree is None else TreeRope(self.rope, *tree)
+        rope = self.rope.at(long_from)
+        rope = rope if tree is None else TreeRope(rope, *tree)
         # the cache computes K and V from x if it keeps them (XQuant keeps x instead)
         out = cache.attend(self, x, q.transpose(0, 2, 1, 3), rope, mask)
         return self.wo(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
@@ -116,8 +118,8 @@ class Block(nn.Module):
             self.post_ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.gemma = spec.gemma
 
-    def __call__(self, x, cache, mask, tree=None):
-        attended = self.attention(self.attention_norm(x), cache, mask, tree)
+    def __call__(self, x, cache, mask, tree=None, long_from=None):
+        attended = self.attention(self.attention_norm(x), cache, mask, tree, long_from)
         h = x + (self.post_attention_norm(attended) if self.gemma else attended)
         fed = self.feed_forward(self.ffn_norm(h))
         return h + (self.post_ffn_norm(fed) if self.gemma else fed)
@@ -136,10 +138,11 @@ class Transformer(nn.Module):
         # child module (nn.Module keeps dict attributes in its parameter tree)
         object.__setattr__(self, "latent_layers", {})
 
-    def __call__(self, tokens: mx.array, caches: list, tree=None) -> mx.array:
+    def __call__(self, tokens: mx.array, caches: list, tree=None, long_from=None) -> mx.array:
         """tokens (B, T) continuing what `caches` hold -> final normed hidden states (B, T, dim).
         With `tree` = (positions (T,), mask (T, T) bool), the new tokens are a drafter's tree:
-        each sits at its own position and sees the cache and the new tokens its mask allows."""
+        each sits at its own position and sees the cache and the new tokens its mask allows.
+        `long_from`: LongRoPE's rows rotated with its long factors from there on."""
         x = self.embed(tokens)
         if self.spec.gemma:  # Gemma scales its embeddings, by sqrt(dim) rounded to their dtype
             x = x * mx.array(self.spec.dim**0.5, dtype=x.dtype)
@@ -158,7 +161,7 @@ class Transformer(nn.Module):
             narrow = last >= window
             masks[window] = window_mask(mask, start, end, window, positions) if narrow else mask
         for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
-            x = layer(x, cache, masks[self.spec.window(i)], tree)
+            x = layer(x, cache, masks[self.spec.window(i)], tree, long_from)
         return self.norm(x)
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -182,6 +185,7 @@ class Transformer(nn.Module):
                 group,
                 self.derived,
                 cross_layer,
+                self.spec.windows,
             )
             self.latent_layers[key] = [Latents(layer, self.kv_dtype) for layer in layers]
         return self.latent_layers[key]

@@ -38,8 +38,9 @@ class EngineSession(DecodingSession):
         return self.model.module.new_caches(self.cache)
 
     def _forward(self, tokens: list[int], all_logits: bool = False) -> mx.array:
-        module = self.model.module
-        hidden = module(mx.array([tokens]), self.caches)
+        module, start = self.model.module, len(self.tokens)
+        long_from = self._long_rows(start, start + len(tokens) - 1)
+        hidden = module(mx.array([tokens]), self.caches, None, long_from)
         self.tokens.extend(tokens)
         logits = module.logits(hidden[0] if all_logits else hidden[0, -1:])
         self._next_logits, self._next_hidden = logits[-1], hidden[0, -1]
@@ -49,7 +50,8 @@ class EngineSession(DecodingSession):
     def _verify(self, tree, start: int):
         module = self.model.module
         tree_args = (mx.array(tree.depths + start), mx.array(tree.mask()))
-        hidden = module(mx.array(tree.tokens)[None], self.caches, tree=tree_args)[0]
+        long_from = self._long_rows(start, start + int(tree.depths.max()), tree=True)
+        hidden = module(mx.array(tree.tokens)[None], self.caches, tree_args, long_from)[0]
         logits = module.logits(hidden)
         mx.eval(logits, hidden)
         return logits, hidden
