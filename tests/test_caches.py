@@ -89,7 +89,7 @@ def test_backends_agree_on_kv_quant_perplexity(default_files, wikitext_ids):
     cache = CacheSpec(kind="kv-quant", bits=3, residual=64)
     ppl = [
         perplexity(
-            load_model(default_files, EngineOptions(backend=b, weights="fp32")), wikitext_ids, cache
+            load_model(default_files, EngineOptions(backend=b, weights="auto")), wikitext_ids, cache
         )[0]
         for b in BACKENDS
     ]
