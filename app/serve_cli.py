@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import click
 
@@ -21,6 +22,9 @@ Then any OpenAI client works, e.g.
     -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}]}'
   xqchat chat --backend openai --url http://127.0.0.1:8000/v1
 """
+
+
+ONEDNN_PRIMITIVES = 16
 
 
 def loopback(host: str) -> bool:
@@ -69,6 +73,10 @@ def serve(ctx, host, port, api_key, cache_budget, queue, **engine):
 
     from .server import Server, create_app
 
+    # oneDNN keeps every matmul primitive it builds (1024 by default, about 1 MB each here), one
+    # per prompt length: a server that reads prompts of every length grew ~2 MB a request. A few
+    # keep the decode shapes hot; read when the first primitive is built, so set before loading.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVES))
     checked, opts = prepare(ctx, **engine)
     files, tokenizer, model = load_engine(checked.files, opts)
     if not tokenizer.has_chat_template:

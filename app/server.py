@@ -7,6 +7,8 @@ code}}. The engine-side work (session reuse, stop strings) is backends/serving.p
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import math
 import secrets
@@ -39,6 +41,10 @@ UNSUPPORTED = {
     "response_format": (None, {"type": "text"}),
 }
 DISCONNECT_POLL_S = 0.2  # how often a waiting request looks for its client having gone
+# glibc keeps freed heap pages of a request's transient tensors (prompts of every length fragment
+# it); malloc_trim hands them back after each request. None off glibc (macOS: nothing to trim).
+LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+MALLOC_TRIM = getattr(LIBC, "malloc_trim", None)
 
 
 class APIError(Exception):
@@ -209,6 +215,8 @@ class Server:
             job.put(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
         finally:
             job.put(None)
+            if MALLOC_TRIM is not None:
+                MALLOC_TRIM(0)
             job.loop.call_soon_threadsafe(self._finished, time.perf_counter() - start)
 
     def check_key(self, request: Request) -> None:

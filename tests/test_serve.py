@@ -290,9 +290,15 @@ def test_serve_warns_when_reachable_without_a_key(capsys, monkeypatch, default_t
     class Files:
         name = "smollm2-135m"
 
-    listened = []
+    listened, capacity = [], []
     loaded = (Files(), default_tokenizer, None)
-    monkeypatch.setattr("xqchat.app.serve_cli.load_engine", lambda files, opts: loaded)
+
+    def load_engine(files, opts):  # oneDNN reads its cache's size when it first builds
+        capacity.append(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
+        return loaded
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setattr("xqchat.app.serve_cli.load_engine", load_engine)
     monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kw: listened.append((host, port)))
     code, _, err = cli(capsys, "serve", "--host", "0.0.0.0", "--port", "8123")
     assert code == 0 and "WARNING: listening on 0.0.0.0 without --api-key" in err
@@ -301,6 +307,7 @@ def test_serve_warns_when_reachable_without_a_key(capsys, monkeypatch, default_t
     code, _, err = cli(capsys, "serve", "--port", "8125")
     assert code == 0 and "WARNING" not in err and "at http://127.0.0.1:8125/v1" in err
     assert listened == [("0.0.0.0", 8123), ("0.0.0.0", 8124), ("127.0.0.1", 8125)]
+    assert capacity == ["16"] * 3  # set before the model loads (a server's RSS stays flat)
 
 
 def test_stop_strings_hold_back_what_may_begin_one():
