@@ -7,7 +7,6 @@ the engine says so."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -127,14 +126,6 @@ def _run(name: str, function, *args):
         with torch.profiler.record_function(name):
             return function(*args)
     return function(*args)
-
-
-def _traced(name: str):
-    """A profiler range for a pass, so `bench speed --profile` counts it among the matmuls; a
-    no-op unless the profiler runs (ctypes calls are otherwise invisible to it)."""
-    if torch.autograd.profiler._is_profiler_enabled:
-        return torch.profiler.record_function(name)
-    return contextlib.nullcontext()
 
 
 def _address(t: torch.Tensor | None):
@@ -323,11 +314,8 @@ class Int8Product:
             "the input of int8_linear does not match its weights",
         )  # fmt: skip
         y = torch.empty(m, self.n)
-        with _traced("xqchat::int8_linear"):
-            library().int8_linear(
-                x.data_ptr(), m, self.k, threshold, *self.weights,
-                y.data_ptr(), torch.get_num_threads(),
-            )  # fmt: skip
+        args = (x.data_ptr(), m, self.k, threshold, *self.weights, y.data_ptr())
+        _run("xqchat::int8_linear", library().int8_linear, *args, torch.get_num_threads())
         return y
 
 
