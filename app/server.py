@@ -7,8 +7,6 @@ code}}. The engine-side work (session reuse, stop strings) is backends/serving.p
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import json
 import math
 import secrets
@@ -27,6 +25,7 @@ from starlette.exceptions import HTTPException
 from xqchat.backends.base import GenerationConfig, Model
 from xqchat.backends.chat import ContextFull
 from xqchat.backends.engine_thread import EngineThread
+from xqchat.backends.heap import release_freed_memory
 from xqchat.backends.serving import Cancelled, Completion, Completions, Piece
 from xqchat.models.errors import XQError
 from xqchat.models.tokenizer import Tokenizer
@@ -41,10 +40,6 @@ UNSUPPORTED = {
     "response_format": (None, {"type": "text"}),
 }
 DISCONNECT_POLL_S = 0.2  # how often a waiting request looks for its client having gone
-# glibc keeps freed heap pages of a request's transient tensors (prompts of every length fragment
-# it); malloc_trim hands them back after each request. None off glibc (macOS: nothing to trim).
-LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
-MALLOC_TRIM = getattr(LIBC, "malloc_trim", None)
 
 
 class APIError(Exception):
@@ -215,8 +210,7 @@ class Server:
             job.put(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
         finally:
             job.put(None)
-            if MALLOC_TRIM is not None:
-                MALLOC_TRIM(0)
+            release_freed_memory()  # a request's transient tensors (backends/heap.py)
             job.loop.call_soon_threadsafe(self._finished, time.perf_counter() - start)
 
     def check_key(self, request: Request) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from xqchat.backends.heap import release_freed_memory
 from xqchat.models.errors import XQError
 from xqchat.models.registry import ModelFiles
 from xqchat.models.spec import ModelSpec
@@ -322,6 +323,7 @@ def load_model(files: ModelFiles, opts: EngineOptions) -> Model:
         if folder != "lookup" or opts.lookup:  # (auto for a model with no drafter, no lookup)
             adaptive = opts.tree == "adaptive"
             model.use_drafter(folder, opts.beam_width, opts.beam_length, opts.lookup, adaptive)
+    release_freed_memory()  # a load's transient copies (backends/heap.py)
     return model
 
 

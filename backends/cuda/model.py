@@ -33,6 +33,7 @@ from xqchat.models.weights import to_engine_layout
 
 from .. import int8
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
+from ..heap import release_freed_memory
 from ..latents import layer_latents
 from . import cpu_paths
 from .cache import Latents, Scratch, new_caches
@@ -258,6 +259,8 @@ class Transformer(nn.Module):
                 Latents(layer, self.linear, self.spec.head_dim, act_dtype, device, self.int8_keys)
                 for layer in layers
             ]
+            del w, layers  # the float copies the SVDs read, the numpy factors: handed back now
+            release_freed_memory()
         return self.latent_layers[key]
 
 

@@ -599,7 +599,7 @@ def _cuts(widths):  # split points between consecutive widths
 
 
 SPAN = 4096  # cached tokens whose keys are rebuilt at once (a multiple of every group size)
-SCORES_BYTES = 2**26  # a prompt chunk's span is shortened so its float32 scores stay within this
+SCORES_BYTES = 2**24  # a prompt chunk's span is shortened so its float32 scores stay within this
 
 
 def span_for(rows: int) -> int:

@@ -27,6 +27,7 @@ from xqchat.models.weights import to_engine_layout
 
 from .. import int8
 from ..base import CacheSpec, EngineBase, EngineOptions, engine_checkpoint
+from ..heap import release_freed_memory
 from ..latents import layer_latents
 from .cache import Latents, new_caches
 from .int8 import Int8Embedding, Int8Linear
@@ -188,6 +189,8 @@ class Transformer(nn.Module):
                 self.spec.windows,
             )
             self.latent_layers[key] = [Latents(layer, self.kv_dtype) for layer in layers]
+            del w, layers  # the float copies the SVDs read, the numpy factors: handed back now
+            release_freed_memory()
         return self.latent_layers[key]
 
 
